@@ -1,0 +1,4 @@
+"""minidiffseg: a minimal, from-scratch DiffSegmenter (training-free open-vocabulary segmentation
+from Stable Diffusion 1.5 attention) in plain PyTorch."""
+
+__version__ = "0.1.0"
