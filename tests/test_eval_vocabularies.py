@@ -1,0 +1,56 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from minidiffseg.errors import UserError
+from minidiffseg.vocabularies import get_vocabulary, load_vocabulary
+
+OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "official-labels"
+
+
+def test_sizes_order_and_templates():
+    voc, ctx, ctx59, coco = (get_vocabulary(n) for n in ("voc", "context", "context59", "coco"))
+    assert (len(voc), len(ctx), len(ctx59), len(coco)) == (21, 60, 59, 81)
+    assert voc.classes[15] == "person" and voc.prompt_names[15] == "people"  # VOC label 15
+    assert voc.classes[20] == "tvmonitor" and voc.prompt(20) == "a photograph of monitor"
+    assert ctx.classes[1:] == ctx59.classes and not ctx59.background
+    assert ctx.classes[59] == "wood" and ctx.classes[41] == "road"
+    assert coco.classes[1] == "person" and coco.classes[80] == "toothbrush"
+    assert coco.prompt(coco.index("toothbrus")) == "a photography of toothbrush"
+    assert coco.index("tv") == coco.index("tvmonitor") == 63
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(UserError, match="valid: voc, context, context59, coco-object"):
+        get_vocabulary("ade20k")
+    with pytest.raises(UserError, match="not in the voc vocabulary"):
+        get_vocabulary("voc").index("giraffe")
+
+
+@pytest.mark.skipif(not OFFICIAL.is_dir(), reason="../shared/data/official-labels is absent")
+@pytest.mark.parametrize("name, file", [("voc", "voc12_val"), ("context59", "context_val"),
+                                        ("coco", "coco_object_val")])
+def test_official_prompt_vocabularies_match(name, file):
+    vocab = get_vocabulary(name)
+    official = set()
+    for table in json.loads((OFFICIAL / f"{file}.json").read_text()).values():
+        for names in table.values():
+            official.update(names)
+    ours = {vocab.prompt_names[vocab.index(n)] for n in official}
+    assert ours == set(vocab.prompt_names[vocab.first_thing:]), sorted(official)
+
+
+def test_vocabulary_file(tmp_path):
+    f = tmp_path / "mine.txt"
+    f.write_text("# my classes\ncat\n\ntv monitor: monitor\n")
+    v = load_vocabulary(f)
+    assert v.classes == ("background", "cat", "tv monitor") and v.prompt_names[2] == "monitor"
+    f.write_text("\n# nothing\n")
+    with pytest.raises(UserError, match="lists no class"):
+        load_vocabulary(f)
+    f.write_text("cat\ncat\n")
+    with pytest.raises(UserError, match="listed twice"):
+        load_vocabulary(f)
+    with pytest.raises(UserError, match="cannot read"):
+        load_vocabulary(tmp_path / "absent.txt")
