@@ -1,0 +1,17 @@
+"""SD1.5's noise schedule (DESIGN.md §3): 1000 steps, "scaled linear" betas
+linspace(√0.00085, √0.012, 1000)² (SD1.5 scheduler_config.json: beta_start, beta_end)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class NoiseSchedule:
+    def __init__(self, steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # ᾱ_t, float64; ᾱ_100 ≈ 0.8942
+
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        """z_t = √ᾱ_t · z0 + √(1−ᾱ_t) · ε."""
+        a = self.alphas_cumprod[t]
+        return (a.sqrt() * z0.double() + (1 - a).sqrt() * noise.double()).to(z0.dtype)

@@ -1,0 +1,255 @@
+"""The SD1.5 U-Net (DESIGN.md §3) with diffusers' parameter names, so the official
+`unet/diffusion_pytorch_model.safetensors` loads with `load_state_dict(strict=True)`.
+
+Layout for block_out_channels (320, 640, 1280, 1280), layers_per_block 2:
+  down_blocks.0-2  CrossAttnDownBlock2D: 2 × (resnet, transformer), then a stride-2 conv
+  down_blocks.3    DownBlock2D: 2 resnets, no downsampling
+  mid_block        resnet, transformer, resnet
+  up_blocks.0      UpBlock2D: 3 resnets, nearest ×2 + conv
+  up_blocks.1-3    CrossAttnUpBlock2D: 3 × (resnet, transformer), then ×2 (not after the last)
+Every transformer has attn1 (self) and attn2 (cross): 16 of each; 8 heads everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention, AttentionStore
+from .config import UNetConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, shift: float = 0) -> torch.Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim), diffusers' `get_timestep_embedding` (SD1.5: cos first, shift 0)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift))
+    args = t.float()[:, None] * freqs[None]
+    sin, cos = torch.sin(args), torch.cos(args)
+    return torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, cin: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(cin, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self, cin: int, cout: int, temb: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb, cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class GEGLU(nn.Module):
+    """`ff.net.0`: one projection to 2·inner, split into value and GELU gate."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def forward(self, x):
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim)])
+
+    def forward(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)  # eps 1e-5
+        self.attn1 = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context, store):
+        x = x + self.attn1(self.norm1(x), store=store)
+        x = x + self.attn2(self.norm2(x), context, store=store)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm (eps 1e-6) → 1×1 conv in → one transformer block over the HW tokens → 1×1 conv out, + residual."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
+        self.proj_in = nn.Conv2d(dim, dim, 1)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(dim, heads, context_dim)])
+        self.proj_out = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x, context, store):
+        b, c, h, w = x.shape
+        t = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C)
+        for block in self.transformer_blocks:
+            t = block(t, context, store)
+        return x + self.proj_out(t.reshape(b, h, w, c).permute(0, 3, 1, 2))
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DownBlock(nn.Module):
+    """CrossAttnDownBlock2D (with `attentions`) or DownBlock2D (without)."""
+
+    def __init__(self, cin: int, cout: int, cfg: UNetConfig, attention: bool, downsample: bool):
+        super().__init__()
+        n, temb, g = cfg.layers_per_block, cfg.time_embed_dim, cfg.norm_num_groups
+        self.resnets = nn.ModuleList([ResnetBlock2D(cin if i == 0 else cout, cout, temb, g, cfg.norm_eps) for i in range(n)])
+        self.attentions = nn.ModuleList(
+            [Transformer2DModel(cout, cfg.num_heads, cfg.cross_attention_dim, g) for _ in range(n)] if attention else [])
+        self.downsamplers = nn.ModuleList([Downsample2D(cout)] if downsample else [])
+
+    def forward(self, x, temb, context, store, skips: list):
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions:
+                x = self.attentions[i](x, context, store)
+            skips.append(x)
+        for down in self.downsamplers:
+            x = down(x)
+            skips.append(x)
+        return x
+
+
+class UpBlock(nn.Module):
+    """CrossAttnUpBlock2D or UpBlock2D: layers_per_block+1 resnets, each eating one skip tensor."""
+
+    def __init__(self, cin: int, cout: int, prev: int, cfg: UNetConfig, attention: bool, upsample: bool):
+        super().__init__()
+        n, temb, g = cfg.layers_per_block + 1, cfg.time_embed_dim, cfg.norm_num_groups
+        # resnet i sees (previous output | skip); the last skip comes from the level above (cin channels)
+        self.resnets = nn.ModuleList([
+            ResnetBlock2D((prev if i == 0 else cout) + (cin if i == n - 1 else cout), cout, temb, g, cfg.norm_eps)
+            for i in range(n)])
+        self.attentions = nn.ModuleList(
+            [Transformer2DModel(cout, cfg.num_heads, cfg.cross_attention_dim, g) for _ in range(n)] if attention else [])
+        self.upsamplers = nn.ModuleList([Upsample2D(cout)] if upsample else [])
+
+    def forward(self, x, temb, context, store, skips: list):
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            if self.attentions:
+                x = self.attentions[i](x, context, store)
+        for up in self.upsamplers:
+            x = up(x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """UNetMidBlock2DCrossAttn: resnet, transformer, resnet."""
+
+    def __init__(self, ch: int, cfg: UNetConfig):
+        super().__init__()
+        g = cfg.norm_num_groups
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, cfg.time_embed_dim, g, cfg.norm_eps) for _ in range(2)])
+        self.attentions = nn.ModuleList([Transformer2DModel(ch, cfg.num_heads, cfg.cross_attention_dim, g)])
+
+    def forward(self, x, temb, context, store):
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context, store)
+        return self.resnets[1](x, temb)
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig = UNetConfig()):
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.block_out_channels
+        levels = len(ch)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
+        # SD1.5: cross-attention in every level but the deepest (down) / the first (up)
+        self.down_blocks = nn.ModuleList([
+            DownBlock(ch[max(i - 1, 0)], ch[i], cfg, attention=i < levels - 1, downsample=i < levels - 1)
+            for i in range(levels)])
+        self.mid_block = MidBlock(ch[-1], cfg)
+        rev = ch[::-1]
+        self.up_blocks = nn.ModuleList([
+            UpBlock(rev[min(i + 1, levels - 1)], rev[i], rev[max(i - 1, 0)], cfg, attention=i > 0, upsample=i < levels - 1)
+            for i in range(levels)])
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self._name_attention_layers()
+
+    def _name_attention_layers(self):
+        """Give every Attention its state-dict path and its level (latent size / its spatial size)."""
+        levels = len(self.cfg.block_out_channels)
+        for name, m in self.named_modules():
+            if isinstance(m, Attention):
+                m.name = name
+                part, idx = name.split(".")[:2]
+                depth = {"down_blocks": lambda i: i, "up_blocks": lambda i: levels - 1 - i,
+                         "mid_block": lambda i: levels - 1}[part](int(idx) if idx.isdigit() else 0)
+                m.level = 2 ** depth
+
+    def attention_layers(self, kind: str | None = None, level: int | None = None) -> list[Attention]:
+        """The 32 attention layers in execution order, optionally filtered by kind ("self"/"cross") and level."""
+        return [m for m in self.modules() if isinstance(m, Attention)
+                and (kind is None or m.kind == kind) and (level is None or m.level == level)]
+
+    def forward(self, latents: torch.Tensor, t, context: torch.Tensor,
+                store: AttentionStore | None = None, output: bool = True) -> torch.Tensor | None:
+        """latents (B, 4, h, w), t: int or (B,), context (B, 77, 768) -> ε (B, 4, h, w).
+
+        `store` records attention (see attention.py); `output=False` skips conv_norm_out/conv_out
+        and returns None, for when only the attention is wanted.
+        """
+        b = latents.shape[0]
+        t = torch.as_tensor(t, device=latents.device).reshape(-1).expand(b)
+        temb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
+                                                      self.cfg.freq_shift).to(latents.dtype))  # (B, 1280)
+        if store is not None:
+            store.latent_hw = tuple(latents.shape[-2:])
+        x = self.conv_in(latents)
+        skips = [x]  # the skip stack: every resnet/transformer/downsample output of the down path
+        for block in self.down_blocks:
+            x = block(x, temb, context, store, skips)
+        x = self.mid_block(x, temb, context, store)
+        for block in self.up_blocks:
+            x = block(x, temb, context, store, skips)
+        if not output:
+            return None
+        return self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -1,0 +1,140 @@
+"""U-Net parity with diffusers' UNet2DConditionModel on identical random weights: ε, and the
+attention probabilities of every layer; the attention store's explicit path vs SDPA."""
+
+import pytest
+import torch
+
+from minidiffseg.attention import AttentionStore
+from minidiffseg.config import UNetConfig
+from minidiffseg.unet import UNet
+
+diffusers = pytest.importorskip("diffusers", reason="parity tests need the reference: pip install -e '.[test]'")
+
+
+def reference_unet(cfg: UNetConfig):
+    return diffusers.UNet2DConditionModel(
+        sample_size=64, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.num_heads, cross_attention_dim=cfg.cross_attention_dim,
+        norm_num_groups=cfg.norm_num_groups,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+def randomise(model: torch.nn.Module, seed: int = 0, std: float = 0.2):
+    """Perturb every parameter (norm affines included) so no layer is trivially an identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std * (p.std() if p.numel() > 1 and p.std() > 0 else 1))
+    return model
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+class ProbsProcessor:
+    """An attention processor of the test's own: the reference's probabilities, head-averaged."""
+
+    def __init__(self, name, out):
+        self.name, self.out = name, out
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = (attn.head_to_batch_dim(f(x)) for f, x in ((attn.to_q, hidden_states), (attn.to_k, ctx), (attn.to_v, ctx)))
+        probs = attn.get_attention_scores(q, k, None)  # (B·h, N, T)
+        self.out[self.name] = probs.reshape(-1, attn.heads, *probs.shape[1:]).mean(1)
+        h = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return attn.to_out[1](attn.to_out[0](h))
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    cfg = UNetConfig.tiny()
+    ref = randomise(reference_unet(cfg)).eval()
+    ours = UNet(cfg).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return cfg, ref, ours
+
+
+def inputs(cfg, b=2, hw=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 4, hw, hw, generator=g), torch.randn(b, 77, cfg.cross_attention_dim, generator=g)
+
+
+def test_eps_matches_diffusers(pair):
+    cfg, ref, ours = pair
+    x, ctx = inputs(cfg)
+    with torch.no_grad():
+        want = ref(x, 100, ctx).sample
+        got = ours(x, 100, ctx)
+    err = rel_err(got, want)
+    assert err <= 1e-5, f"U-Net ε: max abs {(got - want).abs().max():.3e}, max rel {err:.3e}"
+
+
+def test_every_attention_probability_matches_diffusers(pair):
+    cfg, ref, ours = pair
+    x, ctx = inputs(cfg, hw=24)  # non-power-of-two latent: levels are factors, not pixel sizes
+    want = {}
+    ref.set_attn_processor({n: ProbsProcessor(n.removesuffix(".processor"), want) for n in ref.attn_processors})
+    names = {m.name for m in ours.attention_layers()}
+    store = AttentionStore(probs=names)
+    with torch.no_grad():
+        e_ref = ref(x, 100, ctx).sample
+        e_ours = ours(x, 100, ctx, store=store)
+    assert set(want) == names and len(names) == 32
+    for name in names:
+        err = rel_err(store.prob_maps[name], want[name])
+        assert err <= 1e-5, f"{name}: max abs {(store.prob_maps[name] - want[name]).abs().max():.3e}, rel {err:.3e}"
+    assert rel_err(e_ours, e_ref) <= 1e-5  # the explicit path gives the same output
+    levels = {m.name: m.level for m in ours.attention_layers()}
+    for name, (h, w) in store.shapes.items():
+        assert (h * levels[name], w * levels[name]) == (24, 24) and store.prob_maps[name].shape[1] == h * w
+
+
+def test_store_paths_agree_with_sdpa_and_accumulate(pair):
+    cfg, _, ours = pair
+    x, ctx = inputs(cfg)
+    cross = {m.name for m in ours.attention_layers("cross")}
+    selfs = {m.name for m in ours.attention_layers("self", level=1)}
+    w = torch.zeros(2, 77, 2)
+    w[:, 5, 0] = 1.0
+    w[:, 6:8, 1] = 0.5  # map 1 = mean of tokens 6 and 7
+    store = AttentionStore(cross=cross, token_weights=w, qk=selfs, probs=cross)
+    with torch.no_grad():
+        plain = ours(x, 100, ctx)
+        recorded = ours(x, 100, ctx, store=store)
+        ours(x, 100, ctx, store=store)  # a second pass accumulates
+    assert rel_err(recorded, plain) <= 1e-5, "explicit (recording) path differs from SDPA"
+    assert len(selfs) == 5 and all(len(store.qk_pairs[n]) == 2 for n in selfs)
+    for name in cross:
+        assert store.count[name] == 2
+        p = store.mean(store.prob_maps, name)  # (B, HW, 77)
+        want = torch.stack([p[..., 5], p[..., 6:8].mean(-1)], dim=-1)
+        got = store.mean(store.cross_maps, name)
+        assert torch.allclose(got, want, atol=1e-6), f"{name}: token projection differs"
+    assert store.qk_pairs[next(iter(selfs))][0][0].shape == (2, 8, 16 * 16, 32 // 8)
+
+
+def test_output_can_be_skipped(pair):
+    cfg, _, ours = pair
+    x, ctx = inputs(cfg)
+    store = AttentionStore(probs={ours.attention_layers()[-1].name})
+    assert ours(x, 100, ctx, store=store, output=False) is None
+    assert store.count[ours.attention_layers()[-1].name] == 1
+
+
+def test_full_size_inventory_equals_diffusers():
+    with torch.device("meta"):
+        ref = reference_unet(UNetConfig())
+        ours = UNet(UNetConfig())
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert got.keys() == want.keys(), f"missing {sorted(want.keys() - got.keys())[:5]}, extra {sorted(got.keys() - want.keys())[:5]}"
+    bad = [k for k in want if want[k] != got[k]]
+    assert not bad, f"shape mismatch: {[(k, got[k], want[k]) for k in bad[:5]]}"
+    assert sum(v.numel() for v in ours.parameters()) == 859_520_964  # SD1.5 U-Net parameter count
+    levels = sorted((m.level, m.kind) for m in ours.attention_layers())
+    assert levels.count((1, "self")) == 5 and levels.count((8, "cross")) == 1 and len(levels) == 32
