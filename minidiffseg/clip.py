@@ -1,0 +1,123 @@
+"""CLIP text encoder of SD1.5 (openai/clip-vit-large-patch14's text tower), with transformers' names.
+
+`CLIPTextModel` owns `text_model`, so its state-dict keys are those of the official
+`text_encoder/model.safetensors` (`text_model.embeddings.token_embedding.weight`, ...), minus the
+`text_model.embeddings.position_ids` buffer, which is not built: positions are `arange(T)`.
+
+The transformer body (`CLIPEncoder`: pre-LayerNorm blocks of attention + QuickGELU MLP) is shared
+with the CLIP vision tower, which calls it without the causal mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CLIPTextConfig
+
+
+class CLIPAttention(nn.Module):
+    """Multi-head self-attention, biased q/k/v/out projections (transformers `CLIPAttention`)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        B, T, C = x.shape
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (p(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # scale hs**-0.5, as CLIP
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class CLIPMLP(nn.Module):
+    """fc1 -> QuickGELU -> fc2. QuickGELU x·σ(1.702x) is what OpenAI trained CLIP with
+    (config.json `hidden_act: "quick_gelu"`); 1.702 makes σ(1.702x) approximate the normal CDF."""
+
+    def __init__(self, width: int, mlp_width: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, mlp_width)
+        self.fc2 = nn.Linear(mlp_width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h))
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int, eps: float):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(width, eps=eps)
+        self.self_attn = CLIPAttention(width, heads)
+        self.layer_norm2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = CLIPMLP(width, mlp_width)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), causal=causal)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    """The stack of `layers` blocks; `causal=True` for the text tower, False for the vision tower."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int, layers: int, eps: float):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(width, heads, mlp_width, eps) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, causal=causal)
+        return x  # (B, T, width)
+
+
+class CLIPTextEmbeddings(nn.Module):
+    """Token embedding + learned absolute position embedding (77 positions)."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+        return self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, T, C)
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.embeddings = CLIPTextEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size,
+                                   cfg.num_hidden_layers, cfg.layer_norm_eps)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings(input_ids)  # (B, T, C)
+        x = self.encoder(x, causal=True)  # CLIP's text tower attends only to earlier tokens
+        return self.final_layer_norm(x)
+
+
+class CLIPTextModel(nn.Module):
+    """SD1.5's text encoder: token ids (B, 77) -> last hidden state (B, 77, hidden_size).
+
+    No padding mask: SD1.5 pads with EOS and attends to the padding (the causal mask alone), and the
+    U-Net's cross-attention reads all 77 positions. No pooling and no projection either: those belong
+    to CLIPModel, used only by the class filter.
+    """
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text_model = CLIPTextTransformer(cfg)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_model(input_ids)

@@ -1,0 +1,113 @@
+"""Our CLIP text encoder vs transformers' `CLIPTextModel` on identical random weights (DESIGN §7.2),
+and the full-size parameter inventory (DESIGN §7.3)."""
+
+import pytest
+import torch
+
+from minidiffseg.clip import CLIPTextModel
+from minidiffseg.config import CLIPTextConfig
+
+transformers = pytest.importorskip("transformers", reason="transformers is the reference CLIP (test-only)")
+
+BOS, EOS = 49406, 49407  # CLIP's special tokens (DESIGN §3)
+
+
+def reference_config(cfg: CLIPTextConfig):
+    return transformers.CLIPTextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings, layer_norm_eps=cfg.layer_norm_eps,
+        projection_dim=cfg.projection_dim, hidden_act="quick_gelu")
+
+
+def reference_and_ours(cfg: CLIPTextConfig):
+    """A randomly initialised reference (LayerNorms perturbed too) and ours with its weights."""
+    torch.manual_seed(0)
+    ref = transformers.CLIPTextModel(reference_config(cfg)).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "layer_norm" in name:  # default init is weight 1, bias 0: make them count
+                p.add_(0.1 * torch.randn_like(p))
+    # transformers >= 5 drops the `text_model.` prefix that the official files (and we) use
+    state = {f"text_model.{k}": v for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
+    ours = CLIPTextModel(cfg).eval()
+    ours.load_state_dict(state, strict=True)
+    return ref, ours
+
+
+def prompts(batch: int = 3) -> torch.Tensor:
+    """SD1.5-style ids (B, 77): BOS, a few random tokens of varying length, EOS padding to 77."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.full((batch, 77), EOS)
+    ids[:, 0] = BOS
+    for b in range(batch):
+        n = 3 + 7 * b
+        ids[b, 1:1 + n] = torch.randint(0, BOS, (n,), generator=g)
+    return ids
+
+
+def errors(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """max abs error, and max abs error relative to the reference's largest magnitude"""
+    ours, ref = ours.double(), ref.double()
+    abs_err = (ours - ref).abs().max().item()
+    return abs_err, abs_err / ref.abs().max().item()
+
+
+def test_matches_transformers_fp32():
+    ref, ours = reference_and_ours(CLIPTextConfig.tiny())
+    ids = prompts()
+    with torch.no_grad():
+        expected = ref(input_ids=ids).last_hidden_state
+        got = ours(ids)
+    assert got.shape == expected.shape == (3, 77, CLIPTextConfig.tiny().hidden_size)
+    abs_err, rel_err = errors(got, expected)
+    assert rel_err <= 1e-5, f"max abs err {abs_err:.3g}, max rel err {rel_err:.3g}"
+
+
+def test_causal_mask_matters():
+    # changing a late token must leave every earlier position untouched, and change its own
+    _, ours = reference_and_ours(CLIPTextConfig.tiny())
+    ids = prompts(1)
+    edited = ids.clone()
+    edited[0, 5] = 1234
+    with torch.no_grad():
+        a, b = ours(ids), ours(edited)
+    assert torch.equal(a[:, :5], b[:, :5]), "positions before the edit changed: the mask is not causal"
+    assert not torch.allclose(a[:, 5:], b[:, 5:]), "the edit changed nothing"
+
+
+def test_float64_matches_reference_fp32():
+    # transformers cannot build its causal mask in float64 (DESIGN §7.4): compare our float64
+    # run with the float32 reference, so the bound covers float32 rounding (measured ~3e-7).
+    ref, ours = reference_and_ours(CLIPTextConfig.tiny())
+    ids = prompts()
+    with torch.no_grad():
+        expected = ref(input_ids=ids).last_hidden_state.double()
+        got = ours.double()(ids)
+    assert got.dtype == torch.float64
+    abs_err, rel_err = errors(got, expected)
+    assert rel_err <= 1e-4, f"max abs err {abs_err:.3g}, max rel err {rel_err:.3g}"
+
+
+def test_bfloat16_runs_close_to_fp32():
+    ref, ours = reference_and_ours(CLIPTextConfig.tiny())
+    ids = prompts()
+    with torch.no_grad():
+        expected = ref(input_ids=ids).last_hidden_state
+        got = ours.to(torch.bfloat16)(ids)
+    assert got.dtype == torch.bfloat16
+    abs_err, rel_err = errors(got, expected)
+    assert rel_err <= 5e-2, f"max abs err {abs_err:.3g}, max rel err {rel_err:.3g}"  # bf16: 8-bit mantissa
+
+
+def test_full_size_inventory():
+    cfg = CLIPTextConfig()  # SD1.5 / ViT-L/14 text tower
+    with torch.device("meta"):
+        ref = transformers.CLIPTextModel(reference_config(cfg))
+        ours = CLIPTextModel(cfg)
+    expected = {f"text_model.{k}": tuple(v.shape) for k, v in ref.state_dict().items()
+                if not k.endswith("position_ids")}
+    got = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert got == expected, f"missing {sorted(expected.keys() - got.keys())}, extra {sorted(got.keys() - expected.keys())}"
+    assert got["text_model.embeddings.token_embedding.weight"] == (49408, 768)
+    assert len(got) == 196  # 2 embeddings + 12 layers × 16 + final LayerNorm × 2
