@@ -1,0 +1,166 @@
+"""The encoder half of SD1.5's VAE (diffusers `AutoencoderKL`: `encoder.…` + `quant_conv`).
+
+Image x in [-1, 1] (B, 3, H, W) -> moments (B, 8, H/8, W/8) = (mean, logvar) of a diagonal Gaussian
+-> latent = scaling_factor · (mean + std · ε), or scaling_factor · mean. The decoder and
+`post_quant_conv` are never built: segmentation needs only the latent of the input image.
+
+Every GroupNorm of the VAE uses eps 1e-6 (diffusers `Encoder` passes resnet_eps=1e-6 to its blocks,
+and the mid-block attention reuses the resnet eps), unlike the U-Net's 1e-5.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VAEConfig
+
+EPS = 1e-6  # GroupNorm eps everywhere in the VAE (see module docstring)
+
+# legacy diffusers names of the mid-block attention projections -> current names
+_LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice plus a skip (1×1 conv when the width changes); no time embedding."""
+
+    def __init__(self, c_in: int, c_out: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in, eps=EPS)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, c_out, eps=EPS)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3×3 conv after padding one zero row/column at the bottom/right only: the VAE's
+    convs have padding 0 and an explicit asymmetric F.pad (0, 1, 0, 1) (diffusers `Downsample2D`
+    with padding=0), unlike the U-Net's symmetric padding 1."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H, W) -> (B, C, H/2, W/2)
+
+
+class DownEncoderBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, layers: int, groups: int, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(layers))
+        self.downsamplers = nn.ModuleList([Downsample(c_out)] if downsample else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in (*self.resnets, *self.downsamplers):
+            x = block(x)
+        return x
+
+
+class SpatialSelfAttention(nn.Module):
+    """One head over all channels (512 at full size) and all positions, plus the residual
+    (diffusers `Attention` with heads=1, a GroupNorm in front, residual_connection=True)."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=EPS)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # to_out.1 is a parameterless dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = (p(h).unsqueeze(1) for p in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, HW, C), scale C**-0.5
+        h = self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)
+        return x + h
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups), ResnetBlock(channels, channels, groups)])
+        self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths, groups = cfg.block_out_channels, cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+        c_in = (widths[0], *widths[:-1])  # each block takes the previous block's width
+        self.down_blocks = nn.ModuleList(  # the last block does not downsample: 3 halvings, 512 -> 64
+            DownEncoderBlock(c_in[i], w, cfg.layers_per_block, groups, downsample=i < len(widths) - 1)
+            for i, w in enumerate(widths))
+        self.mid_block = MidBlock(widths[-1], groups)
+        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=EPS)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean and logvar
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)  # (B, 128, H, W)
+        for block in self.down_blocks:
+            x = block(x)  # 3 downsamples: (B, 512, H/8, W/8)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 8, H/8, W/8)
+
+
+class VAEEncoder(nn.Module):
+    """`encoder` + `quant_conv` of diffusers' AutoencoderKL; state-dict keys equal theirs."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+
+    def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x in [-1, 1] (B, 3, H, W) -> mean, logvar, each (B, latent_channels, H/8, W/8)."""
+        x = x.to(self.quant_conv.weight.dtype)
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)  # the clamp of diffusers' DiagonalGaussianDistribution
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
+        """x in [-1, 1] (B, 3, H, W) -> scaled latent (B, latent_channels, H/8, W/8).
+
+        sample=True draws the posterior sample as diffusers' `DiagonalGaussianDistribution.sample`
+        does: one `torch.randn` of the whole (B, 4, h, w) shape on the generator's device, in the
+        moments' dtype, so the same seeded generator gives the same latent as diffusers.
+        """
+        mean, logvar = self.moments(x)
+        if not sample:
+            return self.cfg.scaling_factor * mean
+        device = generator.device if generator is not None else mean.device
+        noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
+        return self.cfg.scaling_factor * (mean + torch.exp(0.5 * logvar) * noise)
+
+    @staticmethod
+    def rename_legacy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Accept the two older spellings of the mid-block attention:
+        - legacy diffusers names `query/key/value/proj_attn` -> `to_q/to_k/to_v/to_out.0`;
+        - 1×1-conv-shaped projection weights [C, C, 1, 1] (original LDM files) -> Linear [C, C].
+        Other keys pass through unchanged (also the decoder's, which the loader ignores)."""
+        out = {}
+        for name, tensor in state_dict.items():
+            parts = name.split(".")
+            if "attentions" in parts:  # ...mid_block.attentions.0.<proj>.<weight|bias>
+                proj = _LEGACY_ATTENTION_NAMES.get(parts[-2], parts[-2])
+                name = ".".join([*parts[:-2], proj, parts[-1]])
+                if proj in _LEGACY_ATTENTION_NAMES.values() and tensor.ndim == 4 and tensor.shape[2:] == (1, 1):
+                    tensor = tensor[:, :, 0, 0]  # (C_out, C_in, 1, 1) -> (C_out, C_in)
+            out[name] = tensor
+        return out

@@ -1,0 +1,164 @@
+"""Our VAE encoder vs diffusers' `AutoencoderKL.encode` on identical random weights (DESIGN §7.2),
+the legacy-name translation, and the full-size parameter inventory (DESIGN §7.3)."""
+
+import pytest
+import torch
+
+from minidiffseg.config import VAEConfig
+from minidiffseg.vae import VAEEncoder
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is the reference VAE (test-only)")
+
+
+def reference_vae(cfg: VAEConfig):
+    n = len(cfg.block_out_channels)
+    return diffusers.AutoencoderKL(
+        in_channels=cfg.in_channels, out_channels=cfg.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
+        scaling_factor=cfg.scaling_factor)
+
+
+def encoder_state(vae) -> dict[str, torch.Tensor]:
+    """The part of an AutoencoderKL state dict that VAEEncoder holds."""
+    return {k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+
+
+def reference_and_ours(cfg: VAEConfig = VAEConfig.tiny(), logvar_bias: float = 0.0):
+    """A random reference with non-identity GroupNorms, and ours with its encoder weights.
+    `logvar_bias` is added to the logvar half of quant_conv's bias (to drive the clamp)."""
+    torch.manual_seed(0)
+    ref = reference_vae(cfg).eval()
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, torch.nn.GroupNorm):  # default init is weight 1, bias 0: make them count
+                m.weight.add_(0.2 * torch.randn_like(m.weight))
+                m.bias.add_(0.2 * torch.randn_like(m.bias))
+        ref.quant_conv.bias[cfg.latent_channels:] += logvar_bias
+    ours = VAEEncoder(cfg).eval()
+    ours.load_state_dict(encoder_state(ref), strict=True)
+    return ref, ours
+
+
+def image(batch: int = 2, height: int = 32, width: int = 48) -> torch.Tensor:
+    """Pixels in [-1, 1], non-square so that the asymmetric padding is exercised on both axes."""
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(batch, 3, height, width, generator=g) * 2 - 1
+
+
+def errors(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """max abs error, and max abs error relative to the reference's largest magnitude"""
+    ours, ref = ours.double(), ref.double()
+    abs_err = (ours - ref).abs().max().item()
+    return abs_err, abs_err / ref.abs().max().item()
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str, bound: float = 1e-5):
+    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    abs_err, rel_err = errors(ours, ref)
+    assert rel_err <= bound, f"{what}: max abs err {abs_err:.3g}, max rel err {rel_err:.3g} > {bound:g}"
+
+
+def test_moments_match_diffusers():
+    ref, ours = reference_and_ours()
+    x = image()
+    with torch.no_grad():
+        dist = ref.encode(x).latent_dist
+        mean, logvar = ours.moments(x)
+    assert mean.shape == (2, 4, 4, 6)
+    assert_close(mean, dist.mean, "mean")
+    assert_close(logvar, dist.logvar, "logvar")
+
+
+@pytest.mark.parametrize("logvar_bias", [-100.0, 100.0])
+def test_logvar_clamp_matches_diffusers(logvar_bias):
+    ref, ours = reference_and_ours(logvar_bias=logvar_bias)
+    x = image(1)
+    with torch.no_grad():
+        dist = ref.encode(x).latent_dist
+        _, logvar = ours.moments(x)
+    assert logvar.abs().max().item() in (20.0, 30.0), "the bias did not push logvar into the clamp"
+    assert_close(logvar, dist.logvar, "clamped logvar")
+
+
+def test_sample_matches_diffusers_with_same_generator():
+    cfg = VAEConfig.tiny()
+    ref, ours = reference_and_ours(cfg)
+    x = image()
+    with torch.no_grad():
+        expected = cfg.scaling_factor * ref.encode(x).latent_dist.sample(torch.Generator().manual_seed(42))
+        got = ours.encode(x, generator=torch.Generator().manual_seed(42))
+        other_seed = ours.encode(x, generator=torch.Generator().manual_seed(43))
+        mode = ours.encode(x, sample=False)
+        expected_mode = cfg.scaling_factor * ref.encode(x).latent_dist.mean
+    assert_close(got, expected, "sampled latent")
+    assert_close(mode, expected_mode, "posterior-mean latent")
+    assert not torch.allclose(got, other_seed), "the seed does not change the sample"
+    assert not torch.allclose(got, mode), "the sample equals the mean: no noise was added"
+
+
+def test_float64_and_bfloat16():
+    ref, ours = reference_and_ours()
+    x = image(1)
+    with torch.no_grad():
+        expected = ref.encode(x).latent_dist.mean
+        mean64, _ = ours.double().moments(x)  # input is cast to the weights' dtype
+        mean16, _ = ours.to(torch.bfloat16).moments(x)
+    assert mean64.dtype == torch.float64 and mean16.dtype == torch.bfloat16
+    assert_close(mean64, expected, "float64 mean vs float32 reference", bound=1e-4)  # fp32 rounding, ~1e-6
+    assert_close(mean16, expected, "bfloat16 mean vs float32 reference", bound=5e-2)  # bf16: 8-bit mantissa
+
+
+def to_legacy(state: dict[str, torch.Tensor], conv_shaped: bool) -> dict[str, torch.Tensor]:
+    """The mid-attention the way older files store it: query/key/value/proj_attn, optionally as 1×1 convs."""
+    new_to_old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    out = {}
+    for name, tensor in state.items():
+        for new, old in new_to_old.items():
+            prefix = f"encoder.mid_block.attentions.0.{new}."
+            if name.startswith(prefix):
+                name = f"encoder.mid_block.attentions.0.{old}.{name[len(prefix):]}"
+                if conv_shaped and tensor.ndim == 2:
+                    tensor = tensor[:, :, None, None]  # (C, C) -> (C, C, 1, 1)
+        out[name] = tensor
+    return out
+
+
+@pytest.mark.parametrize("conv_shaped", [False, True])
+def test_rename_legacy(conv_shaped):
+    ref, ours = reference_and_ours()
+    state = encoder_state(ref)
+    legacy = to_legacy(state, conv_shaped)
+    assert "encoder.mid_block.attentions.0.query.weight" in legacy and "encoder.mid_block.attentions.0.to_q.weight" not in legacy
+    if conv_shaped:
+        assert legacy["encoder.mid_block.attentions.0.proj_attn.weight"].ndim == 4
+    renamed = VAEEncoder.rename_legacy(legacy)
+    assert renamed.keys() == state.keys()
+    for name, tensor in state.items():
+        assert renamed[name].shape == tensor.shape and torch.equal(renamed[name], tensor), name
+    fresh = VAEEncoder(VAEConfig.tiny()).eval()
+    fresh.load_state_dict(renamed, strict=True)
+    x = image(1)
+    with torch.no_grad():
+        assert_close(fresh.moments(x)[0], ref.encode(x).latent_dist.mean, "mean after rename_legacy")
+
+
+def test_rename_legacy_leaves_current_names_alone():
+    _, ours = reference_and_ours()
+    state = ours.state_dict()
+    renamed = VAEEncoder.rename_legacy(state)
+    assert renamed.keys() == state.keys()
+    assert all(renamed[k] is state[k] for k in state)
+
+
+def test_full_size_inventory():
+    cfg = VAEConfig()  # SD1.5
+    with torch.device("meta"):
+        ref = reference_vae(cfg)
+        ours = VAEEncoder(cfg)
+    expected = {k: tuple(v.shape) for k, v in encoder_state(ref).items()}
+    got = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert got == expected, f"missing {sorted(expected.keys() - got.keys())}, extra {sorted(got.keys() - expected.keys())}"
+    assert got["encoder.mid_block.attentions.0.to_q.weight"] == (512, 512)
+    assert got["encoder.conv_out.weight"] == (8, 512, 3, 3) and got["quant_conv.weight"] == (8, 8, 1, 1)
