@@ -1,0 +1,196 @@
+"""CLIPTokenizer against transformers' CLIPTokenizer on SD1.5's real vocabulary (DESIGN.md §3, §7.2).
+
+Both tokenizers read the same vocab.json + merges.txt, written in SD1.5's format from openai/CLIP's
+real BPE file; whole padded 77-id rows are compared on a few hundred strings.
+"""
+
+import json
+import random
+
+import pytest
+import torch
+from assets import clip_bpe_path, official_labels_dir, write_sd15_tokenizer
+
+from minidiffseg.errors import UserError
+from minidiffseg.tokenizer import CLIPTokenizer
+
+VOC = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+       "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
+CONTEXT = ["aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle",
+           "building", "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow", "cup",
+           "curtain", "dog", "door", "fence", "floor", "flower", "food", "grass", "ground", "horse",
+           "keyboard", "light", "motorbike", "mountain", "mouse", "person", "plate", "platform",
+           "pottedplant", "road", "rock", "sheep", "shelves", "sidewalk", "sign", "sky", "snow", "sofa",
+           "table", "track", "train", "tree", "truck", "tvmonitor", "wall", "water", "window", "wood"]
+COCO = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+        "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+        "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase",
+        "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard",
+        "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl",
+        "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
+        "chair", "couch", "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
+        "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
+        "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
+CLASSES = sorted(set(VOC + CONTEXT + COCO))
+
+LONG = [
+    "a " * 100,
+    " ".join(COCO),
+    "a photograph of a cat sitting on a red sofa next to a window, " * 6,
+    "emoji 🐱🐶🦊 " * 30,
+    "1234567890" * 10,
+]
+STRINGS = {
+    "punctuation": ["hello, world!", "what?!?", "wait... what", "a.b.c", "(parens) [brackets] {braces}",
+                    "e-mail: someone@example.com", "C++ / C# / F#", "50% off!!!", "#hashtag @mention",
+                    'quotes "double" and \'single\'', "back\\slash", "~`^*_=+|<>", "smile :-) ;) :D",
+                    "--- *** ___", "a/b\\c|d", "“curly” ‘quotes’ — dash – en…", "¿qué? ¡sí!", "<html>&amp;"],
+    "unicode": ["café", "naïve résumé", "Straße", "Ångström", "ÉCOLE ÉTÉ", "cafe\u0301 (decomposed)",
+                "日本語のテキスト", "中文分词测试", "한국어 문장", "Привет, мир", "Ελληνικά", "עברית",
+                "العربية", "हिन्दी", "ไทย", "🐱🐶", "👍🏽 thumbs", "👨‍👩‍👧 family", "❤️ heart",
+                "flag 🇫🇷", "ﬁ ligature", "ＦＵＬＬ ｗｉｄｔｈ", "zero\u200bwidth", "İstanbul", "ǅ dz",
+                "ΣΊΣΥΦΟΣ", "ß ẞ", "x\u0300\u0301\u0302y"],
+    "numbers": ["1234567890", "3.14159", "1,000,000", "2nd 3rd 4th 21st", "½ ² ③ ⅷ", "٣ ٤ ٥",
+                "1e-5 0x1F", "2024-01-31 12:30", "-42 +7", "v1.5", "$9.99 €5 £3 ¥100"],
+    "contractions": ["don't", "it's", "we're", "I've", "I'm", "you'll", "he'd", "DON'T STOP", "It'S",
+                     "it’s curly", "rock'n'roll", "'s alone", "the dog's bone", "o'clock", "'''", "''s",
+                     "ain't y'all'd've"],
+    "whitespace": ["  leading", "trailing  ", "multiple   spaces", "\t\ttabs\t", "\n\nnew\nlines\r\n",
+                   "", " ", "\u00a0non\u00a0breaking\u00a0", "em\u2003space", "ideographic\u3000space",
+                   "line\u2028separator", "form\x0cfeed\x0bvtab", "a\u0085next-line"],
+    "special tokens": ["a <|endoftext|> b", "<|startoftext|>", "<|startoftext|>a cat<|endoftext|>",
+                       "<|endoftext|><|endoftext|>", "<|ENDOFTEXT|>", "<|endoftext"],
+    "long": LONG,
+    "class names": CLASSES + [c.upper() for c in VOC] + ["dining table", "potted plant", "tv monitor"],
+    "templates": [t.format(c) for c in CLASSES for t in ("a photograph of {}", "a photography of {}")],
+}
+
+
+def fuzz_strings(n: int = 150, seed: int = 0) -> list[str]:
+    """Seeded random strings mixing the character classes the pipeline treats differently."""
+    alphabet = ("abcXYZ0189 '’'.,!?-_#@&" "\t\n\r\u00a0\u2003\u3000" "éÉüßøØ" "e\u0301\u0308"
+                "日本語中文한국" "абвЖ" "αβΣ" "हि" "🐱👍🏽\u200d❤️🇫🇷")
+    rng = random.Random(seed)
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(n)]
+
+
+STRINGS["fuzz"] = fuzz_strings()
+
+
+@pytest.fixture(scope="module")
+def sd15_dir(tmp_path_factory):
+    return write_sd15_tokenizer(tmp_path_factory.mktemp("sd15") / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def tok(sd15_dir):
+    return CLIPTokenizer.from_dir(sd15_dir)
+
+
+@pytest.fixture(scope="module")
+def ref(sd15_dir):
+    transformers = pytest.importorskip("transformers", reason="transformers is the reference tokenizer")
+    return transformers.CLIPTokenizer.from_pretrained(sd15_dir)
+
+
+def reference_rows(ref, texts: list[str]) -> torch.Tensor:
+    """What diffusers' StableDiffusionPipeline feeds SD1.5's text encoder."""
+    return ref(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+def assert_same_rows(tok, ref, texts: list[str]):
+    ours, theirs = tok(texts), reference_rows(ref, texts)
+    assert ours.shape == theirs.shape == (len(texts), 77) and ours.dtype == torch.long
+    bad = (ours != theirs).any(dim=1).nonzero().flatten().tolist()
+    assert not bad, (f"{len(bad)}/{len(texts)} rows differ from transformers; first: {texts[bad[0]]!r}\n"
+                     f"  ours {ours[bad[0]].tolist()}\n  ref  {theirs[bad[0]].tolist()}")
+
+
+@pytest.mark.parametrize("group", list(STRINGS))
+def test_rows_equal_transformers(tok, ref, group):
+    assert_same_rows(tok, ref, STRINGS[group])
+
+
+def test_official_candidate_vocabularies(tok, ref):
+    names = set()
+    for path in sorted(official_labels_dir().glob("*.json")):
+        for image_to_classes in json.loads(path.read_text()).values():
+            for classes in image_to_classes.values():
+                names.update(classes)
+    names = sorted(names)
+    assert len(names) > 100, f"expected the VOC/Context/COCO candidate names, got {names}"
+    assert_same_rows(tok, ref, names + [t.format(c) for c in names
+                                        for t in ("a photograph of {}", "a photography of {}")])
+
+
+@pytest.mark.parametrize("text", LONG)
+def test_truncation_keeps_eos_last(tok, text):
+    ids = tok.encode(text)
+    assert len(ids) > 75, f"test prompt too short to be truncated: {len(ids)} tokens"
+    row = tok([text])[0].tolist()
+    assert row == [tok.bos_id] + ids[:75] + [tok.eos_id]
+    with pytest.raises(UserError, match="class prompt"):
+        tok.check_fits(text, "class prompt")
+
+
+def test_short_rows_padded_with_eos(tok):
+    row = tok(["a photograph of a cat"])[0].tolist()
+    assert row == [49406, 320, 8853, 539, 320, 2368] + [49407] * 71  # ids of SD1.5's vocab.json
+    assert (tok.bos_id, tok.eos_id, tok.max_length) == (49406, 49407, 77)
+    tok.check_fits("a photography of " + " ".join(["cat"] * 72), "class prompt")  # exactly 75 tokens
+
+
+def test_files_in_sd15_format(sd15_dir, tmp_path):
+    merges = (sd15_dir / "merges.txt").read_text(encoding="utf-8").split("\n")
+    assert merges[0] == "#version: 0.2" and len(merges) == 1 + 48894 and merges[1] == "i n"
+    vocab_text = (sd15_dir / "vocab.json").read_text(encoding="utf-8")
+    assert vocab_text.startswith('{\n  "!": 0,\n  "!!": 1443,\n') and vocab_text.endswith('"Ń</w>": 511\n}')
+    vocab = json.loads(vocab_text)
+    assert len(vocab) == 49408 and vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
+    assert sorted(vocab.values()) == list(range(49408))
+    # reading the files back and saving again reproduces them byte for byte
+    CLIPTokenizer.from_dir(sd15_dir).save(tmp_path)
+    for name in ("vocab.json", "merges.txt"):
+        assert (tmp_path / name).read_bytes() == (sd15_dir / name).read_bytes(), name
+
+
+def test_from_bpe_gz_equals_from_files(tok):
+    gz = CLIPTokenizer.from_bpe_gz(clip_bpe_path())
+    assert gz.vocab == tok.vocab and gz.merges == tok.merges
+    texts = [t for group in STRINGS.values() for t in group]
+    assert torch.equal(gz(texts), tok(texts))
+
+
+@pytest.mark.parametrize("name", ["fire hydrant", "tvmonitor", "teddy bear", "potted plant", "pottedplant",
+                                  "cat", "hair drier"])
+def test_word_positions_multi_token(tok, ref, name):
+    prompt = f"a photography of {name} standing next to a tree"
+    pos = tok.word_positions(prompt, name)
+    assert pos == list(range(4, 4 + len(tok.encode(name)))), pos  # BOS a photography of -> index 4
+    row = tok([prompt])[0]
+    assert [tok.id_to_token[i] for i in row[pos].tolist()] == tok.tokens(name)
+    assert ref.convert_ids_to_tokens(reference_rows(ref, [prompt])[0, pos].tolist()) == tok.tokens(name)
+
+
+def test_word_positions_rules(tok):
+    assert tok.word_positions("a photograph of a cat", "cat") == [5]
+    assert tok.word_positions("a photograph of cat", "cat") == [4]  # VOC: the class token is index 4
+    assert tok.word_positions("a cat next to a cat", "cat") == [6]  # last occurrence
+    assert tok.word_positions("A Photograph of a  FIRE   Hydrant.", "fire hydrant") == [5, 6, 7]
+    assert tok.word_positions("the dog's bone", "dog") == [2]
+    # whole words only: "sheepdog" is sheep + dog</w>, which must not count as the word "dog"
+    assert tok.tokens("sheepdog")[-1] == "dog</w>"
+    assert tok.word_positions("a dog and a sheepdog", "dog") == [2]  # a substring match would give [6]
+    for prompt, word in [("a photograph of a sheepdog", "dog"), ("a photograph of a hotdog", "dog"),
+                         ("a photograph of a cat", "ca"), ("a photograph of a cat", "at")]:
+        with pytest.raises(UserError, match="does not occur"):
+            tok.word_positions(prompt, word)
+    with pytest.raises(UserError, match="after token 75"):
+        tok.word_positions("a " * 80 + "cat", "cat")
+    with pytest.raises(UserError, match="no CLIP tokens"):
+        tok.word_positions("a cat", "  ")
+
+
+def test_missing_files_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="vocab.json"):
+        CLIPTokenizer.from_dir(tmp_path)
