@@ -31,7 +31,7 @@ class Vocabulary:
     name: str
     classes: tuple[str, ...]  # evaluation names; position = label value in the ground truth
     prompt_names: tuple[str, ...]  # word put into the prompt, parallel to `classes`
-    template: str = "a photograph of {c}"
+    template: str = "a photograph of {}"  # method/prompts.py TEMPLATES style
     background: bool = True  # classes[0] == "background": predicted by τ, never prompted
     aliases: dict[str, str] = field(default_factory=dict)  # extra accepted spelling -> eval name
 
@@ -48,7 +48,7 @@ class Vocabulary:
         return 1 if self.background else 0
 
     def prompt(self, index: int) -> str:
-        return self.template.format(c=self.prompt_names[index])
+        return self.template.format(self.prompt_names[index])
 
     def index(self, name: str) -> int:
         """Evaluation index of a class given by evaluation name, prompt name or alias."""
@@ -74,7 +74,7 @@ def _vocab(name, pairs, template, background=True, aliases=None) -> Vocabulary:
 # PASCAL VOC 2012: the 21 classes of SegmentationClass[Aug] (values 0..20, 255 = void).
 VOC = _vocab("voc", """background aeroplane:plane bicycle bird boat bottle bus:buses car cat chair
     cow diningtable:table dog horse motorbike person:people pottedplant:plant sheep sofa train
-    tvmonitor:monitor""", "a photograph of {c}")
+    tvmonitor:monitor""", "a photograph of {}")
 
 # PASCAL Context 60: mmsegmentation's PascalContextDataset order (label PNG values 0..59).
 _CONTEXT = """aeroplane:airplane bag bed bedclothes bench bicycle bird boat book bottle building bus
@@ -82,9 +82,9 @@ _CONTEXT = """aeroplane:airplane bag bed bedclothes bench bicycle bird boat book
     grass ground horse keyboard light motorbike mountain mouse person plate platform
     pottedplant:plant road rock sheep shelves sidewalk sign sky snow sofa table track train tree
     truck tvmonitor:monitor wall water window wood"""
-CONTEXT = _vocab("context", "background " + _CONTEXT, "a photography of {c}")
+CONTEXT = _vocab("context", "background " + _CONTEXT, "a photography of {}")
 # Context 59: the same minus background; label value v in the PNG becomes v-1, 0 becomes 255.
-CONTEXT59 = _vocab("context59", _CONTEXT, "a photography of {c}", background=False)
+CONTEXT59 = _vocab("context59", _CONTEXT, "a photography of {}", background=False)
 
 # COCO-Object: background + the 80 COCO things in category-id order (GroupViT's conversion of
 # COCO-Stuff 164k: things 1..80, stuff -> 0, 255 = unlabelled).
@@ -96,7 +96,7 @@ COCO_OBJECT = _vocab("coco-object", """background person bicycle car motorcycle:
     orange broccoli carrot hot_dog pizza donut cake chair couch:sofa potted_plant:pottedplant bed
     dining_table:diningtable toilet tv:tvmonitor laptop mouse remote keyboard cell_phone microwave
     oven toaster sink refrigerator book clock vase scissors teddy_bear hair_drier toothbrush""",
-    "a photography of {c}", aliases={"toothbrus": "toothbrush"})
+    "a photography of {}", aliases={"toothbrus": "toothbrush"})
 
 VOCABULARIES = {"voc": VOC, "context": CONTEXT, "context59": CONTEXT59, "coco-object": COCO_OBJECT}
 ALIASES = {"coco": "coco-object", "coco_object": "coco-object", "context60": "context"}
@@ -110,7 +110,7 @@ def get_vocabulary(name: str) -> Vocabulary:
     return VOCABULARIES[key]
 
 
-def load_vocabulary(path: str | Path, template: str = "a photograph of {c}") -> Vocabulary:
+def load_vocabulary(path: str | Path, template: str = "a photograph of {}"  # method/prompts.py TEMPLATES style) -> Vocabulary:
     """A vocabulary file: one class per line, `name` or `name: prompt name`; blank lines and lines
     starting with # are skipped. Index 0 is background (prepended unless the file starts with it)."""
     path = Path(path)

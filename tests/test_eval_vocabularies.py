@@ -54,3 +54,11 @@ def test_vocabulary_file(tmp_path):
         load_vocabulary(f)
     with pytest.raises(UserError, match="cannot read"):
         load_vocabulary(tmp_path / "absent.txt")
+
+
+@pytest.mark.parametrize("name", ["voc", "context", "context59", "coco-object"])
+def test_every_name_maps_back_to_its_own_index(name):
+    """A prompt name never equals another class's evaluation name (the lookup is unambiguous)."""
+    v = get_vocabulary(name)
+    for i, (e, p) in enumerate(zip(v.classes, v.prompt_names)):
+        assert v.index(e) == i and v.index(p) == i and v.index(p.upper()) == i, (e, p)
