@@ -110,7 +110,7 @@ def get_vocabulary(name: str) -> Vocabulary:
     return VOCABULARIES[key]
 
 
-def load_vocabulary(path: str | Path, template: str = "a photograph of {}"  # method/prompts.py TEMPLATES style) -> Vocabulary:
+def load_vocabulary(path: str | Path, template: str = "a photograph of {}") -> Vocabulary:
     """A vocabulary file: one class per line, `name` or `name: prompt name`; blank lines and lines
     starting with # are skipped. Index 0 is background (prepended unless the file starts with it)."""
     path = Path(path)
