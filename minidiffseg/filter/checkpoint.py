@@ -1,0 +1,26 @@
+"""Loading a filter model from a hub folder (DESIGN.md §4): `model.safetensors` beside its
+`config.json`, read strictly by `minidiffseg.loading` into a module built on `meta`. Keys the
+module does not build are listed by name (`ignored`); a missing file says what to download."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..loading import load_strict, read_header
+
+
+def load_weights(model: nn.Module, folder: str | Path, ignored: tuple[str, ...], what: str, hub_id: str,
+                 device="cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Fill `model` (built on meta) from `folder/model.safetensors`; returns it in eval mode."""
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise UserError(f"{what} weights not found: {path} does not exist; download {hub_id} (model.safetensors, "
+                        f"config.json, tokenizer files) into {Path(folder)}, e.g. "
+                        f"`huggingface-cli download {hub_id} --local-dir {Path(folder)}`")
+    shapes, _ = read_header(path)
+    names = {k: k for k in shapes if k not in ignored}  # our module names are the file's names
+    return load_strict(model, path, names, shapes, dtype, torch.device(device), what)
