@@ -1,0 +1,2 @@
+"""Benchmark evaluation: dataset readers, the mIoU metric, a resumable distributed runner, reports
+and the `eval` / `calibrate` commands (DESIGN.md §5)."""

@@ -1,0 +1,220 @@
+"""`minidiffseg eval` and `minidiffseg calibrate`: thin commands over `runner.run`.
+
+  eval       mIoU of a split; τ = --tau, or --tau-file (written by calibrate on *other* images;
+             refused if the two image sets overlap), or Segmenter.default_background.
+             --sweep adds mIoU over a τ grid on the evaluated split, labelled as an oracle.
+  calibrate  picks τ as the best mIoU over a grid on a split that is not reported (e.g.
+             `--split train --limit 300` of VOC) and writes OUT/tau.json.
+
+Both resume: rerun the same command with the same --out. Both run under
+`torchrun --nproc_per_node N` (gloo on CPU, NCCL on CUDA); only rank 0 writes reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from . import candidates as cands
+from .datasets import Dataset, open_dataset
+from .metrics import mean_iou
+from .report import summarize, write_report
+from .runner import Ranks, run, write_atomic
+
+OFFICIAL_TAUS = "0.30:0.74:0.01"  # the official code's τ range (DESIGN.md §5, known defects)
+
+
+def register(subparsers) -> None:
+    e = subparsers.add_parser("eval", help="mIoU on VOC, Pascal Context or COCO-Object",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(e, split="val")
+    tau = e.add_mutually_exclusive_group()
+    tau.add_argument("--tau", type=float, help="background score τ (default: the segmenter's)")
+    tau.add_argument("--tau-file", help="tau.json written by `minidiffseg calibrate`")
+    e.add_argument("--sweep", nargs="?", const=OFFICIAL_TAUS, metavar="A:B:STEP",
+                   help=f"also print the oracle mIoU over τ in A..B (inclusive; default {OFFICIAL_TAUS})")
+    e.add_argument("--save-masks", action="store_true",
+                   help="write the predicted masks (evaluation indices) to OUT/masks/*.png, "
+                        "e.g. pseudo-labels of a training split with --labels gt")
+    e.set_defaults(func=run_eval)
+
+    c = subparsers.add_parser("calibrate", help="choose τ on a split that is not reported",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(c, split="train")
+    c.add_argument("--taus", default=OFFICIAL_TAUS, metavar="A:B:STEP",
+                   help=f"τ grid, B inclusive (default {OFFICIAL_TAUS})")
+    c.set_defaults(func=run_calibrate)
+
+
+def _common(p: argparse.ArgumentParser, split: str) -> None:
+    p.add_argument("--dataset", required=True, help="voc, context, context59 or coco-object (coco)")
+    p.add_argument("--root", required=True, help="dataset folder (or a folder above it)")
+    p.add_argument("--split", default=split, help=f"split name (default {split})")
+    p.add_argument("--weights", required=True, help="Stable Diffusion 1.5 folder or file")
+    p.add_argument("--out", required=True, help="output folder; rerun with it to resume")
+    p.add_argument("--labels", default="gt",
+                   help="candidate classes: gt (from the ground truth), a label-file path, or filter")
+    p.add_argument("--limit", type=int, help="only the first N images of the split")
+    p.add_argument("--seed", type=int, default=0, help="noise seed, the same for every image")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default: float16 on CUDA, float32 on CPU)")
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+def _device(args) -> torch.device:
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
+        torch.cuda.set_device(device)
+    return device
+
+
+def _dtype(args, device: torch.device) -> torch.dtype:
+    name = args.dtype or ("float16" if device.type == "cuda" else "float32")
+    return getattr(torch, name)
+
+
+def _dataset(args) -> Dataset:
+    ds = open_dataset(args.dataset, args.root, args.split)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise UserError(f"--limit {args.limit}: give a positive number of images")
+        ds = dataclasses.replace(ds, samples=ds.samples[:args.limit])
+    return ds
+
+
+def _candidates(args, ds: Dataset, device, dtype) -> tuple[cands.Candidates, str]:
+    if args.labels == "gt":
+        return cands.from_ground_truth(ds), "gt (classes present in the ground truth)"
+    if args.labels == "filter":
+        try:
+            from ..filter import make_filter
+        except ImportError:
+            raise UserError("--labels filter needs minidiffseg.filter, which is not available; "
+                            "use --labels gt or a label file") from None
+        return cands.from_filter(ds, make_filter("clip+blip", ds.vocab, device=device, dtype=dtype)), "filter"
+    path = Path(args.labels)
+    if not path.is_file():
+        raise UserError(f"--labels {args.labels}: not gt, filter or an existing label file")
+    return cands.from_label_file(ds, path), f"file {path.resolve()}"
+
+
+def _grid(spec: str) -> list[float]:
+    try:
+        a, b, step = (float(x) for x in spec.split(":"))
+    except ValueError:
+        raise UserError(f"τ grid {spec!r}: write A:B:STEP, e.g. {OFFICIAL_TAUS}") from None
+    if step <= 0 or b < a:
+        raise UserError(f"τ grid {spec!r}: need A <= B and STEP > 0")
+    return [round(float(t), 6) for t in np.arange(a, b + step / 2, step)]
+
+
+def _loader(args, ds: Dataset, device, dtype):
+    def load():
+        from ..segmenter import Segmenter
+        return Segmenter.from_pretrained(args.weights, device=device, dtype=dtype,
+                                         template=ds.vocab.template)
+    return load
+
+
+def _settings(args, ds: Dataset, labels: str, dtype) -> dict:
+    return {"dataset": ds.kind, "split": ds.split, "labels": labels,
+            "weights": str(Path(args.weights).resolve()), "seed": args.seed,
+            "dtype": str(dtype).removeprefix("torch."), "template": ds.vocab.template}
+
+
+def _tau(args, ds: Dataset) -> tuple[float | None, str]:
+    if not ds.vocab.background:
+        if args.tau is not None or args.tau_file or args.sweep:
+            raise UserError(f"{ds.kind} has no background class, so τ is not used; drop --tau/--sweep")
+        return None, "not used: no background class, argmax over the candidate classes"
+    if args.tau is not None:
+        return args.tau, "given with --tau"
+    if args.tau_file:
+        try:
+            cal = json.loads(Path(args.tau_file).read_text())
+            tau, names = float(cal["tau"]), set(cal["images"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--tau-file {args.tau_file}: not a tau.json from `minidiffseg calibrate` ({e})") from None
+        shared = [s.name for s in ds.samples if s.name in names]
+        if shared:
+            raise UserError(f"--tau-file {args.tau_file} was calibrated on {len(shared)} image(s) "
+                            f"evaluated here (e.g. {shared[0]}); calibrate on another split")
+        return tau, (f"calibrated on {cal.get('dataset')} {cal.get('split')} ({len(names)} images, "
+                     f"mIoU {cal.get('miou')} there), disjoint from this split")
+    from ..segmenter import Segmenter
+    return float(Segmenter.default_background), "default (Segmenter.default_background), not tuned"
+
+
+# ------------------------------------------------------------------------------------ commands
+
+def run_eval(args) -> int:
+    device = _device(args)
+    dtype = _dtype(args, device)
+    ds = _dataset(args)
+    tau, tau_source = _tau(args, ds)
+    sweep = _grid(args.sweep) if args.sweep else []
+    find, labels = _candidates(args, ds, device, dtype)
+    settings = _settings(args, ds, labels, dtype)
+    ranks = Ranks(device)
+    try:
+        res = run(_loader(args, ds, device, dtype), ds, args.out, find, taus=[tau] + sweep,
+                  seed=args.seed, settings=settings, masks=args.save_masks, ranks=ranks)
+    finally:
+        ranks.close()
+    if ranks.rank == 0:
+        summary = summarize(ds, res["conf"][0], tau=tau, tau_source=tau_source, settings=settings,
+                            segmented=res["segmented"], seconds=res["seconds"], world=ranks.world,
+                            sweep=(sweep, res["conf"][1:]) if sweep else None)
+        write_report(args.out, summary)
+        miou = "nan" if summary["miou"] is None else f"{100 * summary['miou']:.2f}"
+        print(f"{ds.kind} {ds.split}: mIoU {miou} over {len(ds.samples)} images (τ {tau}); "
+              f"report: {Path(args.out) / 'report.md'}")
+        if sweep:
+            o = summary["oracle_sweep"]
+            print(f"oracle (τ tuned on this split, not a result): best τ {o['best_tau']} "
+                  f"mIoU {100 * o['best_miou']:.2f}")
+    return 0
+
+
+def run_calibrate(args) -> int:
+    device = _device(args)
+    dtype = _dtype(args, device)
+    ds = _dataset(args)
+    if not ds.vocab.background:
+        raise UserError(f"{ds.kind} has no background class, so there is no τ to calibrate")
+    taus = _grid(args.taus)
+    find, labels = _candidates(args, ds, device, dtype)
+    settings = _settings(args, ds, labels, dtype)
+    ranks = Ranks(device)
+    try:
+        res = run(_loader(args, ds, device, dtype), ds, args.out, find, taus=taus, seed=args.seed,
+                  settings=settings, ranks=ranks)
+    finally:
+        ranks.close()
+    if ranks.rank == 0:
+        mious = [mean_iou(c, len(ds.vocab)) for c in res["conf"]]
+        if all(np.isnan(mious)):
+            raise UserError(f"the {ds.split} split has no labelled pixel: nothing to calibrate on")
+        best = int(np.nanargmax(mious))  # ties: the smallest τ
+        cal = {"tau": taus[best], "miou": round(mious[best], 6), "dataset": ds.kind,
+               "split": ds.split, "root": str(ds.root), "settings": settings,
+               "grid": dict(zip(map(str, taus), (round(m, 6) for m in mious))),
+               "images": [s.name for s in ds.samples]}
+        write_atomic(Path(args.out) / "tau.json", json.dumps(cal, indent=1) + "\n")
+        print(f"τ = {taus[best]} (mIoU {100 * mious[best]:.2f} on {ds.kind} {ds.split}, "
+              f"{len(ds.samples)} images); written to {Path(args.out) / 'tau.json'}")
+    return 0

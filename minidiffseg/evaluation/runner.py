@@ -1,0 +1,219 @@
+"""Resumable, distributed evaluation of a segmenter on a dataset split, in two passes.
+
+1. segment: for each image without a result file, ask the segmenter about its candidate classes
+   and store the refined maps on the latent grid (`.refined`, before upsampling and min-max) with
+   the classes' evaluation indices in OUT/results/<image>.npz, written atomically (tmp + rename).
+   A run killed at any point and restarted skips the images that have a file.
+2. score: for each image, upsample the stored maps to the label size, decide with τ (any number
+   of τ at once: calibration and the oracle sweep are cheap), and add the confusion matrix.
+   A missing result fails the run with the image's name, never a partial mIoU.
+
+Under torchrun (RANK/WORLD_SIZE in the environment) each rank takes images rank, rank+N, ...
+(no padding duplicates) and the confusion matrices are all-reduced, so the mIoU is identical to
+one process. A UserError on any rank stops every rank (it is all-reduced as a flag first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..segmenter import decide, upsample_scores
+from .candidates import Candidates
+from .datasets import Dataset, Sample
+from .metrics import confusion
+
+
+class SegmenterLike(Protocol):
+    """What the runner needs: `minidiffseg.segmenter.Segmenter` (built with the vocabulary's
+    template) or a test stub. `classes` are prompt names."""
+
+    def seg(self, image: Image.Image, classes: list[str], *, seed: int):
+        ...  # returns an object with .refined (C, h, w)
+
+
+# ---------------------------------------------------------------------------------------- ranks
+
+class Ranks:
+    """This process's place among torchrun's processes (rank 0 of 1 without torchrun)."""
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.device = torch.device(device)
+        self.owner = self.world > 1 and not dist.is_initialized()
+        if self.owner:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    def close(self) -> None:
+        """Tear the process group down (exiting with it alive aborts the process)."""
+        if self.owner and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def shard(self, samples: Sequence[Sample]) -> list[Sample]:
+        return list(samples[self.rank::self.world])
+
+    def sum(self, x: np.ndarray) -> np.ndarray:
+        if self.world == 1:
+            return x
+        t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        dist.all_reduce(t)
+        return t.cpu().numpy()
+
+    def max(self, x: float) -> float:
+        if self.world == 1:
+            return x
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def agree(self, error: UserError | None) -> None:
+        """Raise on every rank if any rank failed: its own error, or a pointer to the other's."""
+        failed = int(self.sum(np.array([error is not None], dtype=np.int64))[0])
+        if error is not None:
+            raise error
+        if failed:
+            raise UserError(f"{failed} other rank(s) failed; their error is printed above")
+
+
+# ------------------------------------------------------------------------------------ file I/O
+
+def result_path(out: Path, sample: Sample) -> Path:
+    return out / "results" / f"{sample.name}.npz"
+
+
+def save_result(path: Path, classes: list[int], refined: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, classes=np.asarray(classes, dtype=np.int64), refined=refined)
+    os.replace(tmp, path)  # atomic: a killed run leaves a whole file or none
+
+
+def load_result(path: Path, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise UserError(f"image {sample.name} has no result ({path}); run `minidiffseg eval` "
+                        f"with the same --out to finish the split")
+    try:
+        with np.load(path) as r:
+            return r["classes"], r["refined"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"result file {path} is unreadable ({e}); delete it and rerun") from None
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def check_settings(out: Path, settings: dict, ranks: Ranks) -> None:
+    """Results in OUT must all come from the same model, labels and seed: refuse to mix."""
+    path = out / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise UserError(f"{out} holds results made with other settings ({', '.join(diff)}: "
+                            f"{old.get(diff[0])!r} there, {settings.get(diff[0])!r} now); "
+                            f"use a new --out or the same settings")
+    elif ranks.rank == 0:
+        write_atomic(path, json.dumps(settings, indent=2))
+
+
+# -------------------------------------------------------------------------------------- passes
+
+def segment(model: SegmenterLike, ds: Dataset, samples: list[Sample], out: Path,
+            candidates: Candidates, seed: int, progress: bool = True) -> tuple[int, float]:
+    """Pass 1 over `samples`; returns (images segmented now, seconds spent)."""
+    todo = [s for s in samples if not result_path(out, s).is_file()]
+    vocab, t0 = ds.vocab, time.perf_counter()
+    for s in tqdm(todo, desc=f"segment {ds.kind}", unit="img", file=sys.stderr, disable=not progress):
+        image = ds.image(s)
+        classes = candidates(s, image)  # evaluation indices
+        if classes:
+            r = model.seg(image, [vocab.prompt_names[i] for i in classes], seed=seed)
+            refined = r.refined.detach().float().cpu().numpy()  # (C, h, w)
+            assert refined.shape[0] == len(classes), (refined.shape, len(classes))
+        else:  # nothing to ask about: background everywhere (or "no class" without background)
+            refined = np.zeros((0, 1, 1), dtype=np.float32)
+        save_result(result_path(out, s), classes, refined)
+    return len(todo), time.perf_counter() - t0
+
+
+def predict(ds: Dataset, classes: np.ndarray, scores: torch.Tensor | None, size: tuple[int, int],
+            tau: float | None) -> np.ndarray:
+    """(H, W) evaluation indices. With a background class: argmax over [τ, scores]; without one
+    (Context 59): argmax over the scores, and index len(vocab) ("no class") when there is none."""
+    if ds.vocab.background:
+        if len(classes) == 0:
+            return np.zeros(size, dtype=np.int64)
+        lut = np.concatenate([[0], classes])
+        return lut[decide(scores, tau).cpu().numpy()]
+    if len(classes) == 0:
+        return np.full(size, len(ds.vocab), dtype=np.int64)
+    return classes[scores.argmax(0).cpu().numpy()]
+
+
+def num_outcomes(ds: Dataset) -> int:
+    """Side of the confusion matrix: the classes, plus "no class" where there is no background."""
+    return len(ds.vocab) + (0 if ds.vocab.background else 1)
+
+
+def score(ds: Dataset, samples: list[Sample], out: Path, taus: Sequence[float | None],
+          masks: bool = False, progress: bool = True) -> np.ndarray:
+    """Pass 2 over `samples`: (T, n, n) int64 confusion matrices, one per τ in `taus`. With
+    `masks` the predictions for taus[0] are written to OUT/masks/<image>.png (pseudo-labels)."""
+    n = num_outcomes(ds)
+    conf = np.zeros((len(taus), n, n), dtype=np.int64)
+    for s in tqdm(samples, desc=f"score {ds.kind}", unit="img", file=sys.stderr, disable=not progress):
+        classes, refined = load_result(result_path(out, s), s)
+        gt = ds.label(s)  # (H, W)
+        scores = upsample_scores(torch.from_numpy(refined), gt.shape) if len(classes) else None
+        for t, tau in enumerate(taus):
+            pred = predict(ds, classes, scores, gt.shape, tau)
+            conf[t] += confusion(gt, pred, n)
+            if masks and t == 0:
+                write_mask(out / "masks" / f"{s.name}.png", pred)
+    return conf
+
+
+def write_mask(path: Path, pred: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(pred.astype(np.uint8), mode="L").save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def run(load_model: Callable[[], SegmenterLike], ds: Dataset, out: str | Path,
+        candidates: Candidates, *, taus: Sequence[float | None], seed: int = 0,
+        settings: dict | None = None, masks: bool = False, ranks: Ranks | None = None,
+        progress: bool = True) -> dict:
+    """Both passes on this rank's shard, summed over ranks. Returns {"conf": (T, n, n) int64,
+    "segmented": images segmented now (all ranks), "seconds": slowest rank's segmenting time}.
+    `load_model` is called only when this rank has images left to segment."""
+    out, ranks = Path(out), ranks or Ranks()
+    shard = ranks.shard(ds.samples)
+    show = progress and ranks.rank == 0
+    error, done, seconds, conf = None, 0, 0.0, None
+    try:
+        check_settings(out, settings or {}, ranks)
+        if any(not result_path(out, s).is_file() for s in shard):
+            done, seconds = segment(load_model(), ds, shard, out, candidates, seed, show)
+        conf = score(ds, shard, out, taus, masks, show)
+    except UserError as e:
+        error = e
+    ranks.agree(error)
+    return {"conf": ranks.sum(conf), "segmented": int(ranks.sum(np.array([done]))[0]),
+            "seconds": ranks.max(seconds)}
