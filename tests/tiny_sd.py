@@ -1,0 +1,171 @@
+"""Random-weight SD1.5 checkpoints in the official layouts, written by the reference libraries
+themselves, so the loader is tested on files it did not write (DESIGN.md §7.1).
+
+- `write_tiny_diffusers(dir)`: diffusers UNet2DConditionModel / AutoencoderKL and transformers
+  CLIPTextModel at the tiny configs of minidiffseg.config, every parameter randomised, saved with
+  `save_pretrained` (config.json + safetensors, optionally the `.fp16` variant) + tokenizer/.
+- `write_tiny_single_file(path)`: the same weights (same seed) in the original LDM single-file
+  layout via `minidiffseg.ldm.to_ldm`, with the extra keys a real file carries (decoder, EMA
+  counters, schedule buffers, position_ids) so that ignoring them by name is exercised.
+- `write_random_diffusers(dir, ...)`: full-size random files in the official diffusers layout,
+  written tensor by tensor without building the models (for the memory measurement).
+
+Import from a test as `from tiny_sd import ...` (pytest puts tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from assets import write_sd15_tokenizer
+from minidiffseg import ldm
+from minidiffseg.config import CLIPTextConfig, UNetConfig, VAEConfig
+from minidiffseg.schedule import NoiseSchedule
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers writes the reference checkpoints (test-only)")
+transformers = pytest.importorskip("transformers", reason="transformers writes the reference CLIP (test-only)")
+
+TINY = (UNetConfig.tiny(), VAEConfig.tiny(), CLIPTextConfig.tiny())
+
+
+def reference_unet(cfg: UNetConfig):
+    n = len(cfg.block_out_channels)  # SD1.5: cross-attention everywhere but the deepest level
+    return diffusers.UNet2DConditionModel(
+        sample_size=64, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.num_heads, cross_attention_dim=cfg.cross_attention_dim,
+        norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps,
+        flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+
+
+def reference_vae(cfg: VAEConfig):
+    n = len(cfg.block_out_channels)
+    return diffusers.AutoencoderKL(
+        sample_size=512, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
+        scaling_factor=cfg.scaling_factor)
+
+
+def reference_text_config(cfg: CLIPTextConfig):
+    return transformers.CLIPTextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings, layer_norm_eps=cfg.layer_norm_eps,
+        projection_dim=cfg.projection_dim, hidden_act="quick_gelu")
+
+
+def randomise_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Overwrite every parameter: norm affines near (1, 0), other biases small, weights with variance
+    1/fan_in (unit-variance outputs for unit-variance inputs), so activations stay sane."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            norm = isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+            for name, p in module.named_parameters(recurse=False):
+                noise = torch.randn(p.shape, generator=g)
+                if norm:
+                    p.copy_((1.0 if name == "weight" else 0.0) + 0.1 * noise)
+                elif p.ndim == 1:
+                    p.copy_(0.05 * noise)
+                else:
+                    p.copy_(noise / math.sqrt(p[0].numel()))
+    return model.eval()
+
+
+def tiny_reference(seed: int = 0):
+    """(UNet2DConditionModel, AutoencoderKL, transformers CLIPTextModel) at the tiny configs, random."""
+    unet, vae, text = TINY
+    return (randomise_(reference_unet(unet), seed), randomise_(reference_vae(vae), seed + 1),
+            randomise_(transformers.CLIPTextModel(reference_text_config(text)), seed + 2))
+
+
+def encoder_state(vae) -> dict[str, torch.Tensor]:
+    """What VAEEncoder holds of an AutoencoderKL: `encoder.*` and `quant_conv.*`."""
+    return {k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+
+
+def text_state(text) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel's parameters under our (and the official files') names: `text_model.…`
+    (transformers >= 5 drops that prefix in its own state dict)."""
+    return {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in text.state_dict().items()
+            if not k.endswith("position_ids")}
+
+
+def write_tiny_diffusers(dir: str | Path, seed: int = 0, variant: str | None = None) -> Path:
+    """The diffusers SD1.5 folder layout at tiny sizes; variant "fp16" writes `*.fp16.safetensors` in fp16."""
+    dir = Path(dir)
+    dtype = torch.float16 if variant == "fp16" else torch.float32
+    unet, vae, text = tiny_reference(seed)
+    unet.to(dtype).save_pretrained(dir / "unet", safe_serialization=True, variant=variant)
+    vae.to(dtype).save_pretrained(dir / "vae", safe_serialization=True, variant=variant)
+    text.to(dtype).save_pretrained(dir / "text_encoder", variant=variant)  # transformers 5: always safetensors
+    write_sd15_tokenizer(dir / "tokenizer")
+    return dir
+
+
+def write_tiny_single_file(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+                           tokenizer: bool = True) -> Path:
+    """The same weights as write_tiny_diffusers(seed) as one LDM .safetensors file (+ tokenizer/ beside it).
+    The configs' shape-less fields go into the file's metadata (ldm.config_metadata)."""
+    path = Path(path)
+    unet, vae, text = tiny_reference(seed)
+    sd = ldm.to_ldm(unet.state_dict(), encoder_state(vae), text_state(text))
+    sd.update(extra_ldm_keys(vae, TINY[2]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, path,
+              metadata={"format": "pt", **ldm.config_metadata(*TINY)})
+    if tokenizer:
+        write_sd15_tokenizer(path.parent / "tokenizer")
+    return path
+
+
+def extra_ldm_keys(vae, text_cfg: CLIPTextConfig) -> dict[str, torch.Tensor]:
+    """Keys a real LDM file holds that minidiffseg ignores: the VAE decoder (diffusers names under the LDM
+    prefix: only the prefix matters), post_quant_conv, the EMA counters, the DDPM schedule buffers, and
+    CLIP's position_ids."""
+    extra = {f"{ldm.VAE}{k}": v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+    alphas_cumprod = NoiseSchedule().alphas_cumprod.float()
+    extra.update({name: alphas_cumprod.clone() for name in ldm.DDPM_BUFFERS})  # values don't matter: ignored
+    extra["model_ema.decay"] = torch.tensor(0.9999)
+    extra["model_ema.num_updates"] = torch.tensor(1000, dtype=torch.int32)
+    extra[f"{ldm.TEXT}text_model.embeddings.position_ids"] = torch.arange(text_cfg.max_position_embeddings)[None]
+    return extra
+
+
+def write_random_diffusers(dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float16,
+                           variant: str | None = "fp16",
+                           configs: tuple = (UNetConfig(), VAEConfig(), CLIPTextConfig())) -> Path:
+    """Random weights in the official diffusers layout, full size by default, as the hub files have
+    them: the U-Net, the whole VAE (decoder included), the text tower under `text_model.` with its
+    int64 position_ids buffer. Tensors are drawn from the reference models' key/shape inventory
+    (built on meta), one at a time, so no model is ever materialised."""
+    dir = Path(dir)
+    g = torch.Generator().manual_seed(seed)
+    suffix = f".{variant}" if variant else ""
+    unet_cfg, vae_cfg, text_cfg = configs
+    with torch.device("meta"):
+        unet, vae = reference_unet(unet_cfg), reference_vae(vae_cfg)
+        text = transformers.CLIPTextModel(reference_text_config(text_cfg))
+    for name, model, file in (("unet", unet, "diffusion_pytorch_model"), ("vae", vae, "diffusion_pytorch_model"),
+                              ("text_encoder", text, "model")):
+        if name == "text_encoder":
+            model.config.save_pretrained(dir / name)
+            state = text_state(model)
+        else:
+            model.save_config(dir / name)
+            state = model.state_dict()
+        tensors = {k: torch.randn(v.shape, generator=g, dtype=dtype) * 0.02 for k, v in state.items()}
+        if name == "text_encoder":
+            tensors["text_model.embeddings.position_ids"] = torch.arange(text_cfg.max_position_embeddings)[None]
+        save_file(tensors, dir / name / f"{file}{suffix}.safetensors", metadata={"format": "pt"})
+    write_sd15_tokenizer(dir / "tokenizer")
+    return dir
