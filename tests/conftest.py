@@ -1,0 +1,14 @@
+"""Session-wide fixtures shared by the test files."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A tiny random SD1.5 in the diffusers folder layout (fp32 files and the .fp16 variant), written once
+    per session by the reference libraries (tests/tiny_sd.py); skips without diffusers/transformers."""
+    from tiny_sd import write_tiny_diffusers
+
+    folder = tmp_path_factory.mktemp("tiny_sd")
+    write_tiny_diffusers(folder)
+    return write_tiny_diffusers(folder, variant="fp16")
