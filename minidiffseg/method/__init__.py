@@ -1,0 +1,1 @@
+"""The DiffSegmenter method on top of the models: prompts, attention fusion, self-attention refinement."""

@@ -1,0 +1,49 @@
+"""Cross-attention fusion (DESIGN.md §5 "cross maps"): per U-Net level, the mean over its layers of
+the recorded token maps (heads were averaged as they were recorded) → bilinear to the latent grid →
+min-max → weighted sum over levels.
+
+Levels, not pixel sizes: level 8 is the 8×8 map of a 512² image (64×64 latent), level 1 the 64×64
+one, so any input size (multiple of 64) and the tiny test config fuse the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Official DiffSegmenter weights per resolution at 512²: 8:0.3, 16:0.5, 32:0.1, 64:0.1 (DESIGN.md §5).
+DEFAULT_LEVEL_WEIGHTS = {8: 0.3, 4: 0.5, 2: 0.1, 1: 0.1}
+
+
+def minmax(x: torch.Tensor, dims=(-2, -1)) -> torch.Tensor:
+    """Rescale each map to [0, 1] over `dims`; a constant map becomes 0."""
+    lo = x.amin(dim=dims, keepdim=True)
+    hi = x.amax(dim=dims, keepdim=True)
+    return (x - lo) / (hi - lo).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def level_maps(cross_maps: dict[str, torch.Tensor], count: dict[str, int], levels: dict[str, int],
+               shapes: dict[str, tuple[int, int]]) -> dict[int, torch.Tensor]:
+    """Mean over the layers of each level: {level: (B, K, h_l, w_l)} from recorded (B, h_l·w_l, K) sums."""
+    by_level: dict[int, list[str]] = {}
+    for name in cross_maps:
+        by_level.setdefault(levels[name], []).append(name)
+    out = {}
+    for level, names in by_level.items():
+        stacked = torch.stack([cross_maps[n] / count[n] for n in names])  # (L, B, HW, K)
+        h, w = shapes[names[0]]
+        out[level] = stacked.mean(0).transpose(1, 2).reshape(stacked.shape[1], -1, h, w)
+    return out
+
+
+def fuse(maps: dict[int, torch.Tensor], size: tuple[int, int],
+         weights: dict[int, float] = DEFAULT_LEVEL_WEIGHTS) -> torch.Tensor:
+    """{level: (B, K, h_l, w_l)} -> A (B, K, h, w) on the latent grid `size`, Σ_l weight_l · minmax(up(map_l))."""
+    missing = [lvl for lvl in weights if lvl not in maps]
+    if missing:
+        raise ValueError(f"fusion weights name levels {missing} that were not recorded (have {sorted(maps)})")
+    ups = torch.stack([minmax(F.interpolate(maps[lvl].to(torch.promote_types(maps[lvl].dtype, torch.float32)),
+                                            size=size, mode="bilinear", align_corners=False))
+                       for lvl in weights])  # (levels, B, K, h, w), at least fp32
+    w = torch.tensor(list(weights.values()), dtype=ups.dtype, device=ups.device)
+    return torch.einsum("l,lbkhw->bkhw", w, ups)
