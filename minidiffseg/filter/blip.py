@@ -28,10 +28,10 @@ from PIL import Image
 from torch import nn
 
 from ..config import _pick
-from ..errors import UserError
-from .checkpoint import load_weights
+from .checkpoint import check_folder, load_weights
 from .wordpiece import WordPieceTokenizer
 
+WHAT, HUB_ID = "BLIP captioner", "Salesforce/blip-image-captioning-large"
 # BLIP normalises pixels with the OpenAI CLIP statistics (transformers' BlipImageProcessor)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -350,8 +350,7 @@ class BlipForConditionalGeneration(nn.Module):
         cfg = BlipConfig.from_transformers(json.loads(cfg_file.read_text())) if cfg_file.is_file() else BlipConfig()
         with torch.device("meta"):
             model = cls(cfg)
-        return load_weights(model, folder, cls.IGNORED, "BLIP captioner", "Salesforce/blip-image-captioning-large",
-                            device, dtype)
+        return load_weights(model, folder, cls.IGNORED, WHAT, HUB_ID, device, dtype)
 
 
 class Captioner:
@@ -362,8 +361,9 @@ class Captioner:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device="cpu", dtype=torch.float32) -> "Captioner":
-        return cls(BlipForConditionalGeneration.from_pretrained(folder, device, dtype),
-                   WordPieceTokenizer.from_dir(folder))
+        check_folder(folder, WHAT, HUB_ID)  # all files are checked before the slow part
+        tokenizer = WordPieceTokenizer.from_dir(folder)
+        return cls(BlipForConditionalGeneration.from_pretrained(folder, device, dtype), tokenizer)
 
     def caption(self, image: Image.Image, prefixes: list[str] | None = None) -> list[str]:
         """One caption per prefix (default: one unconditional caption), e.g. the prefix

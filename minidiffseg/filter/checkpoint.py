@@ -13,14 +13,20 @@ from ..errors import UserError
 from ..loading import load_strict, read_header
 
 
-def load_weights(model: nn.Module, folder: str | Path, ignored: tuple[str, ...], what: str, hub_id: str,
-                 device="cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Fill `model` (built on meta) from `folder/model.safetensors`; returns it in eval mode."""
+def check_folder(folder: str | Path, what: str, hub_id: str) -> Path:
+    """The folder's `model.safetensors`, or one line saying what to download where."""
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
         raise UserError(f"{what} weights not found: {path} does not exist; download {hub_id} (model.safetensors, "
                         f"config.json, tokenizer files) into {Path(folder)}, e.g. "
                         f"`huggingface-cli download {hub_id} --local-dir {Path(folder)}`")
+    return path
+
+
+def load_weights(model: nn.Module, folder: str | Path, ignored: tuple[str, ...], what: str, hub_id: str,
+                 device="cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Fill `model` (built on meta) from `folder/model.safetensors`; returns it in eval mode."""
+    path = check_folder(folder, what, hub_id)
     shapes, _ = read_header(path)
     names = {k: k for k in shapes if k not in ignored}  # our module names are the file's names
     return load_strict(model, path, names, shapes, dtype, torch.device(device), what)

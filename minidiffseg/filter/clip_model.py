@@ -23,9 +23,12 @@ from torch import nn
 
 from ..clip import CLIPEncoder, CLIPTextTransformer
 from ..config import CLIPTextConfig, _pick
+from ..errors import UserError
 from ..tokenizer import CLIPTokenizer
 from .blip import CLIP_MEAN, CLIP_STD
-from .checkpoint import load_weights
+from .checkpoint import check_folder, load_weights
+
+WHAT, HUB_ID = "CLIP model", "openai/clip-vit-large-patch14"
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ class CLIPModel(nn.Module):
         cfg = CLIPConfig.from_transformers(json.loads(cfg_file.read_text())) if cfg_file.is_file() else CLIPConfig()
         with torch.device("meta"):
             model = cls(cfg)
-        return load_weights(model, folder, cls.IGNORED, "CLIP model", "openai/clip-vit-large-patch14", device, dtype)
+        return load_weights(model, folder, cls.IGNORED, WHAT, HUB_ID, device, dtype)
 
 
 class ZeroShotCLIP:
@@ -149,7 +152,14 @@ class ZeroShotCLIP:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device="cpu", dtype=torch.float32) -> "ZeroShotCLIP":
-        return cls(CLIPModel.from_pretrained(folder, device, dtype), CLIPTokenizer.from_dir(folder))
+        folder = Path(folder)
+        check_folder(folder, WHAT, HUB_ID)  # all files are checked before the slow part
+        missing = [n for n in ("vocab.json", "merges.txt") if not (folder / n).is_file()]
+        if missing:
+            raise UserError(f"{folder} lacks the tokenizer file(s) {', '.join(missing)}: download them "
+                            f"from {HUB_ID} next to model.safetensors")
+        tokenizer = CLIPTokenizer.from_dir(folder)
+        return cls(CLIPModel.from_pretrained(folder, device, dtype), tokenizer)
 
     @torch.no_grad()
     def text_embeds(self, names: tuple[str, ...]) -> torch.Tensor:
