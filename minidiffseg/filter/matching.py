@@ -147,19 +147,21 @@ STOP_PHRASES = ("hot dog", "hotdog", "bus stop", "teddy bear", "train track", "r
 # Plurals the rules below would get wrong, and words that look plural but are not
 IRREGULAR = {"people": "people", "men": "man", "women": "woman", "children": "child", "mice": "mouse",
              "geese": "goose", "oxen": "ox", "teeth": "tooth", "feet": "foot", "knives": "knife",
-             "leaves": "leaf", "shelves": "shelf", "wolves": "wolf", "calves": "calf", "buses": "bus",
+             "leaves": "leaf", "neckties": "necktie", "buses": "bus",
              "busses": "bus", "skis": "ski", "taxis": "taxi", "woods": "woods", "series": "series", "species": "species"}
 
 
 def singular(word: str) -> str:
     """A word's singular form by English plural rules: -ies -> -y (puppies; not 4-letter "ties"),
-    -sses -> -ss, -ches/-shes/-xes -> drop "es", otherwise a final s is dropped except after s, u,
+    -lves -> -lf (shelves), -sses -> -ss, -ches/-shes/-xes -> drop "es", otherwise a final s is dropped except after s, u,
     i (glass, bus, tennis). Applied to captions and class names alike, so it needs to be
     consistent rather than perfect."""
     if word in IRREGULAR:
         return IRREGULAR[word]
     if word.endswith("ies") and len(word) > 4:
         return word[:-3] + "y"
+    if word.endswith("lves"):
+        return word[:-3] + "f"
     if word.endswith("sses"):
         return word[:-2]
     if word.endswith(("ches", "shes", "xes")):
