@@ -61,6 +61,12 @@ def _common(p: argparse.ArgumentParser, split: str) -> None:
     p.add_argument("--out", required=True, help="output folder; rerun with it to resume")
     p.add_argument("--labels", default="gt",
                    help="candidate classes: gt (from the ground truth), a label-file path, or filter")
+    p.add_argument("--filter", default="union", choices=["union", "clip", "blip"],
+                   help="with --labels filter: which filter (default union = CLIP ∪ BLIP, the paper's)")
+    p.add_argument("--clip-dir", help="with --labels filter: CLIP ViT-L/14 folder")
+    p.add_argument("--blip-dir", help="with --labels filter: BLIP-large captioner folder")
+    p.add_argument("--resolution", type=int, default=512,
+                   help="side of the square images are stretched to (official 512)")
     p.add_argument("--limit", type=int, help="only the first N images of the split")
     p.add_argument("--seed", type=int, default=0, help="noise seed, the same for every image")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -100,12 +106,10 @@ def _candidates(args, ds: Dataset, device, dtype) -> tuple[cands.Candidates, str
     if args.labels == "gt":
         return cands.from_ground_truth(ds), "gt (classes present in the ground truth)"
     if args.labels == "filter":
-        try:
-            from ..filter import make_filter
-        except ImportError:
-            raise UserError("--labels filter needs minidiffseg.filter, which is not available; "
-                            "use --labels gt or a label file") from None
-        return cands.from_filter(ds, make_filter("clip+blip", ds.vocab, device=device, dtype=dtype)), "filter"
+        from ..filter import make_filter
+        filt = make_filter(args.filter, ds.vocab, clip_dir=args.clip_dir, blip_dir=args.blip_dir,
+                           device=device, dtype=dtype)
+        return cands.from_filter(ds, filt), f"filter {args.filter}"
     path = Path(args.labels)
     if not path.is_file():
         raise UserError(f"--labels {args.labels}: not gt, filter or an existing label file")
@@ -126,14 +130,15 @@ def _loader(args, ds: Dataset, device, dtype):
     def load():
         from ..segmenter import Segmenter
         return Segmenter.from_pretrained(args.weights, device=device, dtype=dtype,
-                                         template=ds.vocab.template)
+                                         template=ds.vocab.template, resolution=args.resolution)
     return load
 
 
 def _settings(args, ds: Dataset, labels: str, dtype) -> dict:
     return {"dataset": ds.kind, "split": ds.split, "labels": labels,
             "weights": str(Path(args.weights).resolve()), "seed": args.seed,
-            "dtype": str(dtype).removeprefix("torch."), "template": ds.vocab.template}
+            "dtype": str(dtype).removeprefix("torch."), "template": ds.vocab.template,
+            "resolution": args.resolution}
 
 
 def _tau(args, ds: Dataset) -> tuple[float | None, str]:

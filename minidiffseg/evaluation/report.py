@@ -31,7 +31,8 @@ def summarize(ds: Dataset, conf: np.ndarray, *, tau: float | None, tau_source: s
         "dataset": ds.kind, "split": ds.split, "root": str(ds.root), "images": len(ds.samples),
         "miou": _num(mean_iou(conf, k)), "pixel_accuracy": _num(pixel_accuracy(conf)),
         "tau": {"value": tau, "source": tau_source},
-        "classes": [{"index": i, "name": vocab.classes[i], "prompt": vocab.prompt_names[i],
+        "classes": [{"index": i, "name": vocab.classes[i],
+                     "prompt": vocab.prompt_names[i] if i >= vocab.first_thing else None,
                      "iou": _num(ious[i]), "accuracy": _num(accs[i]), "pixels": int(conf[i].sum())}
                     for i in range(k)],
         "settings": settings, "confusion": conf.tolist(),
@@ -64,7 +65,7 @@ def markdown(s: dict) -> str:
              f"- background τ: {tau} — {s['tau']['source']}"]
     lines += [f"- {k}: {v}" for k, v in s["settings"].items()]
     lines += ["", "| # | class | prompt | IoU | acc | GT pixels |", "|---:|---|---|---:|---:|---:|"]
-    lines += [f"| {c['index']} | {c['name']} | {c['prompt']} | {_pct(c['iou'])} | "
+    lines += [f"| {c['index']} | {c['name']} | {c['prompt'] or '– (τ)'} | {_pct(c['iou'])} | "
               f"{_pct(c['accuracy'])} | {c['pixels']} |" for c in s["classes"]]
     lines += ["", f"**mIoU {_pct(s['miou'])}** (nan-mean over classes present in the ground truth "
               f"or the predictions; ignore label 255 left out)"]
