@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from test_eval_datasets import write_dataset
 
@@ -56,6 +57,20 @@ def test_bad_inputs_exit_2_with_one_line(capsys, voc, more, message):
     rc, err = cli(capsys, *eval_args(voc, *more))
     assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("minidiffseg: error: "), err
     assert re.search(message, err), err
+
+
+def test_wrong_size_label_through_the_cli(capsys, voc, tiny_sd_dir):
+    pytest.importorskip("minidiffseg.segmenter", reason="the segmenter is not there yet")
+    label = voc / "data" / "VOCdevkit" / "VOC2012" / "SegmentationClass" / "2007_000001.png"
+    Image.open(label).crop((0, 0, 40, 20)).save(label)
+    rc, err = cli(capsys, "eval", "--dataset", "voc", "--root", voc / "data", "--weights", tiny_sd_dir,
+                  "--out", voc / "out", "--resolution", "64", "--device", "cpu")
+    assert rc == 2 and err.splitlines()[-1].endswith("is 40x30; they must match"), err
+
+
+def test_filter_without_its_weights(capsys, voc):
+    rc, err = cli(capsys, *eval_args(voc, "--labels", "filter", "--clip-dir", voc / "no-clip"))
+    assert rc == 2 and "no-clip" in err.splitlines()[-1], err
 
 
 def test_label_file_errors(capsys, voc):
