@@ -1,0 +1,42 @@
+"""`minidiffseg COMMAND ...`: thin commands over the library. Every command module has
+`register(subparsers)`; a `UserError` anywhere becomes one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import UserError
+
+COMMANDS = [  # modules with register(subparsers), in the order `--help` lists them
+    "minidiffseg.segment_cli",  # segment, maps
+    "minidiffseg.filter.cli",  # filter
+    "minidiffseg.evaluation.cli",  # eval, calibrate
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minidiffseg", description="Open-vocabulary segmentation from "
+                                     "Stable Diffusion 1.5 attention (DiffSegmenter), minimal and from scratch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"minidiffseg: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("minidiffseg: interrupted; completed outputs are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""`minidiffseg segment` (masks, overlays, heat maps and scores per image) and `minidiffseg maps`
+(a PNG grid of the cross-attention maps per layer and level, and the refined maps: the paper's
+Figures 3 and 5, for studying the architecture)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .errors import UserError
+from .files import writable_dir, write_atomic
+from .method.prompts import TEMPLATES, check_classes
+from .options import add_model_args, device_of, dtype_of
+from .segmenter import Segmenter, SegmentationResult
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("segment", help="segment images into the given classes",
+                              description="For each IMAGE writes into --out: STEM_mask.png (VOC palette, "
+                              "0 = background, i = i-th class), STEM_overlay.png, STEM_heat_I_CLASS.png and "
+                              "STEM_scores.safetensors (scores at the image size, fused and refined maps at "
+                              "the latent size; written last, so its presence means the image is done).")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    _method_args(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--skip-existing", action="store_true", help="skip images whose outputs are complete (resume)")
+    p.set_defaults(func=run_segment)
+
+    m = subparsers.add_parser("maps", help="PNG grid of attention maps per layer, level, fused and refined")
+    m.add_argument("image", metavar="IMAGE")
+    _method_args(m)
+    m.add_argument("--out", required=True, help="PNG file to write")
+    m.set_defaults(func=run_maps)
+
+
+def _method_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classes", help="comma-separated class names, e.g. cat,dog,sofa (a name may carry "
+                   "weight marks: dog++)")
+    p.add_argument("--vocabulary", help="without --classes: voc, context, context59, coco or a file; the "
+                   "--filter picks the candidate classes of each image from it")
+    p.add_argument("--filter", default="union", choices=["union", "clip", "blip"],
+                   help="with --vocabulary: CLIP ∪ BLIP-caption nouns (default, the paper's), clip or blip")
+    p.add_argument("--caption", choices=["none", "blip"], default="none",
+                   help="blip: each class prompt is BLIP's conditional caption of the template (official recipe)")
+    p.add_argument("--clip-weights", help="openai/clip-vit-large-patch14 folder (for --filter)")
+    p.add_argument("--blip-weights", help="Salesforce/blip-image-captioning-large folder (for --filter/--caption)")
+    add_model_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seeds the VAE sample and the noise (default 0)")
+    p.add_argument("--background", type=float, help=f"background score τ in [0, 1] "
+                   f"(default {Segmenter.default_background})")
+    p.add_argument("--joint", action="store_true", help="one prompt naming all classes, one U-Net row (C× cheaper)")
+    p.add_argument("--template", default=TEMPLATES["photograph"],
+                   help="prompt template with {} for the class (default 'a photograph of {}')")
+    p.add_argument("--resolution", type=int, default=512, help="square side the image is stretched to (÷64)")
+    p.add_argument("--latent", choices=["sample", "mean"], default="sample", help="VAE posterior sample (official) or mean")
+    p.add_argument("--class-batch", type=int, help="at most N classes per U-Net call (bounds memory)")
+
+
+def _segmenter(args) -> Segmenter:
+    if args.background is not None and not 0 <= args.background <= 1:
+        raise UserError(f"--background {args.background}: τ is compared with scores in [0, 1]; give a value in [0, 1]")
+    if args.class_batch is not None and args.class_batch < 1:
+        raise UserError(f"--class-batch {args.class_batch}: give a positive number")
+    device = device_of(args)
+    return Segmenter.from_pretrained(args.weights, device=device, dtype=dtype_of(args, device),
+                                     resolution=args.resolution, template=args.template, joint=args.joint,
+                                     class_batch=args.class_batch)
+
+
+class ClassSource:
+    """The classes and prompt captions for each image: fixed --classes, or the filter over --vocabulary;
+    BLIP captions when --caption blip. Filter models are loaded only when used."""
+
+    def __init__(self, args, seg: Segmenter):
+        self.args, self.seg = args, seg
+        if args.classes is None and args.vocabulary is None:
+            raise UserError("give --classes cat,dog,... or --vocabulary voc|context|coco|FILE (with --filter)")
+        self.classes = check_classes(args.classes.split(",")) if args.classes is not None else None
+        self.filter = self.captioner = None
+        device, dtype = seg.device, seg.dtype
+        if self.classes is None:
+            from .filter import make_filter
+            from .filter.cli import resolve_vocabulary
+
+            self.filter = make_filter(args.filter, resolve_vocabulary(args.vocabulary), clip_dir=args.clip_weights,
+                                      blip_dir=args.blip_weights, device=device, dtype=dtype)
+        if args.caption == "blip":
+            from .filter.blip import Captioner
+            from .filter.filters import DEFAULT_BLIP_DIR
+
+            self.captioner = Captioner.from_pretrained(args.blip_weights or DEFAULT_BLIP_DIR, device, dtype)
+
+    def __call__(self, image) -> tuple[list[str], list[str] | None]:
+        from .image import load_image
+
+        classes = self.classes
+        if classes is None:
+            classes = self.filter(load_image(image))
+            if not classes:
+                raise UserError(f"image {image}: the filter found no candidate class of the vocabulary")
+        captions = None
+        if self.captioner is not None:
+            prefixes = [self.seg.template.format(c) for c in classes]
+            captions = self.captioner.caption(load_image(image), prefixes)
+        return classes, captions
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "class"
+
+
+def outputs(out: Path, stem: str) -> Path:
+    """The file whose presence marks an image as done (written last)."""
+    return out / f"{stem}_scores.safetensors"
+
+
+def write_result(out: Path, stem: str, image, r: SegmentationResult) -> None:
+    from .image import load_image
+    from .viz import heatmap, mask_image, overlay
+
+    write_atomic(out / f"{stem}_mask.png", lambda p: mask_image(r.mask).save(p, format="PNG"))
+    write_atomic(out / f"{stem}_overlay.png",
+                 lambda p: overlay(load_image(image), r.mask, r.classes, area=r.area()).save(p, format="PNG"))
+    for i, name in enumerate(r.classes, 1):
+        write_atomic(out / f"{stem}_heat_{i}_{_safe(name)}.png", lambda p: heatmap(r.scores[i - 1]).save(p, format="PNG"))
+    meta = {"classes": json.dumps(r.classes), "prompts": json.dumps(r.prompts), "background": str(r.background)}
+    tensors = {"scores": r.scores.half().contiguous(), "cross": r.cross.contiguous(), "refined": r.refined.contiguous(),
+               "mask": r.mask.to(torch.uint8).contiguous()}
+    write_atomic(outputs(out, stem), lambda p: save_file(tensors, str(p), metadata=meta))
+
+
+def run_segment(args) -> int:
+    images = [Path(p) for p in args.images]
+    stems: dict[str, Path] = {}
+    for path in images:
+        if path.stem in stems:
+            raise UserError(f"images {stems[path.stem]} and {path} share the name {path.stem!r}: outputs are named "
+                            "after it; segment them into separate --out folders")
+        stems[path.stem] = path
+    out = writable_dir(args.out)
+    if args.classes is not None:
+        check_classes(args.classes.split(","))  # fail before loading any weights
+    todo = [p for p in images if not (args.skip_existing and outputs(out, p.stem).is_file())]
+    if len(todo) < len(images):
+        print(f"minidiffseg: {len(images) - len(todo)} image(s) already done in {out}, skipped", file=sys.stderr)
+    if not todo:
+        return 0
+    seg = _segmenter(args)
+    source = ClassSource(args, seg)
+    failed = []
+    for path in tqdm(todo, desc="segment", unit="image", file=sys.stderr, disable=len(todo) < 2):
+        try:
+            classes, captions = source(path)
+            r = seg.seg(path, classes, captions=captions, seed=args.seed, background=args.background,
+                        latent=args.latent)
+            write_result(out, path.stem, path, r)
+        except UserError as e:
+            failed.append(str(e))
+            tqdm.write(f"minidiffseg: error: {e}", file=sys.stderr)
+            continue
+        found = ", ".join(f"{k} {100 * v:.1f}%" for k, v in sorted(r.area().items(), key=lambda kv: -kv[1]) if v > 0)
+        tqdm.write(f"{path.name}: {found}")
+    if failed:
+        print(f"minidiffseg: error: {len(failed)} of {len(todo)} image(s) failed (listed above); the others were "
+              f"written to {out}", file=sys.stderr)
+        return UserError.exit_code
+    return 0
+
+
+def run_maps(args) -> int:
+    from .viz import grid
+
+    out = Path(args.out)
+    writable_dir(out.parent if str(out.parent) else Path("."))
+    if args.classes is not None:
+        check_classes(args.classes.split(","))
+    seg = _segmenter(args)
+    classes, captions = ClassSource(args, seg)(args.image)
+    r = seg.seg(args.image, classes, captions=captions, seed=args.seed, background=args.background, latent=args.latent)
+    levels = {m.name: m.level for m in seg.sd.unet.attention_layers()}
+    names = sorted(r.layers, key=lambda n: (levels[n], n))
+
+    def short(n: str) -> str:  # "up_blocks.1.attentions.2.transformer_blocks.0.attn2" -> "up1.2 /4"
+        parts = n.split(".")
+        block = parts[0].split("_")[0] + (parts[1] if parts[1].isdigit() else "")
+        idx = parts[3] if parts[1].isdigit() else parts[2]
+        return f"{block}.{idx} 1/{levels[n]}"
+
+    rows = []
+    for i, c in enumerate(r.classes):
+        cols = [(short(n), r.layers[n][i]) for n in names]
+        cols += [(f"level 1/{lvl} mean", r.levels[lvl][i]) for lvl in sorted(r.levels)]
+        cols += [("fused A", r.cross[i]), ("refined M=S·A", r.refined[i]), ("scores", r.scores[i])]
+        rows.append((c, cols))
+    write_atomic(out, lambda p: grid(rows).save(p, format="PNG"))
+    print(f"{out}: {len(names)} cross-attention layers, {len(r.levels)} levels, fused and refined maps for "
+          f"{len(r.classes)} class(es)")
+    return 0
