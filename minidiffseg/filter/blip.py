@@ -20,7 +20,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -28,13 +27,12 @@ from PIL import Image
 from torch import nn
 
 from ..config import _pick
+from ..image import load_image
 from .checkpoint import check_folder, load_weights
+from .clip_model import normalize_pixels
 from .wordpiece import WordPieceTokenizer
 
 WHAT, HUB_ID = "BLIP captioner", "Salesforce/blip-image-captioning-large"
-# BLIP normalises pixels with the OpenAI CLIP statistics (transformers' BlipImageProcessor)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
@@ -92,10 +90,7 @@ class BlipConfig:
 def blip_preprocess(image: Image.Image, size: int = 384) -> torch.Tensor:
     """PIL image -> (1, 3, size, size): stretch to a square (bicubic, aspect ratio ignored),
     scale to [0, 1], normalise with CLIP's mean/std, as transformers' BlipImageProcessor."""
-    image = image.convert("RGB").resize((size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # (H, W, 3)
-    x = (x - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
-    return rearrange(x, "h w c -> 1 c h w")
+    return normalize_pixels(image.convert("RGB").resize((size, size), Image.BICUBIC))
 
 
 # ---------------------------------------------------------------- image encoder (pre-norm ViT)
@@ -333,10 +328,10 @@ class BlipForConditionalGeneration(nn.Module):
         while not all(done):
             logits, past = self.text_decoder(ids, positions, valid, image_kv, past)
             nxt = logits[:, -1].argmax(-1)  # (B,) greedy
-            for b in range(B):
+            for b, token in enumerate(nxt.tolist()):
                 if not done[b]:
-                    out[b].append(int(nxt[b]))
-                    done[b] = out[b][-1] == t.sep_token_id or len(out[b]) >= max_length
+                    out[b].append(token)
+                    done[b] = token == t.sep_token_id or len(out[b]) >= max_length
             # finished rows keep decoding (rows are independent); their tokens are not kept
             positions = valid.sum(1, keepdim=True)  # (B, 1): the next position of each row
             ids, valid = nxt[:, None], torch.cat([valid, valid.new_ones(B, 1)], dim=1)
@@ -365,11 +360,11 @@ class Captioner:
         tokenizer = WordPieceTokenizer.from_dir(folder)
         return cls(BlipForConditionalGeneration.from_pretrained(folder, device, dtype), tokenizer)
 
-    def caption(self, image: Image.Image, prefixes: list[str] | None = None) -> list[str]:
+    def caption(self, image: str | Path | Image.Image, prefixes: list[str] | None = None) -> list[str]:
         """One caption per prefix (default: one unconditional caption), e.g. the prefix
         "a photograph of cat" gives "a photograph of cat sitting on a couch"."""
         prefixes = [""] if prefixes is None else prefixes
         p = next(self.model.parameters())
-        pixels = blip_preprocess(image, self.model.cfg.vision.image_size).to(p.device, p.dtype)
+        pixels = blip_preprocess(load_image(image), self.model.cfg.vision.image_size).to(p.device, p.dtype)
         prompts = [[self.tokenizer.bos_id] + self.tokenizer.encode(s) for s in prefixes]
         return [self.tokenizer.decode(ids) for ids in self.model.generate(pixels, prompts, self.max_length)]

@@ -14,21 +14,22 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from PIL import Image
 from torch import nn
 
 from ..clip import CLIPEncoder, CLIPTextTransformer
 from ..config import CLIPTextConfig, _pick
 from ..errors import UserError
+from ..image import load_image, to_tensor
 from ..tokenizer import CLIPTokenizer
-from .blip import CLIP_MEAN, CLIP_STD
 from .checkpoint import check_folder, load_weights
 
 WHAT, HUB_ID = "CLIP model", "openai/clip-vit-large-patch14"
+# OpenAI CLIP's pixel statistics (its preprocessing; transformers' OPENAI_CLIP_MEAN / _STD)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
@@ -63,17 +64,20 @@ class CLIPConfig:
                    projection_dim=16)
 
 
+def normalize_pixels(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (1, 3, H, W): [0, 1], then CLIP's mean/std per channel."""
+    x = to_tensor(image)
+    return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
 def clip_preprocess(image: Image.Image, size: int = 224) -> torch.Tensor:
     """PIL image -> (1, 3, size, size) as transformers' CLIPImageProcessor: shorter side to `size`
     (bicubic, the longer side truncated to an int), centre crop, [0, 1], CLIP mean/std."""
-    image = image.convert("RGB")
     w, h = image.size
     w, h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    image = image.resize((w, h), Image.BICUBIC)
     top, left = (h - size) // 2, (w - size) // 2
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32)[top:top + size, left:left + size] / 255.0)
-    x = (x - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)  # (size, size, 3)
-    return rearrange(x, "h w c -> 1 c h w")
+    image = image.convert("RGB").resize((w, h), Image.BICUBIC).crop((left, top, left + size, top + size))
+    return normalize_pixels(image)
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -146,7 +150,7 @@ class ZeroShotCLIP:
     """Zero-shot class scores: cosine similarity of the image with "a photo of a {c}." for every
     class name. Text embeddings of a vocabulary are computed once and reused for every image."""
 
-    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, template: str = "a photo of a {c}."):
+    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, template: str = "a photo of a {}."):
         self.model, self.tokenizer, self.template = model, tokenizer, template  # template: CLIP paper's
         self._text: dict[tuple[str, ...], torch.Tensor] = {}
 
@@ -164,14 +168,13 @@ class ZeroShotCLIP:
     @torch.no_grad()
     def text_embeds(self, names: tuple[str, ...]) -> torch.Tensor:
         if names not in self._text:
-            ids = self.tokenizer([self.template.format(c=n) for n in names])  # (C, 77)
-            device = self.model.logit_scale.device
-            self._text[names] = self.model.text_embeds(ids.to(device), self.tokenizer.eos_id)
+            ids = self.tokenizer([self.template.format(n) for n in names])  # (C, 77)
+            self._text[names] = self.model.text_embeds(ids.to(self.model.logit_scale.device), self.tokenizer.eos_id)
         return self._text[names]  # (C, P)
 
     @torch.no_grad()
-    def scores(self, image: Image.Image, names: list[str] | tuple[str, ...]) -> torch.Tensor:
+    def scores(self, image: str | Path | Image.Image, names: list[str] | tuple[str, ...]) -> torch.Tensor:
         """Cosine similarities (C,) of the image with each class prompt, in [-1, 1]."""
-        p = self.model.logit_scale
-        pixels = clip_preprocess(image, self.model.cfg.vision.image_size).to(p.device, self.model.visual_projection.weight.dtype)
+        w = self.model.visual_projection.weight
+        pixels = clip_preprocess(load_image(image), self.model.cfg.vision.image_size).to(w.device, w.dtype)
         return (self.model.image_embeds(pixels) @ self.text_embeds(tuple(names)).T)[0].float()

@@ -3,7 +3,7 @@
 Every filter is called as `filt(image) -> [evaluation names]` (vocabulary order, never
 background); `filt.details(image)` also says why (CLIP scores, the caption, each part's classes).
 
-  clip    zero-shot CLIP: cosine similarity of the image with "a photo of a {c}." for every class;
+  clip    zero-shot CLIP: cosine similarity of the image with "a photo of a <class>." per class;
           a class is kept when its score is within a RELATIVE margin of the image's best class,
           s_c >= best - (1 - ratio)·|best| (= ratio·best for the usual positive scores), with
           ratio 0.97 by default. A relative rule always keeps the best class, which is why the
@@ -67,7 +67,7 @@ class ClipFilter(Filter):
         self.names = tuple(readable(c) for c in self.things())  # "pottedplant" -> "potted plant"
 
     def details(self, image: ImageInput) -> dict:
-        scores = self.clip.scores(load_image(image), self.names)  # (C,)
+        scores = self.clip.scores(image, self.names)  # (C,)
         kept = [c for c, k in zip(self.things(), keep_near_best(scores, self.ratio).tolist()) if k]
         return {"classes": kept, "clip": kept,
                 "clip_scores": {c: round(s, 5) for c, s in zip(self.things(), scores.tolist())}}
@@ -79,14 +79,14 @@ class BlipFilter(Filter):
         self.match = CaptionMatcher(vocabulary)
 
     def details(self, image: ImageInput) -> dict:
-        caption = self.captioner.caption(load_image(image))[0]  # unconditional
+        caption = self.captioner.caption(image)[0]  # unconditional
         named = self.match(caption)
         return {"classes": named, "blip": named, "caption": caption}
 
 
 class UnionFilter(Filter):
-    def __init__(self, clip: ClipFilter, blip: BlipFilter):
-        self.vocabulary, self.clip, self.blip = clip.vocabulary, clip, blip
+    def __init__(self, clip_filter: ClipFilter, blip_filter: BlipFilter):
+        self.vocabulary, self.clip, self.blip = clip_filter.vocabulary, clip_filter, blip_filter
 
     def details(self, image: ImageInput) -> dict:
         image = load_image(image)  # decoded once for both
