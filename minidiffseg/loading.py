@@ -50,18 +50,18 @@ def read_header(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str,
         raise UserError(f"{path}: file not found")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)  # little-endian u64: the JSON header's length
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise UserError(f"{path}: not a safetensors file but a PyTorch pickle checkpoint renamed "
-                            ".safetensors; get the real .safetensors file")
-        if len(head) < 8 or n == 0 or n > MAX_HEADER:
-            raise UserError(f"{path}: not a safetensors file ({size} bytes, no valid header length); "
-                            "check the path or download the file again")
+        head = f.read(9)  # little-endian u64: the JSON header's length, then the header's "{"
+        n = int.from_bytes(head[:8], "little")
+        if len(head) < 9 or head[8:] != b"{" or n > MAX_HEADER:
+            pickle = head[:2] == b"PK" or head[:1] == b"\x80"  # torch.save's zip, or a bare pickle
+            raise UserError(f"{path}: not a safetensors file " + ("but a PyTorch pickle checkpoint; get the real "
+                            ".safetensors file" if pickle else f"({size} bytes, no safetensors header); check "
+                            "the path or download the file again"))
         if 8 + n > size:
             raise UserError(f"{path}: truncated: its header alone needs {8 + n} bytes but the file has {size}; "
                             "the download was cut short, download it again")
         try:
+            f.seek(8)
             header = json.loads(f.read(n))
             tensors = {k: v for k, v in header.items() if k != "__metadata__"}
             end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
