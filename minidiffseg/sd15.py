@@ -115,7 +115,8 @@ def _config(component: Path) -> dict:
 
 def _weights(component: Path, variant: str | None) -> Path:
     stem = WEIGHTS[component.name]
-    tried = [f"{stem}.safetensors", f"{stem}.fp16.safetensors"] if variant is None else [f"{stem}.{variant}.safetensors"]
+    tried = ([f"{stem}.safetensors", f"{stem}.fp16.safetensors"] if variant is None
+             else [f"{stem}.{variant}.safetensors"])
     for name in tried:
         if (component / name).is_file():
             return component / name
@@ -135,7 +136,8 @@ def _load_file(cls, cfg, folder: Path, component: str, variant: str | None, name
 def _load_single_file(path: Path, dtype: torch.dtype, device: torch.device):
     shapes, metadata = read_header(path)
     prefixes = {"U-Net": ldm.UNET, "VAE": ldm.VAE, "text encoder": f"{ldm.TEXT}text_model."}
-    absent = [f"{what} ({prefix}…)" for what, prefix in prefixes.items() if not any(k.startswith(prefix) for k in shapes)]
+    absent = [f"{what} ({prefix}…)" for what, prefix in prefixes.items()
+              if not any(k.startswith(prefix) for k in shapes)]
     if absent:
         raise UserError(f"{path}: unknown checkpoint layout: no {', '.join(absent)} tensors, so not an SD1.5 "
                         "single file (an SD2/SDXL file, or a lone component?); give an SD1.5 single file "

@@ -11,7 +11,7 @@ from minidiffseg.config import CLIPTextConfig, UNetConfig, VAEConfig
 
 pytest.importorskip("diffusers", reason="diffusers' single-file converter is the reference (test-only)")
 from diffusers.loaders import single_file_utils as reference  # noqa: E402
-from tiny_sd import (encoder_state, reference_text_config, reference_unet, reference_vae,  # noqa: E402
+from tiny_sd import (TINY, encoder_state, reference_text_config, reference_unet, reference_vae,  # noqa: E402
                      text_state, tiny_reference, transformers)
 
 FULL = (UNetConfig(), VAEConfig(), CLIPTextConfig())
@@ -44,7 +44,8 @@ def back_from_ldm(models, ldm_sd):
 
 def assert_same_keys(got: dict, want: dict, what: str):
     missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
-    assert not missing and not extra, f"{what}: {len(missing)} missing e.g. {missing[:3]}, {len(extra)} extra e.g. {extra[:3]}"
+    assert not missing and not extra, \
+        f"{what}: {len(missing)} missing e.g. {missing[:3]}, {len(extra)} extra e.g. {extra[:3]}"
 
 
 @pytest.mark.parametrize("i, what", [(0, "U-Net"), (1, "VAE encoder"), (2, "text encoder")])
@@ -81,7 +82,7 @@ def test_full_size_ldm_inventory(full):
     assert ldm_sd[f"{ldm.UNET}output_blocks.5.2.conv.weight"].shape == (1280, 1280, 3, 3)  # up_blocks.1 upsampler
 
 
-@pytest.mark.parametrize("cfgs", [FULL, (UNetConfig.tiny(), VAEConfig.tiny(), CLIPTextConfig.tiny())], ids=["full", "tiny"])
+@pytest.mark.parametrize("cfgs", [FULL, TINY], ids=["full", "tiny"])
 def test_rules_are_one_to_one(cfgs):
     unet, vae, _ = cfgs
     for rules in (ldm.unet_rules(len(unet.block_out_channels), unet.layers_per_block),
@@ -108,9 +109,8 @@ def test_from_ldm_inverts_to_ldm(size, tiny, full):
 def test_infer_configs(tiny, full):
     shapes = {k: tuple(v.shape) for k, v in full[2].items()}
     assert ldm.infer_configs(shapes) == FULL  # real files carry no metadata: SD1.5's shape-less fields
-    tiny_cfgs = (UNetConfig.tiny(), VAEConfig.tiny(), CLIPTextConfig.tiny())
     shapes = {k: tuple(v.shape) for k, v in tiny[2].items()}
-    assert ldm.infer_configs(shapes, ldm.config_metadata(*tiny_cfgs)) == tiny_cfgs
+    assert ldm.infer_configs(shapes, ldm.config_metadata(*TINY)) == TINY
     unet, vae, text = ldm.infer_configs(shapes)  # no metadata: the sizes still come from the shapes
     assert (unet.block_out_channels, unet.layers_per_block, unet.cross_attention_dim) == ((32, 32, 64, 64), 2, 32)
     assert (vae.block_out_channels, vae.layers_per_block) == ((16, 16, 32, 32), 1)

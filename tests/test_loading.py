@@ -50,9 +50,10 @@ def outputs(sd) -> dict[str, torch.Tensor]:
     image = torch.rand(2, 3, 32, 48, generator=g) * 2 - 1
     latents = torch.randn(2, 4, 16, 16, generator=g)
     context = torch.randn(2, 77, sd.unet.cfg.cross_attention_dim, generator=g)
+    dtype = sd.unet.conv_in.weight.dtype
     with torch.no_grad():
         return {"clip": sd.text_encoder(ids).float(), "vae": sd.vae.encode(image, sample=False).float(),
-                "unet": sd.unet(latents.to(sd.unet.conv_in.weight.dtype), 100, context.to(sd.unet.conv_in.weight.dtype)).float()}
+                "unet": sd.unet(latents.to(dtype), 100, context.to(dtype)).float()}
 
 
 def errors(got: torch.Tensor, want: torch.Tensor) -> str:
@@ -234,13 +235,15 @@ def test_truncated_file(single_file, tmp_path, keep):
     data = single_file.read_bytes()
     cut = shutil.copytree(single_file.parent, tmp_path / "cut") / single_file.name
     cut.write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises(UserError, match=rf"{cut.name}: truncated: .* but the file has {cut.stat().st_size}.*download it again"):
+    size = cut.stat().st_size
+    with pytest.raises(UserError, match=rf"{cut.name}: truncated: .* but the file has {size}.*download it again"):
         load_sd15(cut)
 
 
 def test_missing_key(single_file, tiny_sd_dir, tmp_path):
     key = f"{ldm.UNET}input_blocks.4.1.transformer_blocks.0.attn2.to_v.weight"
-    bad = rewrite(single_file, tmp_path / "s" / "missing.safetensors", lambda t: {k: v for k, v in t.items() if k != key})
+    bad = rewrite(single_file, tmp_path / "s" / "missing.safetensors",
+                  lambda t: {k: v for k, v in t.items() if k != key})
     shutil.copytree(single_file.parent / "tokenizer", bad.parent / "tokenizer")
     with pytest.raises(UserError, match=r"missing\.safetensors: 1 U-Net tensor\(s\) missing: "
                                         r"down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn2\.to_v\.weight;"):
@@ -269,14 +272,15 @@ def test_unexpected_key(single_file, tiny_sd_dir, tmp_path):
 def test_wrong_shape(single_file, tiny_sd_dir, tmp_path):
     key = f"{ldm.UNET}out.2.bias"
     bad = rewrite(single_file, tmp_path / "s" / "shape.safetensors", lambda t: {**t, key: torch.zeros(5)})
-    with pytest.raises(UserError, match=rf"shape\.safetensors: tensor {key} has shape \[5\] but the U-Net expects \[4\]"):
+    with pytest.raises(UserError, match=rf"shape\.safetensors: tensor {key} has shape \[5\] but the U-Net "
+                                        r"expects \[4\]"):
         load_sd15(bad, tokenizer=single_file.parent / "tokenizer")
     folder = shutil.copytree(tiny_sd_dir, tmp_path / "f")
     config = folder / "unet" / "config.json"  # the config disagrees with the file
     config.write_text(json.dumps({**json.loads(config.read_text()), "cross_attention_dim": 48}))
-    with pytest.raises(UserError, match=r"unet/diffusion_pytorch_model\.safetensors: tensor down_blocks\.0\.attentions\.0"
-                                        r"\.transformer_blocks\.0\.attn2\.to_k\.weight has shape \[32, 32\] but the U-Net "
-                                        r"expects \[32, 48\]"):
+    with pytest.raises(UserError, match=r"unet/diffusion_pytorch_model\.safetensors: tensor down_blocks\.0\."
+                                        r"attentions\.0\.transformer_blocks\.0\.attn2\.to_k\.weight has shape "
+                                        r"\[32, 32\] but the U-Net expects \[32, 48\]"):
         load_sd15(folder)
 
 
