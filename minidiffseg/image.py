@@ -58,7 +58,7 @@ def _to_rgb(im: Image.Image, what: str) -> Image.Image:
     return im.convert("RGB")
 
 
-def to_tensor(im: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float (1, 3, H, W) in [0, 1]."""
+def to_tensor(im: Image.Image, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """RGB PIL image -> (1, 3, H, W) in [0, 1]."""
     x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(im.height, im.width, 3)
-    return x.permute(2, 0, 1)[None].float() / 255.0
+    return x.permute(2, 0, 1)[None].to(dtype) / 255.0

@@ -1,5 +1,8 @@
 """SD1.5's noise schedule (DESIGN.md §3): 1000 steps, "scaled linear" betas
-linspace(√0.00085, √0.012, 1000)² (SD1.5 scheduler_config.json: beta_start, beta_end)."""
+linspace(√0.00085, √0.012, 1000)² (SD1.5 scheduler_config.json: beta_start, beta_end).
+
+ᾱ is computed in float32, as diffusers' DDPMScheduler (which the official code uses) computes it,
+so that a float64 run reproduces the official numbers exactly rather than a more precise variant."""
 
 from __future__ import annotations
 
@@ -8,10 +11,10 @@ import torch
 
 class NoiseSchedule:
     def __init__(self, steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # ᾱ_t, float64; ᾱ_100 ≈ 0.8942
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float32) ** 2
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # ᾱ_t; ᾱ_100 ≈ 0.8942
 
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-        """z_t = √ᾱ_t · z0 + √(1−ᾱ_t) · ε."""
-        a = self.alphas_cumprod[t]
-        return (a.sqrt() * z0.double() + (1 - a).sqrt() * noise.double()).to(z0.dtype)
+        """z_t = √ᾱ_t · z0 + √(1−ᾱ_t) · ε, in the latents' dtype."""
+        a = self.alphas_cumprod[t].to(z0.dtype)
+        return a.sqrt() * z0 + (1 - a).sqrt() * noise.to(z0.dtype)

@@ -202,7 +202,7 @@ class Segmenter:
         img = load_image(image)
         rows = self.prompts(classes, prompts, captions, joint)
         generator = torch.Generator().manual_seed(int(seed))
-        z0 = self.encode_image(to_tensor(img), generator, latent)  # (1, 4, h, w)
+        z0 = self.encode_image(to_tensor(img, torch.promote_types(self.dtype, torch.float32)), generator, latent)
         noises = self._noises(z0, generator, noise)
         outs = []
         step = len(rows) if self.class_batch is None else self.class_batch
