@@ -15,6 +15,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[Path], N
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         if callable(data):
             data(tmp)
         else:

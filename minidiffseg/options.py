@@ -13,9 +13,11 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
 
 
-def add_model_args(p: argparse.ArgumentParser, weights_help: str = "Stable Diffusion 1.5: a diffusers folder "
-                   "or a single .safetensors file", weights_required: bool = True) -> None:
-    p.add_argument("--weights", required=weights_required, help=weights_help)
+def add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
+    """--device and --dtype; with `weights`, also the required --weights of Stable Diffusion 1.5."""
+    if weights:
+        p.add_argument("--weights", required=True,
+                       help="Stable Diffusion 1.5: a diffusers folder or a single .safetensors file")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
                    help="compute dtype (default: fp16 on CUDA, fp32 on CPU; fp16 on CPU computes in bf16, "

@@ -5,7 +5,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 
 from minidiffseg.method.fusion import fuse, minmax

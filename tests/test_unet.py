@@ -8,26 +8,7 @@ from minidiffseg.attention import AttentionStore
 from minidiffseg.config import UNetConfig
 from minidiffseg.unet import UNet
 
-diffusers = pytest.importorskip("diffusers", reason="parity tests need the reference: pip install -e '.[test]'")
-
-
-def reference_unet(cfg: UNetConfig):
-    return diffusers.UNet2DConditionModel(
-        sample_size=64, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
-        attention_head_dim=cfg.num_heads, cross_attention_dim=cfg.cross_attention_dim,
-        norm_num_groups=cfg.norm_num_groups,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-
-
-def randomise(model: torch.nn.Module, seed: int = 0, std: float = 0.2):
-    """Perturb every parameter (norm affines included) so no layer is trivially an identity."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std * (p.std() if p.numel() > 1 and p.std() > 0 else 1))
-    return model
+from tiny_sd import randomise_, reference_unet  # noqa: E402  (skips without diffusers)
 
 
 def rel_err(a, b):
@@ -53,7 +34,7 @@ class ProbsProcessor:
 def pair():
     torch.manual_seed(0)
     cfg = UNetConfig.tiny()
-    ref = randomise(reference_unet(cfg)).eval()
+    ref = randomise_(reference_unet(cfg), seed=0)
     ours = UNet(cfg).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return cfg, ref, ours

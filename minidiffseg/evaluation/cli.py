@@ -15,18 +15,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import UserError
+from ..files import write_atomic
+from ..options import add_model_args, device_of, dtype_of
 from . import candidates as cands
 from .datasets import Dataset, open_dataset
 from .metrics import mean_iou
 from .report import summarize, write_report
-from .runner import Ranks, run, write_atomic
+from .runner import Ranks, run
 
 OFFICIAL_TAUS = "0.30:0.74:0.01"  # the official code's τ range (DESIGN.md §5, known defects)
 
@@ -57,7 +57,7 @@ def _common(p: argparse.ArgumentParser, split: str) -> None:
     p.add_argument("--dataset", required=True, help="voc, context, context59 or coco-object (coco)")
     p.add_argument("--root", required=True, help="dataset folder (or a folder above it)")
     p.add_argument("--split", default=split, help=f"split name (default {split})")
-    p.add_argument("--weights", required=True, help="Stable Diffusion 1.5 folder or file")
+    add_model_args(p)
     p.add_argument("--out", required=True, help="output folder; rerun with it to resume")
     p.add_argument("--labels", default="gt",
                    help="candidate classes: gt (from the ground truth), a label-file path, or filter")
@@ -69,29 +69,9 @@ def _common(p: argparse.ArgumentParser, split: str) -> None:
                    help="side of the square images are stretched to (official 512)")
     p.add_argument("--limit", type=int, help="only the first N images of the split")
     p.add_argument("--seed", type=int, default=0, help="noise seed, the same for every image")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="model dtype (default: float16 on CUDA, float32 on CPU)")
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-def _device(args) -> torch.device:
-    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
-        name = f"cuda:{os.environ['LOCAL_RANK']}"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
-        torch.cuda.set_device(device)
-    return device
-
-
-def _dtype(args, device: torch.device) -> torch.dtype:
-    name = args.dtype or ("float16" if device.type == "cuda" else "float32")
-    return getattr(torch, name)
-
 
 def _dataset(args) -> Dataset:
     ds = open_dataset(args.dataset, args.root, args.split)
@@ -167,8 +147,8 @@ def _tau(args, ds: Dataset) -> tuple[float | None, str]:
 # ------------------------------------------------------------------------------------ commands
 
 def run_eval(args) -> int:
-    device = _device(args)
-    dtype = _dtype(args, device)
+    device = device_of(args)
+    dtype = dtype_of(args, device)
     ds = _dataset(args)
     tau, tau_source = _tau(args, ds)
     sweep = _grid(args.sweep) if args.sweep else []
@@ -196,8 +176,8 @@ def run_eval(args) -> int:
 
 
 def run_calibrate(args) -> int:
-    device = _device(args)
-    dtype = _dtype(args, device)
+    device = device_of(args)
+    dtype = dtype_of(args, device)
     ds = _dataset(args)
     if not ds.vocab.background:
         raise UserError(f"{ds.kind} has no background class, so there is no τ to calibrate")

@@ -11,7 +11,7 @@ import numpy as np
 
 from .datasets import Dataset
 from .metrics import class_accuracy, iou, mean_iou, pixel_accuracy
-from .runner import write_atomic
+from ..files import write_atomic
 
 ORACLE_NOTE = ("τ swept on the evaluated split itself: an oracle upper bound, not a result "
                "(the official code reports this; we do not)")

@@ -29,6 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..files import write_atomic
 from ..segmenter import decide, upsample_scores
 from .candidates import Candidates
 from .datasets import Dataset, Sample
@@ -93,11 +94,11 @@ def result_path(out: Path, sample: Sample) -> Path:
 
 
 def save_result(path: Path, classes: list[int], refined: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, classes=np.asarray(classes, dtype=np.int64), refined=refined)
-    os.replace(tmp, path)  # atomic: a killed run leaves a whole file or none
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, classes=np.asarray(classes, dtype=np.int64), refined=refined)
+
+    write_atomic(path, save)  # a killed run leaves a whole file or none
 
 
 def load_result(path: Path, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
@@ -109,13 +110,6 @@ def load_result(path: Path, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
             return r["classes"], r["refined"]
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"result file {path} is unreadable ({e}); delete it and rerun") from None
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def check_settings(out: Path, settings: dict, ranks: Ranks) -> None:
@@ -190,10 +184,7 @@ def score(ds: Dataset, samples: list[Sample], out: Path, taus: Sequence[float | 
 
 
 def write_mask(path: Path, pred: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(pred.astype(np.uint8), mode="L").save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: Image.fromarray(pred.astype(np.uint8), mode="L").save(tmp, format="PNG"))
 
 
 def run(load_model: Callable[[], SegmenterLike], ds: Dataset, out: str | Path,

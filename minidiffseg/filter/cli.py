@@ -12,10 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..options import add_model_args, device_of, dtype_of
 from ..vocabularies import Vocabulary, get_vocabulary, load_vocabulary
 from .filters import CLIP_RATIO, DEFAULT_BLIP_DIR, DEFAULT_CLIP_DIR, make_filter
 from .labels import LabelWriter, image_key
@@ -33,9 +33,7 @@ def register(subparsers) -> None:
                    help=f"keep classes whose CLIP score is at least this fraction of the best (default {CLIP_RATIO})")
     p.add_argument("--clip-weights", default=str(DEFAULT_CLIP_DIR), help="openai/clip-vit-large-patch14 folder")
     p.add_argument("--blip-weights", default=str(DEFAULT_BLIP_DIR), help="Salesforce/blip-image-captioning-large folder")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="model dtype (default: float16 on CUDA, float32 on CPU)")
+    add_model_args(p, weights=False)
     p.add_argument("--save-every", type=int, default=20, metavar="N", help="save the label file every N images")
     p.set_defaults(func=run)
 
@@ -63,10 +61,8 @@ def run(args) -> int:
     if not todo:
         print(f"all {len(images)} images are already in {args.out}", file=sys.stderr)
         return 0
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
-    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    device = device_of(args)
+    dtype = dtype_of(args, device)
     filt = make_filter(args.filter, vocabulary, args.clip_weights, args.blip_weights,
                        clip_ratio=args.clip_ratio, device=device, dtype=dtype)
     try:

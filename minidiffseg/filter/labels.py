@@ -26,6 +26,7 @@ import re
 from pathlib import Path, PureWindowsPath
 
 from ..errors import UserError
+from ..files import write_atomic
 from ..vocabularies import Vocabulary
 
 FORMAT = "minidiffseg-labels/1"
@@ -108,7 +109,4 @@ class LabelWriter:
         self.keys.add(image_key(image))
 
     def save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(self.data, indent=1, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.data, indent=1, ensure_ascii=False))
