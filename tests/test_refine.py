@@ -116,5 +116,7 @@ def test_minmax_and_decide():
     x = torch.tensor([[[1.0, 3.0], [2.0, 5.0]], [[4.0, 4.0], [4.0, 4.0]]])
     y = minmax(x)
     assert torch.equal(y[0], torch.tensor([[0.0, 0.5], [0.25, 1.0]])) and torch.equal(y[1], torch.zeros(2, 2))
+    # a constant map stays constant through the bilinear upsampling's rounding
+    assert torch.equal(upsample_scores(torch.full((1, 7, 9), 0.7), (300, 451)), torch.zeros(1, 300, 451))
     mask = decide(torch.tensor([[[0.2, 0.9]], [[0.6, 0.1]]]), background=0.5)
     assert mask.tolist() == [[2, 1]]

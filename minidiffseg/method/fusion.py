@@ -16,10 +16,14 @@ DEFAULT_LEVEL_WEIGHTS = {8: 0.3, 4: 0.5, 2: 0.1, 1: 0.1}
 
 
 def minmax(x: torch.Tensor, dims=(-2, -1)) -> torch.Tensor:
-    """Rescale each map to [0, 1] over `dims`; a constant map becomes 0."""
+    """Rescale each map to [0, 1] over `dims`. A map that is constant up to rounding (its range
+    within 16 ulps of its magnitude, e.g. a constant map after bilinear resizing) becomes 0, rather
+    than rounding noise stretched to [0, 1]."""
     lo = x.amin(dim=dims, keepdim=True)
     hi = x.amax(dim=dims, keepdim=True)
-    return (x - lo) / (hi - lo).clamp_min(torch.finfo(x.dtype).tiny)
+    span = hi - lo
+    flat = span <= 16 * torch.finfo(x.dtype).eps * torch.maximum(hi.abs(), lo.abs())
+    return torch.where(flat, torch.zeros_like(x), (x - lo) / span.clamp_min(torch.finfo(x.dtype).tiny))
 
 
 def level_maps(cross_maps: dict[str, torch.Tensor], count: dict[str, int], levels: dict[str, int],
