@@ -61,6 +61,10 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, default=512, help="square side the image is stretched to (÷64)")
     p.add_argument("--latent", choices=["sample", "mean"], default="sample", help="VAE posterior sample (official) or mean")
     p.add_argument("--class-batch", type=int, help="at most N classes per U-Net call (bounds memory)")
+    p.add_argument("--timesteps", default="100", help="comma-separated noise levels whose attention is averaged "
+                   "(official: 100; the paper's Table 5 also tries 1,50,100,150)")
+    p.add_argument("--tokens", choices=["last", "all"], default="last",
+                   help="class-name tokens read: the last (official) or all of them")
 
 
 def _segmenter(args) -> Segmenter:
@@ -68,10 +72,16 @@ def _segmenter(args) -> Segmenter:
         raise UserError(f"--background {args.background}: τ is compared with scores in [0, 1]; give a value in [0, 1]")
     if args.class_batch is not None and args.class_batch < 1:
         raise UserError(f"--class-batch {args.class_batch}: give a positive number")
+    try:
+        timesteps = tuple(int(t) for t in args.timesteps.split(","))
+    except ValueError:
+        timesteps = ()
+    if not timesteps or not all(0 <= t < 1000 for t in timesteps):
+        raise UserError(f"--timesteps {args.timesteps!r}: give integers in 0..999, e.g. 100 or 1,50,100,150")
     device = device_of(args)
     return Segmenter.from_pretrained(args.weights, device=device, dtype=dtype_of(args, device),
                                      resolution=args.resolution, template=args.template, joint=args.joint,
-                                     class_batch=args.class_batch)
+                                     class_batch=args.class_batch, timesteps=timesteps, tokens=args.tokens)
 
 
 class ClassSource:
@@ -83,28 +93,33 @@ class ClassSource:
         if args.classes is None and args.vocabulary is None:
             raise UserError("give --classes cat,dog,... or --vocabulary voc|context|coco|FILE (with --filter)")
         self.classes = check_classes(args.classes.split(",")) if args.classes is not None else None
-        self.filter = self.captioner = None
+        self.filter = self.captioner = self.vocabulary = None
         device, dtype = seg.device, seg.dtype
         if self.classes is None:
             from .filter import make_filter
             from .filter.cli import resolve_vocabulary
 
-            self.filter = make_filter(args.filter, resolve_vocabulary(args.vocabulary), clip_dir=args.clip_weights,
+            self.vocabulary = resolve_vocabulary(args.vocabulary)
+            self.filter = make_filter(args.filter, self.vocabulary, clip_dir=args.clip_weights,
                                       blip_dir=args.blip_weights, device=device, dtype=dtype)
         if args.caption == "blip":
-            from .filter.blip import Captioner
-            from .filter.filters import DEFAULT_BLIP_DIR
+            blip = getattr(self.filter, "blip", self.filter)  # the union/blip filter's captioner, if loaded
+            self.captioner = getattr(blip, "captioner", None)
+            if self.captioner is None:
+                from .filter.blip import Captioner
+                from .filter.filters import DEFAULT_BLIP_DIR
 
-            self.captioner = Captioner.from_pretrained(args.blip_weights or DEFAULT_BLIP_DIR, device, dtype)
+                self.captioner = Captioner.from_pretrained(args.blip_weights or DEFAULT_BLIP_DIR, device, dtype)
 
     def __call__(self, image) -> tuple[list[str], list[str] | None]:
         from .image import load_image
 
         classes = self.classes
         if classes is None:
-            classes = self.filter(load_image(image))
-            if not classes:
+            found = self.filter(load_image(image))  # evaluation names, e.g. "tvmonitor"
+            if not found:
                 raise UserError(f"image {image}: the filter found no candidate class of the vocabulary")
+            classes = [self.vocabulary.prompt(self.vocabulary.index(c)) for c in found]  # e.g. "monitor"
         captions = None
         if self.captioner is not None:
             prefixes = [self.seg.template.format(c) for c in classes]

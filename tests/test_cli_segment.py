@@ -1,0 +1,79 @@
+"""`minidiffseg segment` and `minidiffseg maps` through the CLI on the tiny model."""
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from assets import sample_image_paths
+from minidiffseg.cli import main
+from minidiffseg.segmenter import Segmenter
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_segment_writes_everything_and_reports_a_bad_image(tiny_sd_dir, tmp_path, capsys):
+    good = sample_image_paths()[1]  # chelsea.png, 451×300
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "out"
+    code, stdout, stderr = run(capsys, "segment", good, bad, "--classes", "cat,dog", "--weights", tiny_sd_dir,
+                               "--out", out, "--resolution", 128)
+    assert code == 2 and "broken.png" in stderr and "Traceback" not in stderr
+    assert stdout.startswith("chelsea.png: ") and "%" in stdout
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["chelsea_heat_1_cat.png", "chelsea_heat_2_dog.png", "chelsea_mask.png",
+                     "chelsea_overlay.png", "chelsea_scores.safetensors"]
+    with safe_open(str(out / "chelsea_scores.safetensors"), "pt") as f:
+        scores, mask, meta = f.get_tensor("scores"), f.get_tensor("mask"), f.metadata()
+    assert scores.shape == (2, 300, 451) and meta["classes"] == '["cat", "dog"]'
+    png = Image.open(out / "chelsea_mask.png")
+    assert png.mode == "P" and png.size == (451, 300)
+    assert torch.equal(torch.frombuffer(bytearray(png.tobytes()), dtype=torch.uint8).reshape(300, 451), mask)
+    # the same as the Python API with the same settings
+    want = Segmenter.from_pretrained(tiny_sd_dir, resolution=128).seg(good, ["cat", "dog"], seed=0)
+    assert torch.equal(want.mask.to(torch.uint8), mask)
+    assert Image.open(out / "chelsea_overlay.png").size == (451, 300)
+
+    # resume: the finished image is skipped, nothing is rewritten
+    before = (out / "chelsea_mask.png").stat().st_mtime_ns
+    code, _, stderr = run(capsys, "segment", good, "--classes", "cat,dog", "--weights", tiny_sd_dir,
+                          "--out", out, "--resolution", 128, "--skip-existing")
+    assert code == 0 and "already done" in stderr and (out / "chelsea_mask.png").stat().st_mtime_ns == before
+
+
+def test_segment_options_change_the_result(tiny_sd_dir, tmp_path, capsys):
+    img = sample_image_paths()[0]
+    common = ["--classes", "cat,person", "--weights", tiny_sd_dir, "--resolution", 128]
+    runs = {}
+    for name, extra in {"default": [], "steps": ["--timesteps", "50,100"], "joint": ["--joint"],
+                        "all": ["--tokens", "all", "--classes", "potted plant,person"]}.items():
+        code, _, err = run(capsys, "segment", img, *common, *extra, "--out", tmp_path / name)
+        assert code == 0, err
+        with safe_open(str(tmp_path / name / "astronaut_scores.safetensors"), "pt") as f:
+            runs[name] = f.get_tensor("refined")
+    for name in ("steps", "joint", "all"):
+        assert not torch.allclose(runs[name], runs["default"]), name
+
+
+def test_maps_grid(tiny_sd_dir, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    code, stdout, _ = run(capsys, "maps", sample_image_paths()[0], "--classes", "cat,dog,person",
+                          "--weights", tiny_sd_dir, "--out", out, "--resolution", 128)
+    assert code == 0 and "16 cross-attention layers" in stdout
+    im = Image.open(out)
+    # 3 rows (classes) × (16 layers + 4 level means + fused + refined + scores) columns of 96+4 px
+    assert im.size == (110 + 23 * 100, 30 + 3 * 100)
+
+
+def test_bad_options_are_one_line(tiny_sd_dir, tmp_path, capsys):
+    img = sample_image_paths()[0]
+    for extra, message in ((["--classes", "cat,cat"], "twice"), (["--classes", ","], "empty"),
+                           (["--classes", "cat", "--timesteps", "1000"], "--timesteps"),
+                           (["--classes", "cat", "--background", "2"], "--background"),
+                           (["--classes", "cat", "--resolution", "100"], "multiple of 64")):
+        code, _, err = run(capsys, "segment", img, "--weights", tiny_sd_dir, "--out", tmp_path, *extra)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
