@@ -56,8 +56,8 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--background", type=float, help=f"background score τ in [0, 1] "
                    f"(default {Segmenter.default_background})")
     p.add_argument("--joint", action="store_true", help="one prompt naming all classes, one U-Net row (C× cheaper)")
-    p.add_argument("--template", default=TEMPLATES["photograph"],
-                   help="prompt template with {} for the class (default 'a photograph of {}')")
+    p.add_argument("--template", help="prompt template with {} for the class (default: the vocabulary's, "
+                   "else 'a photograph of {}')")
     p.add_argument("--resolution", type=int, default=512, help="square side the image is stretched to (÷64)")
     p.add_argument("--latent", choices=["sample", "mean"], default="sample", help="VAE posterior sample (official) or mean")
     p.add_argument("--class-batch", type=int, help="at most N classes per U-Net call (bounds memory)")
@@ -78,9 +78,15 @@ def _segmenter(args) -> Segmenter:
         timesteps = ()
     if not timesteps or not all(0 <= t < 1000 for t in timesteps):
         raise UserError(f"--timesteps {args.timesteps!r}: give integers in 0..999, e.g. 100 or 1,50,100,150")
+    template = args.template
+    if template is None and args.classes is None and args.vocabulary is not None:
+        from .filter.cli import resolve_vocabulary
+
+        template = resolve_vocabulary(args.vocabulary).template  # "a photography of {}" for Context/COCO
     device = device_of(args)
     return Segmenter.from_pretrained(args.weights, device=device, dtype=dtype_of(args, device),
-                                     resolution=args.resolution, template=args.template, joint=args.joint,
+                                     resolution=args.resolution, template=template or TEMPLATES["photograph"],
+                                     joint=args.joint,
                                      class_batch=args.class_batch, timesteps=timesteps, tokens=args.tokens)
 
 
@@ -119,7 +125,7 @@ class ClassSource:
             found = self.filter(load_image(image))  # evaluation names, e.g. "tvmonitor"
             if not found:
                 raise UserError(f"image {image}: the filter found no candidate class of the vocabulary")
-            classes = [self.vocabulary.prompt(self.vocabulary.index(c)) for c in found]  # e.g. "monitor"
+            classes = [self.vocabulary.prompt_names[self.vocabulary.index(c)] for c in found]  # e.g. "monitor"
         captions = None
         if self.captioner is not None:
             prefixes = [self.seg.template.format(c) for c in classes]

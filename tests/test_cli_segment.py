@@ -77,3 +77,33 @@ def test_bad_options_are_one_line(tiny_sd_dir, tmp_path, capsys):
                            (["--classes", "cat", "--resolution", "100"], "multiple of 64")):
         code, _, err = run(capsys, "segment", img, "--weights", tiny_sd_dir, "--out", tmp_path, *extra)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_segment_with_filter_and_blip_captions(tiny_sd_dir, tmp_path_factory, capsys):
+    from test_filter_blip import save_tiny_blip
+    from test_filter_clip import save_tiny_clip
+
+    clip, blip, out = (tmp_path_factory.mktemp(n) for n in ("clip", "blip", "out"))
+    save_tiny_clip(clip)
+    save_tiny_blip(blip)
+    code, stdout, err = run(capsys, "segment", sample_image_paths()[0], "--vocabulary", "voc", "--filter", "union",
+                            "--caption", "blip", "--clip-weights", clip, "--blip-weights", blip,
+                            "--weights", tiny_sd_dir, "--out", out, "--resolution", 128)
+    assert code == 0, err
+    with safe_open(str(out / "astronaut_scores.safetensors"), "pt") as f:
+        meta = f.metadata()
+    import json
+
+    classes, prompts = json.loads(meta["classes"]), json.loads(meta["prompts"])
+    from minidiffseg.vocabularies import get_vocabulary
+
+    voc = get_vocabulary("voc")
+    assert classes and all(c in voc.prompt_names for c in classes)  # prompt names ("monitor"), not "tvmonitor"
+    for c, p in zip(classes, prompts):  # each prompt is BLIP's continuation of the template
+        assert p.startswith(f"a photograph of {c}") and len(p) > len(f"a photograph of {c}"), p
+
+
+def test_fp16_on_cpu_is_computed_in_bf16_and_says_so(tiny_sd_dir, tmp_path, capsys):
+    code, _, err = run(capsys, "segment", sample_image_paths()[0], "--classes", "cat", "--weights", tiny_sd_dir,
+                       "--out", tmp_path, "--resolution", 128, "--dtype", "fp16", "--device", "cpu")
+    assert code == 0 and "bfloat16" in err
