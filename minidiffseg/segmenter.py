@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .attention import AttentionStore
 from .errors import UserError
 from .image import load_image, to_tensor
 from .method.fusion import DEFAULT_LEVEL_WEIGHTS, fuse, level_maps, minmax
@@ -108,7 +109,7 @@ class Segmenter:
         self.cross_layers = {m.name for m in unet.attention_layers("cross") if m.level in self.level_weights}
         self.self_layers = {m.name for m in unet.attention_layers("self") if m.level in self.self_levels}
         self.levels = {m.name: m.level for m in unet.attention_layers()}
-        self._empty = None  # z∅, the encoding of the empty prompt, computed once
+        self._text_cache: dict[tuple, torch.Tensor] = {}  # prompt rows -> re-weighted embeddings
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -143,13 +144,17 @@ class Segmenter:
         return [template_prompt(tok, c, self.template, caption, **opts) for c, caption in zip(classes, caps)]
 
     def encode_text(self, rows: list[ClassPrompt]) -> torch.Tensor:
-        """(B, 77, D) re-weighted text embeddings."""
-        sd = self.sd
-        if self._empty is None:
-            self._empty = sd.text_encoder(sd.tokenizer([""]).to(self.device))  # (1, 77, D)
-        z = sd.text_encoder(sd.tokenizer([r.text for r in rows]).to(self.device))
-        w = torch.stack([r.weights for r in rows]).to(self.device)
-        return reweight(z, self._empty, w)
+        """(B, 77, D) re-weighted text embeddings; the same classes on many images are encoded once."""
+        key = tuple((r.text, tuple(r.weights.tolist())) for r in rows)
+        if key not in self._text_cache:
+            sd = self.sd
+            if len(self._text_cache) > 64:  # bounded: prompts with per-image captions never repeat
+                self._text_cache.clear()
+            z_empty = sd.text_encoder(sd.tokenizer([""]).to(self.device))  # z∅ (1, 77, D)
+            z = sd.text_encoder(sd.tokenizer([r.text for r in rows]).to(self.device))
+            w = torch.stack([r.weights for r in rows]).to(self.device)
+            self._text_cache[key] = reweight(z, z_empty, w)
+        return self._text_cache[key]
 
     def encode_image(self, x: torch.Tensor, generator: torch.Generator, latent: str) -> torch.Tensor:
         """x (1, 3, H, W) in [0, 1] -> z0 (1, 4, h, w): stretch to resolution², 2x−1, VAE, ×0.18215."""
@@ -164,8 +169,6 @@ class Segmenter:
                select: torch.Tensor):
         """One U-Net pass per timestep for B prompt rows; returns the fused maps A (B, K, h, w), the
         refined maps M (B, K, h, w), and the per-level and per-layer maps."""
-        from .attention import AttentionStore
-
         b = context.shape[0]
         store = AttentionStore(cross=self.cross_layers, token_weights=select.to(self.device, self.dtype),
                                qk=self.self_layers)
