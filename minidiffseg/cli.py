@@ -13,6 +13,7 @@ COMMANDS = [  # modules with register(subparsers), in the order `--help` lists t
     "minidiffseg.segment_cli",  # segment, maps
     "minidiffseg.filter.cli",  # filter
     "minidiffseg.evaluation.cli",  # eval, calibrate
+    "minidiffseg.download", "minidiffseg.inspect_weights",  # download, inspect-weights
 ]
 
 

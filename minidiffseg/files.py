@@ -24,6 +24,9 @@ def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[Path], N
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {e.strerror or e} (check free space and permissions)") from None
+    except BaseException:  # e.g. Ctrl-C in the middle of writing: no half file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

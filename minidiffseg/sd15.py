@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import ldm
+from . import download, ldm
 from .clip import CLIPTextModel
 from .config import CLIPTextConfig, UNetConfig, VAEConfig
 from .errors import UserError
@@ -31,7 +31,7 @@ from .tokenizer import CLIPTokenizer
 from .unet import UNet
 from .vae import VAEEncoder
 
-DOWNLOAD = "fetch SD1.5 with `minidiffseg download`"
+DOWNLOAD = "fetch SD1.5 with `minidiffseg download --what sd15 --dir FOLDER`"
 WHAT = {"unet": "U-Net", "vae": "VAE", "text_encoder": "text encoder"}
 WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 IGNORED = {"unet": (),  # keys of the diffusers files that we never build
@@ -53,11 +53,15 @@ def load_sd15(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     """SD1.5 from a diffusers folder or a single LDM .safetensors file, in `dtype` on `device`, in eval
     mode without gradients. `variant`: None prefers the fp32 files of a diffusers folder and falls back
     to the `.fp16` ones; "fp16" takes only those. `tokenizer`: a folder with vocab.json + merges.txt or
-    a built CLIPTokenizer, instead of the checkpoint's own tokenizer/ folder."""
+    a built CLIPTokenizer, instead of the checkpoint's own tokenizer/ folder. `path` may also be the hub
+    id stable-diffusion-v1-5/stable-diffusion-v1-5: its copy in the Hugging Face cache (`minidiffseg download`)."""
     path, device = Path(path), torch.device(device)
+    if not path.exists() and str(path) == download.REPOS["sd15"].repo_id:
+        path = download.cached("sd15")  # the hub id: its copy in the Hugging Face cache, found without network
     if not path.exists():
-        raise UserError(f"{path}: not found; {DOWNLOAD}, or give a diffusers SD1.5 folder or a single "
-                        "SD1.5 .safetensors file")
+        there = f": `{download.command('sd15', dir=path)}` puts it there" if path.suffix != ".safetensors" else ""
+        raise UserError(f"{path}: not found; fetch SD1.5 with `minidiffseg download`{there}; or give a diffusers "
+                        "SD1.5 folder or a single SD1.5 .safetensors file")
     if path.is_dir():
         tok = _tokenizer(tokenizer, path / "tokenizer", path)  # first: it fails fast, the weights don't
         return SD15(tok, *_load_diffusers(path, variant, dtype, device), NoiseSchedule())
@@ -90,11 +94,14 @@ def _load_diffusers(folder: Path, variant: str | None, dtype: torch.dtype, devic
     text_cfg = CLIPTextConfig.from_transformers(_config(folder / "text_encoder"))
     vae_cfg = VAEConfig.from_diffusers(_config(folder / "vae"))
     unet_cfg = UNetConfig.from_diffusers(_config(folder / "unet"))
-    # official files name the text tower `text_model.…`; files written by transformers >= 5 drop the prefix
-    text_name = lambda key, shape: key if key.startswith("text_model.") else f"text_model.{key}"  # noqa: E731
-    return (_load_file(CLIPTextModel, text_cfg, folder, "text_encoder", variant, text_name, dtype, device),
+    return (_load_file(CLIPTextModel, text_cfg, folder, "text_encoder", variant, _text_name, dtype, device),
             _load_file(VAEEncoder, vae_cfg, folder, "vae", variant, _vae_name, dtype, device),
             _load_file(UNet, unet_cfg, folder, "unet", variant, lambda key, shape: key, dtype, device))
+
+
+def _text_name(key: str, shape: tuple[int, ...]) -> str:
+    """Official files name the text tower `text_model.…`; files written by transformers >= 5 drop the prefix."""
+    return key if key.startswith("text_model.") else f"text_model.{key}"
 
 
 def _vae_name(key: str, shape: tuple[int, ...]) -> str:

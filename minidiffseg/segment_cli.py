@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm import tqdm
 
 from .errors import UserError
@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     _method_args(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--skip-existing", action="store_true", help="skip images whose outputs are complete (resume)")
+    p.add_argument("--low-memory", action="store_true", help="bound memory for small machines: one class per U-Net "
+                   "call (as --class-batch 1); slower when there are many classes")
     p.set_defaults(func=run_segment)
 
     m = subparsers.add_parser("maps", help="PNG grid of attention maps per layer, level, fused and refined")
@@ -86,8 +88,8 @@ def _segmenter(args) -> Segmenter:
     device = device_of(args)
     return Segmenter.from_pretrained(args.weights, device=device, dtype=dtype_of(args, device),
                                      resolution=args.resolution, template=template or TEMPLATES["photograph"],
-                                     joint=args.joint,
-                                     class_batch=args.class_batch, timesteps=timesteps, tokens=args.tokens)
+                                     joint=args.joint, class_batch=1 if getattr(args, "low_memory", False)
+                                     else args.class_batch, timesteps=timesteps, tokens=args.tokens)
 
 
 class ClassSource:
@@ -133,8 +135,13 @@ class ClassSource:
         return classes, captions
 
 
+NAME_CHARS = 64
+
+
 def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "class"
+    """A class name as part of a file name: ASCII letters, digits and ._- only, at most NAME_CHARS long
+    (file names are limited to 255 bytes; the heat map's index keeps truncated names apart)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:NAME_CHARS] or "class"
 
 
 def outputs(out: Path, stem: str) -> Path:
@@ -154,7 +161,7 @@ def write_result(out: Path, stem: str, image, r: SegmentationResult) -> None:
     meta = {"classes": json.dumps(r.classes), "prompts": json.dumps(r.prompts), "background": str(r.background)}
     tensors = {"scores": r.scores.half().contiguous(), "cross": r.cross.contiguous(), "refined": r.refined.contiguous(),
                "mask": r.mask.to(torch.uint8).contiguous()}
-    write_atomic(outputs(out, stem), lambda p: save_file(tensors, str(p), metadata=meta))
+    write_atomic(outputs(out, stem), save(tensors, metadata=meta))  # bytes: a full disk raises OSError, not a panic
 
 
 def run_segment(args) -> int:
@@ -183,6 +190,8 @@ def run_segment(args) -> int:
                         latent=args.latent)
             write_result(out, path.stem, path, r)
         except UserError as e:
+            if len(todo) == 1:
+                raise  # one image: its error is the one line
             failed.append(str(e))
             tqdm.write(f"minidiffseg: error: {e}", file=sys.stderr)
             continue

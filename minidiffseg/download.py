@@ -1,0 +1,175 @@
+"""`minidiffseg download`: fetch the weight files minidiffseg loads from the Hugging Face hub (DESIGN.md §4).
+
+Only the files that are loaded are fetched (`allow_patterns`): for SD1.5 the U-Net, VAE and text
+encoder safetensors of one variant, their config.json and the tokenizer's vocab.json + merges.txt —
+no safety checker, no feature extractor, no .bin/.ckpt pickles, no single-file copy. (The VAE file
+holds the decoder too; it is never built, and since files are memory-mapped its bytes are never read.)
+
+huggingface_hub does the transfer, so its environment applies: HF_HOME / HF_HUB_CACHE (where the
+cache is), HF_HUB_OFFLINE=1 (no network: cached files only), HF_ENDPOINT, HF_TOKEN. Without --dir the
+files go into the hub cache, where other tools find them too; the commands then take the printed
+folder, or for SD1.5 the repo id itself (`--weights stable-diffusion-v1-5/stable-diffusion-v1-5`),
+which `cached` resolves from the cache without touching the network.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .loading import read_header
+
+
+@dataclass(frozen=True)
+class Repo:
+    name: str  # for messages
+    repo_id: str
+    folder: str  # its folder under --dir with --what all (the filter's default folders under weights/)
+    files: tuple[str, ...]  # the files minidiffseg reads; "{v}" is the variant infix ("" or ".fp16")
+
+
+REPOS = {
+    "sd15": Repo("Stable Diffusion 1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5", "stable-diffusion-v1-5",
+                 ("unet/config.json", "unet/diffusion_pytorch_model{v}.safetensors",
+                  "vae/config.json", "vae/diffusion_pytorch_model{v}.safetensors",
+                  "text_encoder/config.json", "text_encoder/model{v}.safetensors",
+                  "tokenizer/vocab.json", "tokenizer/merges.txt")),
+    # the filter's models (minidiffseg.filter): the hub has them in float32 only
+    "clip": Repo("CLIP ViT-L/14", "openai/clip-vit-large-patch14", "clip-vit-large-patch14",
+                 ("config.json", "model.safetensors", "vocab.json", "merges.txt")),
+    "blip": Repo("BLIP-large captioner", "Salesforce/blip-image-captioning-large", "blip-image-captioning-large",
+                 ("config.json", "model.safetensors", "vocab.txt")),
+}
+VARIANTS = {"fp16": ".fp16", "fp32": ""}
+
+# SHA-256 of official files, as published with them (hub LFS pointers at stable-diffusion-v1-5 revision
+# 451f4fe16113bff5a5d2269ed5ad43b0592e9a14; the single file's hash is also the one the AUTOMATIC1111 web UI
+# pins). `minidiffseg inspect-weights --sha256` names a file whose hash is listed here.
+KNOWN_SHA256 = {
+    "c83908253f9a64d08c25fc90874c9c8aef9a329ce1ca5fb909d73b0c83d1ea21":
+        "stable-diffusion-v1-5/stable-diffusion-v1-5 unet/diffusion_pytorch_model.fp16.safetensors",
+    "4fbcf0ebe55a0984f5a5e00d8c4521d52359af7229bb4d81890039d2aa16dd7c":
+        "stable-diffusion-v1-5/stable-diffusion-v1-5 vae/diffusion_pytorch_model.fp16.safetensors",
+    "77795e2023adcf39bc29a884661950380bd093cf0750a966d473d1718dc9ef4e":
+        "stable-diffusion-v1-5/stable-diffusion-v1-5 text_encoder/model.fp16.safetensors",
+    "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa":
+        "stable-diffusion-v1-5/stable-diffusion-v1-5 v1-5-pruned-emaonly.safetensors",
+}
+
+
+def files(what: str, variant: str = "fp16") -> list[str]:
+    return [f.format(v=VARIANTS[variant]) for f in REPOS[what].files]
+
+
+def command(what: str, variant: str = "fp16", dir: str | Path | None = None) -> str:
+    """The `minidiffseg download` command line that fetches `what` (for error messages)."""
+    return " ".join(["minidiffseg download --what", what] + (["--variant fp32"] if variant == "fp32" else []) +
+                    ([f"--dir {dir}"] if dir is not None else []))
+
+
+def gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("download", help="fetch the weights from the Hugging Face hub (only the files used)",
+                              description="Fetch the files minidiffseg loads (sizes are printed first). Without "
+                              "--dir they go into the Hugging Face cache (HF_HOME); HF_HUB_OFFLINE=1 uses cached "
+                              "files only. See weights/README.md for layouts, sizes, licences and checksums.")
+    p.add_argument("--what", choices=[*REPOS, "all"], default="sd15",
+                   help="sd15 (default; segment/maps/eval), clip and blip (the class filter), or all")
+    p.add_argument("--variant", choices=list(VARIANTS), default="fp16",
+                   help="SD1.5 files in fp16 (default, 2.1 GB; computed in --dtype) or fp32 (4.3 GB); "
+                        "CLIP and BLIP exist in fp32 only")
+    p.add_argument("--dir", help="folder to put the files in (with --what all: one sub-folder per model, "
+                   f"{', '.join(r.folder for r in REPOS.values())}); default: the Hugging Face cache")
+    p.set_defaults(func=run_download)
+
+
+def run_download(args) -> int:
+    whats = list(REPOS) if args.what == "all" else [args.what]
+    for what in whats:
+        dir = None if args.dir is None else Path(args.dir) / REPOS[what].folder if len(whats) > 1 else Path(args.dir)
+        path = download(what, args.variant, dir)
+        print(f"{REPOS[what].name} is in {path}: pass it as --weights" if what == "sd15" else
+              f"{REPOS[what].name} is in {path}: pass it as --{what}-weights")
+    return 0
+
+
+def download(what: str, variant: str = "fp16", dir: str | Path | None = None) -> Path:
+    """Fetch the files of `what` (REPOS) into `dir` (None: the hub cache); returns the folder holding them."""
+    from huggingface_hub import constants, snapshot_download
+
+    repo, wanted = REPOS[what], files(what, variant)
+    offline = constants.HF_HUB_OFFLINE
+    listed = offline or _print_sizes(repo, wanted, dir)
+    try:
+        path = Path(snapshot_download(repo.repo_id, allow_patterns=wanted, local_dir=dir))
+    except Exception as e:  # noqa: BLE001 — the hub library raises requests/httpx/OSError types by version
+        cause = e.__cause__ or e  # the network error under the hub's "not in the cache either"
+        first = (str(cause).strip().splitlines() or [""])[0]
+        where = dir if dir is not None else constants.HF_HUB_CACHE
+        if offline:
+            raise UserError(f"HF_HUB_OFFLINE is set and {repo.repo_id} is not (completely) in {where}: run "
+                            f"`{command(what, variant, dir)}` with network access, or copy the files by hand "
+                            "(weights/README.md)") from None
+        raise UserError(f"could not download {repo.repo_id} from {constants.ENDPOINT} ({type(cause).__name__}: "
+                        f"{first}): check the network (proxy, HF_ENDPOINT, HF_TOKEN) and rerun "
+                        f"`{command(what, variant, dir)}` (it resumes), or copy the files by hand "
+                        "(weights/README.md)") from None
+    if not listed:
+        print(f"{repo.repo_id}: the hub did not answer; using the files already in {path}")
+    missing = [f for f in wanted if not (path / f).is_file()]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)} after the download: rerun `{command(what, variant, dir)}` "
+                        "with network access")
+    for f in wanted:
+        if f.endswith(".safetensors"):
+            read_header(path / f)  # complete and well-formed, or one line saying which file is not
+    return path
+
+
+def _print_sizes(repo: Repo, wanted: list[str], dir: Path | None) -> bool:
+    """Print the files and their sizes from the hub's listing and check the free space; False when the
+    hub does not answer (snapshot_download then says what is wrong, or uses the cached files)."""
+    from huggingface_hub import HfApi, constants
+
+    try:
+        info = HfApi().model_info(repo.repo_id, files_metadata=True)
+    except Exception:  # noqa: BLE001 — any failure: the hub library's error types differ between versions
+        return False
+    sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+    absent = [f for f in wanted if f not in sizes]
+    if absent:
+        raise UserError(f"the hub repo {repo.repo_id} (revision {info.sha}) has no {', '.join(absent)}: the repo has "
+                        "changed; copy the files by hand (weights/README.md)")
+    total = sum(sizes[f] for f in wanted)
+    print(f"{repo.repo_id} @ {info.sha[:12] if info.sha else '?'}: {len(wanted)} files, {gb(total)}")
+    for f in wanted:
+        print(f"  {gb(sizes[f]):>10}  {f}")
+    there = Path(dir) if dir is not None else Path(constants.HF_HUB_CACHE)
+    todo = sum(sizes[f] for f in wanted if not (dir is not None and (there / f).is_file()
+                                                and (there / f).stat().st_size == sizes[f]))
+    while not there.exists():  # the nearest existing folder tells the free space
+        there = there.parent
+    free = shutil.disk_usage(there).free
+    if todo > free:
+        raise UserError(f"{repo.repo_id} needs {gb(todo)} but only {gb(free)} is free at {there}: free some space or "
+                        "choose another --dir")
+    return True
+
+
+def cached(what: str) -> Path:
+    """The folder of `what` in the hub cache, found without network, or one line naming the command."""
+    from huggingface_hub import constants, snapshot_download
+
+    repo = REPOS[what]
+    for variant in VARIANTS:  # whichever variant was downloaded
+        try:
+            return Path(snapshot_download(repo.repo_id, allow_patterns=files(what, variant), local_files_only=True))
+        except Exception:  # noqa: BLE001 — not cached (the exception type differs between hub versions)
+            continue
+    raise UserError(f"{repo.repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}): fetch it with "
+                    f"`{command(what)}`, or give a local folder")

@@ -1,0 +1,197 @@
+"""`minidiffseg inspect-weights PATH`: what a copy of the weights holds, checked without loading it.
+
+PATH is a diffusers SD1.5 folder, an LDM single file, or a CLIP / BLIP hub folder (the filter's).
+Printed: the detected layout, then per network its file, dtype, parameter count and the keys that
+are missing, unexpected, of the wrong shape or of a non-float dtype — the checks `load_strict` makes,
+here all listed instead of stopping at the first. Models are built on `meta` and the files' headers
+read, so it takes a second whatever the size. `--sha256` hashes the files and names the official
+ones (download.KNOWN_SHA256). Exit code 0 when everything would load, 2 when not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from safetensors import safe_open
+from torch import nn
+
+from . import ldm, sd15
+from .clip import CLIPTextModel
+from .config import CLIPTextConfig, UNetConfig, VAEConfig
+from .download import KNOWN_SHA256, gb
+from .errors import UserError
+from .loading import check_suffix, keys_text, read_header
+from .unet import UNet
+from .vae import VAEEncoder
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the floating-point dtypes
+
+
+@dataclass
+class Part:
+    """One network of a checkpoint: the module minidiffseg builds (on meta) and the file keys it would take."""
+
+    what: str
+    file: Path
+    module: nn.Module
+    names: dict[str, str]  # file key -> parameter name, for the keys that would be loaded
+    ignored: list[str] = field(default_factory=list)  # file keys skipped by name (decoder, EMA, position_ids, ...)
+
+
+@dataclass
+class Report:
+    part: Part
+    dtypes: Counter  # safetensors dtype -> number of loaded tensors
+    params: int  # elements of the loaded tensors
+    missing: list[str]  # parameters no file key fills
+    unexpected: list[str]  # file keys whose name the module lacks
+    bad_shape: list[str]
+    bad_dtype: list[str]  # integer/bool tensors where the module holds floats
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.bad_shape or self.bad_dtype)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("inspect-weights", help="check a copy of the weights: layout, dtypes, parameter "
+                              "counts, missing/unexpected keys",
+                              description="Check a diffusers SD1.5 folder, an LDM single file or a CLIP/BLIP hub "
+                              "folder against the models minidiffseg builds, without loading the weights.")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--sha256", action="store_true", help="also hash the files (reads them whole) and name the "
+                   "official ones")
+    p.set_defaults(func=run_inspect)
+
+
+def run_inspect(args) -> int:
+    path = Path(args.path)
+    layout, parts = detect(path)
+    reports = [check(p) for p in parts]
+    print(f"{path}: {layout}")
+    print(f"  {'network':<14} {'file':<46} {'size':>9}  {'dtype':<10} {'parameters':>13}  problems")
+    for r in reports:
+        p = r.part
+        dtype = " + ".join(f"{d}" if n == sum(r.dtypes.values()) else f"{n}×{d}" for d, n in r.dtypes.most_common())
+        problems = sum(map(len, (r.missing, r.unexpected, r.bad_shape, r.bad_dtype)))
+        name = str(p.file.relative_to(path)) if path.is_dir() else p.file.name
+        print(f"  {p.what:<14} {name:<46} {gb(p.file.stat().st_size):>9}  {dtype:<10} {r.params:>13,}  "
+              f"{problems or 'none'}")
+    for r in reports:
+        for label, keys in (("missing", r.missing), ("unexpected", r.unexpected), ("wrong shape", r.bad_shape),
+                            ("not floating point", r.bad_dtype)):
+            if keys:
+                print(f"  {r.part.what}: {len(keys)} {label}: {keys_text(keys)}")
+        if r.part.ignored:
+            print(f"  {r.part.what}: {len(r.part.ignored)} tensor(s) ignored by name (never built): "
+                  f"{keys_text(r.part.ignored)}")
+    if args.sha256:
+        for f in dict.fromkeys(r.part.file for r in reports):
+            digest = sha256(f)
+            name = f.relative_to(path) if path.is_dir() else f.name
+            print(f"  sha256 {digest}  {name}: {KNOWN_SHA256.get(digest, 'not an official file minidiffseg knows')}")
+    bad = [r for r in reports if not r.ok]
+    if bad:
+        raise UserError(f"{path}: {', '.join(r.part.what for r in bad)} would not load (listed above): the copy is "
+                        "incomplete or not the model it claims to be; download it again (weights/README.md)")
+    print(f"  OK: {sum(r.params for r in reports):,} parameters would load")
+    return 0
+
+
+def detect(path: Path) -> tuple[str, list[Part]]:
+    """(layout description, networks) of a checkpoint path; UserError when it is none of the known layouts."""
+    if not path.exists():
+        raise UserError(f"{path}: not found; fetch the weights with `minidiffseg download` (weights/README.md)")
+    if path.is_file():
+        check_suffix(path)
+        return "LDM single file (original Stable Diffusion layout)", _single_file(path)
+    if all((path / c).is_dir() for c in sd15.WEIGHTS):
+        return "diffusers SD1.5 folder", _diffusers(path)
+    config = path / "config.json"
+    kind = json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
+    if kind in ("clip", "blip"):
+        return f"{kind.upper()} hub folder (the class filter's)", [_hub_folder(path, kind)]
+    raise UserError(f"{path}: unknown layout: neither a diffusers SD1.5 folder (unet/, vae/, text_encoder/) nor a CLIP "
+                    "or BLIP folder (config.json + model.safetensors) nor a .safetensors file")
+
+
+def _diffusers(folder: Path) -> list[Part]:
+    cfgs = {"text_encoder": (CLIPTextModel, CLIPTextConfig.from_transformers, sd15._text_name),
+            "vae": (VAEEncoder, VAEConfig.from_diffusers, sd15._vae_name),
+            "unet": (UNet, UNetConfig.from_diffusers, lambda key, shape: key)}
+    parts = []
+    for component, (cls, read_config, name_of) in cfgs.items():
+        file = sd15._weights(folder / component, None)
+        shapes, _ = read_header(file)
+        ignored = [k for k in shapes if any(fnmatchcase(k, p) for p in sd15.IGNORED[component])]
+        names = {k: name_of(k, s) for k, s in shapes.items() if k not in ignored}
+        module = sd15._build(cls, read_config(sd15._config(folder / component)))
+        parts.append(Part(sd15.WHAT[component], file, module, names, ignored))
+    return parts
+
+
+def _single_file(path: Path) -> list[Part]:
+    shapes, metadata = read_header(path)
+    try:
+        unet_cfg, vae_cfg, text_cfg = ldm.infer_configs(shapes, metadata)
+    except KeyError as e:
+        raise UserError(f"{path}: not an SD1.5 single file: tensor {e.args[0]} is missing, so the architecture "
+                        "sizes cannot be read; download it again") from None
+    names, unknown = ldm.from_ldm(shapes, unet_cfg, vae_cfg)
+    ignored = [k for k in shapes if ldm.is_ignored(k)]
+    parts = [Part(sd15.WHAT[c], path, sd15._build(cls, cfg), names[c]) for c, cls, cfg in
+             (("text_encoder", CLIPTextModel, text_cfg), ("vae", VAEEncoder, vae_cfg), ("unet", UNet, unet_cfg))]
+    for key in unknown:  # neither translated nor ignored: reported as unexpected by the network of its prefix
+        i = 0 if key.startswith(ldm.TEXT) else 1 if key.startswith(ldm.VAE) else 2
+        parts[i].names[key] = key
+    parts[-1].ignored = ignored
+    return parts
+
+
+def _hub_folder(folder: Path, kind: str) -> Part:
+    if kind == "clip":
+        from .filter.clip_model import WHAT, CLIPConfig as Config, CLIPModel as Model
+    else:
+        from .filter.blip import WHAT, BlipConfig as Config, BlipForConditionalGeneration as Model
+    file = folder / "model.safetensors"
+    if not file.is_file():
+        raise UserError(f"{file}: not found; fetch it with `minidiffseg download --what {kind} --dir {folder}`")
+    shapes, _ = read_header(file)
+    module = sd15._build(Model, Config.from_transformers(json.loads((folder / "config.json").read_text())))
+    return Part(WHAT, file, module, {k: k for k in shapes if k not in Model.IGNORED},
+                [k for k in shapes if k in Model.IGNORED])
+
+
+def check(part: Part) -> Report:
+    """The checks of loading.load_strict, all of them, without loading anything."""
+    expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in part.module.state_dict().items()}
+    with safe_open(str(part.file), framework="pt") as f:  # header only: slices read no tensor data
+        info = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in part.names}
+    dtypes = Counter(dtype for _, dtype in info.values())
+    params = sum(math.prod(shape) for shape, _ in info.values())
+    missing = sorted(expected.keys() - set(part.names.values()))
+    unexpected = sorted(k for k, n in part.names.items() if n not in expected)
+    bad_shape, bad_dtype = [], []
+    for key, name in part.names.items():
+        if name not in expected:
+            continue
+        (got, dtype), (want, floating) = info[key], expected[name]
+        if got != want and not (len(want) == 2 and got == (*want, 1, 1)):  # 1×1 conv stored for a linear
+            bad_shape.append(f"{key} {list(got)}≠{list(want)}")
+        if floating and dtype not in FLOAT_DTYPES:
+            bad_dtype.append(f"{key} ({dtype})")
+    return Report(part, dtypes, params, missing, unexpected, bad_shape, bad_dtype)
+
+
+def sha256(path: Path, chunk: int = 16 * 2**20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
