@@ -40,7 +40,10 @@ def load_image(image: str | os.PathLike | Image.Image) -> Image.Image:
             return _to_rgb(ImageOps.exif_transpose(im), str(path))
     except UserError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # PIL refuses to even open it: "Image size (N pixels) exceeds limit ..."
+        raise UserError(f"image {path}: too large to decode safely ({str(e).split(', could')[0]}): downscale it "
+                        "first (the model reads 512×512 anyway)") from None
+    except UnidentifiedImageError as e:
         raise UserError(f"image {path}: not a readable image ({type(e).__name__}): give a PNG, JPEG, ... file") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise UserError(f"image {path}: cannot be decoded ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "

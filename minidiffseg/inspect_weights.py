@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from . import ldm, sd15
@@ -171,8 +171,11 @@ def _hub_folder(folder: Path, kind: str) -> Part:
 def check(part: Part) -> Report:
     """The checks of loading.load_strict, all of them, without loading anything."""
     expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in part.module.state_dict().items()}
-    with safe_open(str(part.file), framework="pt") as f:  # header only: slices read no tensor data
-        info = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in part.names}
+    try:
+        with safe_open(str(part.file), framework="pt") as f:  # header only: slices read no tensor data
+            info = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in part.names}
+    except SafetensorError as e:
+        raise UserError(f"{part.file}: unreadable safetensors file ({e}); download it again") from None
     dtypes = Counter(dtype for _, dtype in info.values())
     params = sum(math.prod(shape) for shape, _ in info.values())
     missing = sorted(expected.keys() - set(part.names.values()))

@@ -1,8 +1,9 @@
 """Strict safetensors loading into modules built on the `meta` device (DESIGN.md §4).
 
 Only safetensors are read — never pickle (`.ckpt`, `.bin`, `.pt` can run code when loaded). A file
-is first checked by hand (its 8-byte header length, JSON header and data size against the file
-size), so a wrong or truncated file gives one clear error instead of a library panic. Then:
+is first checked by hand (its 8-byte header length, JSON header, each tensor's byte span against
+its shape and dtype, the data size against the file size), so a wrong, corrupt or truncated file gives one
+clear error instead of a library panic; an integer tensor where a weight is expected is refused too. Then:
     module built on meta (no memory)  +  every tensor memory-mapped by `safe_open`
     -> each converted to the target dtype/device on its own -> load_state_dict(strict, assign=True)
 When the file already holds the target dtype on CPU the mapped tensor itself becomes the parameter
@@ -13,6 +14,7 @@ When the file already holds the target dtype on CPU the mapped tensor itself bec
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -25,6 +27,9 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 RELEASE_BYTES = 256 * 2**20  # file bytes converted before the mapping is reopened (bounds the overshoot)
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 SHOWN = 5  # keys quoted in an error message; the rest are counted
+# bytes per element of the safetensors dtypes minidiffseg can read (the format's names)
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+            "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def keys_text(keys) -> str:
@@ -66,9 +71,18 @@ def read_header(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str,
             tensors = {k: v for k, v in header.items() if k != "__metadata__"}
             end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
             shapes = {k: tuple(v["shape"]) for k, v in tensors.items()}
+            spans = {k: (v["dtype"], v["data_offsets"][1] - v["data_offsets"][0]) for k, v in tensors.items()}
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             raise UserError(f"{path}: not a safetensors file (its header is not safetensors JSON); "
                             "check the path or download the file again") from None
+    for key, (dtype, nbytes) in spans.items():
+        if dtype not in ITEMSIZE:
+            raise UserError(f"{path}: tensor {key} has dtype {dtype}, which minidiffseg does not read; the file is "
+                            "not an SD1.5 checkpoint, or corrupt: download it again")
+        if math.prod(shapes[key]) * ITEMSIZE[dtype] != nbytes:
+            raise UserError(f"{path}: corrupt header: tensor {key} is {list(shapes[key])} {dtype} "
+                            f"({math.prod(shapes[key]) * ITEMSIZE[dtype]} bytes) but its data offsets span {nbytes} "
+                            "bytes; download the file again")
     if 8 + n + end > size:
         raise UserError(f"{path}: truncated: its header describes {8 + n + end} bytes but the file has {size}; "
                         "the download was cut short, download it again")
@@ -81,6 +95,7 @@ def load_strict(module: nn.Module, path: Path, names: dict[str, str], shapes: di
     name, `shapes` are the file's (from read_header). Every parameter must be filled, every name must
     exist, every shape must match; returns the module in eval mode without gradients."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    floating = {k for k, v in module.state_dict().items() if v.is_floating_point()}
     keys_of: dict[str, list[str]] = {}
     for key, name in names.items():
         keys_of.setdefault(name, []).append(key)
@@ -101,7 +116,12 @@ def load_strict(module: nn.Module, path: Path, names: dict[str, str], shapes: di
         if got != want and not (len(want) == 2 and got == (*want, 1, 1)):  # 1×1 conv [O,I,1,1] -> linear [O,I]
             raise UserError(f"{path}: tensor {key} has shape {list(got)} but the {what} expects {list(want)} "
                             f"for {name}; the file does not match its config (mixed-up files?)")
-    state = {names[k]: t.reshape(expected[names[k]]) for k, t in _read(path, list(names), dtype, device)}
+    state = {}
+    for key, t in _read(path, list(names), dtype, device):
+        if names[key] in floating and not t.is_floating_point():
+            raise UserError(f"{path}: tensor {key} is stored as {t.dtype} but the {what}'s {names[key]} holds "
+                            "floating-point weights; the file is corrupt or not an SD1.5 checkpoint: download it again")
+        state[names[key]] = t.reshape(expected[names[key]])
     module.load_state_dict(state, strict=True, assign=True)
     left = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
     if left:  # a buffer that no checkpoint holds must be created in forward, not in __init__
