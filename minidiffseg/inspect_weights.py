@@ -107,7 +107,8 @@ def run_inspect(args) -> int:
 def detect(path: Path) -> tuple[str, list[Part]]:
     """(layout description, networks) of a checkpoint path; UserError when it is none of the known layouts."""
     if not path.exists():
-        raise UserError(f"{path}: not found; fetch the weights with `minidiffseg download` (weights/README.md)")
+        raise UserError(f"{path}: not found; fetch SD1.5 (or the filter's CLIP/BLIP) with `minidiffseg download "
+                        f"--what sd15|clip|blip --dir {path}` (weights/README.md)")
     if path.is_file():
         check_suffix(path)
         return "LDM single file (original Stable Diffusion layout)", _single_file(path)
