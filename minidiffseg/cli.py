@@ -14,6 +14,7 @@ COMMANDS = [  # modules with register(subparsers), in the order `--help` lists t
     "minidiffseg.filter.cli",  # filter
     "minidiffseg.evaluation.cli",  # eval, calibrate
     "minidiffseg.download", "minidiffseg.inspect_weights",  # download, inspect-weights
+    "minidiffseg.bench",  # bench (from a source checkout)
 ]
 
 

@@ -1,0 +1,129 @@
+"""The baseline: DiffSegmenter the way the official code runs it, on diffusers + transformers.
+
+Per class, one U-Net pass of batch [unconditional, conditional] (the unconditional half is computed
+and discarded), every attention layer computed explicitly by an attention processor that keeps every
+probability map (B·heads, N, T) of the pass; then head/layer averaging of the class token's cross maps,
+fusion, and the naive refinement S·A with S the 4096×4096 mean of the 64² self-attention maps.
+diffusers/transformers are the `bench` extra: imported only here, never by minidiffseg.
+
+`stages` clocks each step; the baseline's "end to end" is the sum of its steps in the same iteration.
+"U-Net pass" is the same network work as ours (batch C, conditional rows, diffusers' default fused
+attention, nothing stored), not part of the recipe: it compares the two U-Net implementations.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minidiffseg.image import to_tensor
+from minidiffseg.method.fusion import DEFAULT_LEVEL_WEIGHTS
+from minidiffseg.method.prompts import CLASS_WEIGHT, TEMPLATES
+from minidiffseg.segmenter import DEFAULT_BACKGROUND, TIMESTEP
+
+RECIPE = ["text encode", "VAE encode", "U-Net + capture", "fusion", "refinement", "post-processing"]
+
+
+class StoreEveryMap:
+    """A diffusers attention processor: explicit softmax(QKᵀ/√d)·V, the probabilities kept in `maps[name]`."""
+
+    def __init__(self, name: str, maps: dict):
+        self.name, self.maps = name, maps
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B·heads, N, d)
+        k = attn.head_to_batch_dim(attn.to_k(context))  # (B·heads, T, d)
+        v = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(q, k, None)  # (B·heads, N, T)
+        self.maps[self.name] = probs.unflatten(0, (-1, attn.heads))  # (B, heads, N, T)
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _variant(component: Path, stem: str) -> str | None:
+    """The fp32 files if present, else the .fp16 ones (hub folders are often downloaded fp16-only)."""
+    return None if (component / f"{stem}.safetensors").is_file() else "fp16"
+
+
+class DiffusersRecipe:
+    def __init__(self, folder, device: torch.device, dtype: torch.dtype, resolution: int = 512,
+                 template: str = TEMPLATES["photograph"]):
+        import diffusers
+        import transformers
+
+        folder = Path(folder)
+        unet_v, vae_v = (_variant(folder / c, "diffusion_pytorch_model") for c in ("unet", "vae"))
+        self.unet = diffusers.UNet2DConditionModel.from_pretrained(
+            folder / "unet", torch_dtype=dtype, variant=unet_v).to(device).eval()
+        self.vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, variant=vae_v).to(device).eval()
+        self.text = transformers.CLIPTextModel.from_pretrained(
+            folder / "text_encoder", dtype=dtype, variant=_variant(folder / "text_encoder", "model")).to(device).eval()
+        self.tok = transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        self.sched = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                             num_train_timesteps=1000)  # SD1.5's schedule (DESIGN.md §3)
+        self.fused = diffusers.models.attention_processor.AttnProcessor2_0()
+        self.maps: dict[str, torch.Tensor] = {}
+        self.store = {n: StoreEveryMap(n.removesuffix(".processor"), self.maps) for n in self.unet.attn_processors}
+        self.device, self.dtype, self.resolution, self.template = device, dtype, resolution, template
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        ids = self.tok(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        return self.text(ids.to(self.device)).last_hidden_state  # (1, 77, 768)
+
+    def class_prompt(self, name: str, empty: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The "++"-weighted encoding of the template with `name`, and the index of its last token."""
+        prompt = self.template.format(name)
+        n = len(self.tok(prompt).input_ids)  # BOS ... EOS
+        n_last = len(self.tok(name.split()[-1]).input_ids) - 2  # tokens of the class's last word
+        w = torch.ones(77, device=self.device, dtype=empty.dtype)
+        w[n - 1 - n_last:n - 1] = CLASS_WEIGHT
+        return empty + w[None, :, None] * (self.encode(prompt) - empty), n - 2
+
+    @torch.inference_mode()
+    def stages(self, image, classes: list[str], clock, parity: bool = False, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        with clock("text encode"):
+            empty = self.encode("")
+            prompts = [self.class_prompt(c, empty) for c in classes]
+        with clock("VAE encode"):
+            x = F.interpolate(to_tensor(image), size=(self.resolution,) * 2, mode="bilinear", align_corners=False)
+            x = (2 * x - 1).to(self.device, self.dtype)
+            z0 = self.vae.encode(x).latent_dist.sample(generator=generator) * self.vae.config.scaling_factor
+        noise = torch.randn(z0.shape, generator=generator).to(z0)
+        z_t = self.sched.add_noise(z0, noise, torch.tensor([TIMESTEP]))
+        side = z0.shape[-1]
+        if parity:
+            self.unet.set_attn_processor(self.fused)
+            with clock("U-Net pass"):
+                self.unet(z_t.expand(len(classes), -1, -1, -1), TIMESTEP, torch.cat([p for p, _ in prompts]))
+        self.unet.set_attn_processor(dict(self.store))  # diffusers empties the dict it is given
+        refined = []
+        for cond, token in prompts:  # the official loop: one pass, fusion and refinement per class
+            with clock("U-Net + capture"):
+                self.maps.clear()
+                self.unet(torch.cat([z_t, z_t]), TIMESTEP, encoder_hidden_states=torch.cat([empty, cond]))
+            with clock("fusion"):
+                a = 0
+                for level, weight in DEFAULT_LEVEL_WEIGHTS.items():
+                    s = side // level
+                    cross = [p[1, :, :, token] for name, p in self.maps.items()
+                             if name.endswith("attn2") and p.shape[2] == s * s]  # conditional row, (heads, N)
+                    m = torch.stack(cross).float().mean((0, 1)).reshape(1, 1, s, s)
+                    m = F.interpolate(m, size=(side, side), mode="bilinear", align_corners=False)
+                    a = a + weight * (m - m.min()) / (m.max() - m.min())
+            with clock("refinement"):
+                s = torch.stack([p[1].mean(0) for name, p in self.maps.items()
+                                 if name.endswith("attn1") and p.shape[2] == side * side]).mean(0)  # (HW, HW)
+                refined.append((s.float() @ a.flatten()).reshape(side, side))
+        self.maps.clear()
+        with clock("post-processing"):
+            up = F.interpolate(torch.stack(refined)[None], size=(image.height, image.width), mode="bilinear",
+                               align_corners=False)[0]  # (C, H, W)
+            lo, hi = up.amin((1, 2), keepdim=True), up.amax((1, 2), keepdim=True)
+            scores = (up - lo) / (hi - lo)
+            mask = torch.cat([torch.full_like(scores[:1], DEFAULT_BACKGROUND), scores]).argmax(0)
+        clock.add("end to end", RECIPE)
+        return mask

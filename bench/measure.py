@@ -1,0 +1,212 @@
+"""Measuring one process: a clock per stage (time, peak memory, FLOPs), the GEMM rate, the machine.
+
+CPU: wall time by `perf_counter`; memory is the resident set size read from /proc/self/status.
+VmHWM is the process's peak RSS; writing "5" to /proc/self/clear_refs resets it to the current RSS
+(Linux ≥ 4.0), which gives a peak per stage; before it, free memory the allocator kept is released
+(outside the timed block) so that a stage's growth shows. (`ru_maxrss` can't be reset and is inherited across
+fork/exec, so it is not used.) Every configuration runs in its own fresh process (worker.py).
+CUDA: CUDA events around the stage (the GPU's time, not the launch's) and `max_memory_allocated`.
+
+FLOPs: `torch.utils.flop_counter.FlopCounterMode` (2 per multiply-add) during the warm-up only. It
+has no formula for the CPU's fused attention kernel, so one is given here (two matmuls: QKᵀ, PV).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+import statistics
+import time
+from contextlib import contextmanager, nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+GiB = 2**30
+
+
+def sdpa_cpu_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    """aten._scaled_dot_product_flash_attention_for_cpu on shapes q (B, h, N, d), k (B, h, T, d), v (B, h, T, dv)."""
+    b, h, n, d = q
+    t, dv = k[-2], v[-1]
+    return 2 * b * h * n * t * d + 2 * b * h * n * t * dv
+
+
+CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu_flops}
+
+
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS: now, VmHWM: peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+LIBC = _libc()
+
+
+def release_free_memory() -> None:
+    """glibc keeps freed memory for reuse, so RSS stays high after a stage frees its tensors and the
+    next stage's growth would hide in it; malloc_trim(0) gives the free pages back first."""
+    if LIBC is not None and hasattr(LIBC, "malloc_trim"):
+        LIBC.malloc_trim(0)
+
+
+def reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class Clock:
+    """`with clock("VAE encode"): ...` records seconds and memory of the block, when `clock.timed`;
+    with `clock.count_flops` it also counts the block's FLOPs (per op, for the profile table)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.timed = False
+        self.count_flops = False
+        self.per_stage_peaks = True  # False where the peak RSS can't be reset: peaks are cumulative
+        self.iteration = 0  # a stage clocked twice in one iteration (once per class) adds up
+        self.records: dict[str, list[dict]] = {}  # stage -> [{seconds, peak, extra, iteration}] per timed iteration
+        self.flops: dict[str, dict[str, int]] = {}  # stage -> {op: FLOPs}, of the iteration that counted
+
+    def next_iteration(self, timed: bool, count_flops: bool = False):
+        self.iteration += 1
+        self.timed, self.count_flops = timed, count_flops
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _memory_before(self) -> int:
+        self._sync()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        release_free_memory()
+        self.per_stage_peaks &= reset_peak_rss()
+        return status_kib("VmRSS") * 1024
+
+    def _peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return status_kib("VmHWM") * 1024
+
+    @contextmanager
+    def __call__(self, stage: str):
+        before = self._memory_before()
+        counter = FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS) if self.count_flops else nullcontext()
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        with counter:
+            yield
+        if self.device.type == "cuda":
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            seconds = time.perf_counter() - t0
+        peak = self._peak()
+        if self.count_flops:
+            self._add_flops(stage, {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()})
+        if self.timed:
+            self._record(stage, dict(seconds=seconds, peak=peak, extra=max(peak - before, 0)))
+
+    def _record(self, stage: str, r: dict):
+        rows = self.records.setdefault(stage, [])
+        if rows and rows[-1]["iteration"] == self.iteration:
+            last = rows[-1]
+            last.update(seconds=last["seconds"] + r["seconds"], peak=max(last["peak"], r["peak"]),
+                        extra=max(last["extra"], r["extra"]))
+        else:
+            rows.append(dict(r, iteration=self.iteration))
+
+    def _add_flops(self, stage: str, counts: dict[str, int]):
+        total = self.flops.setdefault(stage, {})
+        for op, n in counts.items():
+            total[op] = total.get(op, 0) + n
+
+    def add(self, stage: str, parts: list[str]):
+        """Record `stage` as the sum of this iteration's records of `parts` (peak: their largest)."""
+        if self.count_flops:
+            for p in parts:
+                self._add_flops(stage, self.flops.get(p, {}))
+        if self.timed:
+            last = [self.records[p][-1] for p in parts]
+            self._record(stage, dict(seconds=sum(r["seconds"] for r in last), peak=max(r["peak"] for r in last),
+                                     extra=max(r["extra"] for r in last)))
+
+    def summary(self) -> dict[str, dict]:
+        """Per stage: median seconds, the largest peak and extra memory over the timed iterations, FLOPs."""
+        out = {}
+        for stage, rows in self.records.items():
+            out[stage] = dict(seconds=statistics.median(r["seconds"] for r in rows),
+                              all_seconds=[r["seconds"] for r in rows],
+                              peak_bytes=max(r["peak"] for r in rows), extra_bytes=max(r["extra"] for r in rows),
+                              flops=sum(self.flops.get(stage, {}).values()) or None)
+        return out
+
+
+def gemm_rate(dtype: torch.dtype, device: torch.device, sizes: tuple[int, ...], repeats: int = 5) -> float:
+    """The machine's matrix-multiply rate in FLOP/s: best of `repeats` square n×n products, best size."""
+    best = 0.0
+    for n in sizes:
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        clock = Clock(device)
+        for i in range(repeats + 1):  # the first is a warm-up
+            clock.next_iteration(timed=i > 0)
+            with clock("mm"):
+                a @ b
+        best = max(best, 2 * n**3 / min(r["seconds"] for r in clock.records["mm"]))
+    return best
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> dict:
+    """What the numbers were measured on."""
+    info = dict(cpu=cpu_model(), logical_cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                torch=torch.__version__, python=platform.python_version(),
+                date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    try:
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1)
+    except (ValueError, OSError):
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    for package in ("diffusers", "transformers"):
+        try:
+            info[package] = __import__(package).__version__
+        except ImportError:
+            info[package] = None
+    return info
+
+
+def load_average() -> tuple[float, float, float] | None:
+    try:
+        return tuple(round(x, 2) for x in os.getloadavg())
+    except OSError:
+        return None

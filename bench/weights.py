@@ -1,0 +1,82 @@
+"""Random-weight SD1.5 in the official diffusers folder layout, for timing without downloads.
+
+A full-size network with random weights costs exactly the compute of the real one (same shapes, same
+kernels); only the outputs are meaningless. The folder is written once by the reference libraries'
+own `save_pretrained` (default initialisation, fp32 files) and reused: a `complete` marker is written
+last, so an interrupted write is redone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import torch
+
+from minidiffseg.config import CLIPTextConfig, UNetConfig, VAEConfig
+from minidiffseg.errors import UserError
+from minidiffseg.tokenizer import CLIPTokenizer
+
+MARKER = "complete"
+# CLIP's BPE merges ship with open-clip-torch (installed with --no-deps, never imported: it needs torchvision)
+BPE_FILE = ("open_clip", "bpe_simple_vocab_16e6.txt.gz")
+
+
+def configs(tiny: bool) -> tuple[UNetConfig, VAEConfig, CLIPTextConfig]:
+    if tiny:
+        return UNetConfig.tiny(), VAEConfig.tiny(), CLIPTextConfig.tiny()
+    return UNetConfig(), VAEConfig(), CLIPTextConfig()
+
+
+def bpe_path() -> Path:
+    package, name = BPE_FILE
+    spec = importlib.util.find_spec(package)
+    path = Path(list(spec.submodule_search_locations)[0]) / name if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise UserError(f"CLIP's BPE file {name} is needed for the tokenizer of the random checkpoint: "
+                        "pip install --no-deps open-clip-torch (or pass --weights with a real SD1.5 folder)")
+    return path
+
+
+def random_sd15(cache: Path, tiny: bool = False, seed: int = 0) -> Path:
+    """The diffusers SD1.5 folder with random weights under `cache` (written on first use)."""
+    folder = Path(cache) / ("sd15-random-tiny" if tiny else "sd15-random")
+    if (folder / MARKER).is_file():
+        return folder
+    try:
+        import diffusers
+        import transformers
+    except ImportError:
+        raise UserError("writing the random SD1.5 checkpoint needs diffusers and transformers: "
+                        "pip install -e '.[bench]' transformers") from None
+    shutil.rmtree(folder, ignore_errors=True)
+    unet_cfg, vae_cfg, text_cfg = configs(tiny)
+    torch.manual_seed(seed)
+    n = len(unet_cfg.block_out_channels)  # SD1.5: cross-attention in every level but the deepest
+    diffusers.UNet2DConditionModel(
+        sample_size=64, in_channels=unet_cfg.in_channels, out_channels=unet_cfg.out_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        block_out_channels=unet_cfg.block_out_channels, layers_per_block=unet_cfg.layers_per_block,
+        attention_head_dim=unet_cfg.num_heads, cross_attention_dim=unet_cfg.cross_attention_dim,
+        norm_num_groups=unet_cfg.norm_num_groups, norm_eps=unet_cfg.norm_eps,
+        flip_sin_to_cos=unet_cfg.flip_sin_to_cos, freq_shift=unet_cfg.freq_shift,
+    ).save_pretrained(folder / "unet")
+    m = len(vae_cfg.block_out_channels)
+    diffusers.AutoencoderKL(  # decoder included, as the hub folder has it (diffusers builds it; we don't)
+        sample_size=512, in_channels=vae_cfg.in_channels, out_channels=vae_cfg.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * m, up_block_types=("UpDecoderBlock2D",) * m,
+        block_out_channels=vae_cfg.block_out_channels, layers_per_block=vae_cfg.layers_per_block,
+        latent_channels=vae_cfg.latent_channels, norm_num_groups=vae_cfg.norm_num_groups,
+        scaling_factor=vae_cfg.scaling_factor,
+    ).save_pretrained(folder / "vae")
+    transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=text_cfg.vocab_size, hidden_size=text_cfg.hidden_size,
+        intermediate_size=text_cfg.intermediate_size, num_hidden_layers=text_cfg.num_hidden_layers,
+        num_attention_heads=text_cfg.num_attention_heads, max_position_embeddings=text_cfg.max_position_embeddings,
+        layer_norm_eps=text_cfg.layer_norm_eps, projection_dim=text_cfg.projection_dim, hidden_act="quick_gelu",
+    )).save_pretrained(folder / "text_encoder")
+    CLIPTokenizer.from_bpe_gz(bpe_path()).save(folder / "tokenizer")
+    (folder / MARKER).write_text("written by bench/weights.py: random weights, for timing only\n")
+    return folder

@@ -1,0 +1,90 @@
+"""`minidiffseg bench --tiny`: the benchmark runs on tiny random models and writes sane tables.
+
+Timings are never asserted (they depend on the machine and its load); what is asserted does not:
+every configuration finished, every stage was measured, the FLOP counts say what the two recipes do
+(same U-Net work for the same batch; the official recipe runs each class as a batch of 2), and the
+Markdown tables have their sections and rows.
+"""
+
+import json
+
+import pytest
+
+from minidiffseg.cli import main
+
+pytest.importorskip("diffusers", reason="the baseline runs on diffusers (the bench extra)")
+pytest.importorskip("transformers", reason="the baseline's text encoder is transformers' CLIPTextModel")
+
+STAGES = ["weight loading", "text encode", "VAE encode", "U-Net pass", "U-Net + capture", "fusion",
+               "refinement", "post-processing", "end to end"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from assets import clip_bpe_path
+
+    clip_bpe_path()  # skips without open-clip-torch's BPE file (the random checkpoint's tokenizer)
+    out = tmp_path_factory.mktemp("bench")
+    code = main(["bench", "--tiny", "--device", "cpu", "--out", str(out), "--cache", str(out / "cache")])
+    return code, json.loads((out / "tiny.json").read_text()), (out / "tiny.md").read_text()
+
+
+def job(results, kind, **fields):
+    found = [j for j in results["jobs"] if j["job"]["kind"] == kind
+             and all(j["job"].get(k) == v for k, v in fields.items())]
+    assert len(found) == 1, f"{len(found)} {kind} jobs with {fields}"
+    return found[0]
+
+
+def test_every_configuration_finished(tiny_run):
+    code, results, _ = tiny_run
+    errors = [j["error"] for j in results["jobs"] if "error" in j]
+    assert code == 0 and not errors, errors
+    assert {j["job"]["kind"] for j in results["jobs"]} == {"gemm", "refine", "ours", "baseline"}
+    assert results["meta"]["tiny"] and "random tiny" in results["meta"]["weights"]
+
+
+def test_every_stage_measured(tiny_run):
+    _, results, _ = tiny_run
+    for kind in ("ours", "baseline"):  # the baseline's "U-Net pass": diffusers' U-Net on our batch, for parity
+        stages = job(results, kind)["result"]["stages"]
+        assert set(stages) == set(STAGES), f"{kind}: {sorted(stages)}"
+        for name, s in stages.items():
+            assert s["seconds"] > 0 and s["peak_bytes"] > 0 and s["extra_bytes"] >= 0, f"{kind} {name}: {s}"
+            assert len(s["all_seconds"]) == job(results, kind)["job"]["repeats"], f"{kind} {name}: {s}"
+    assert job(results, "gemm")["result"]["gemm_flops"]["fp32"] > 0
+    for method in ("fused", "chunked", "naive"):
+        s = job(results, "refine", method=method)["result"]["stages"]["refinement"]
+        assert s["seconds"] > 0 and s["flops"] > 0, f"{method}: {s}"
+
+
+def test_flop_counts_match_what_each_recipe_does(tiny_run):
+    _, results, _ = tiny_run
+    ours, base = (job(results, k)["result"]["stages"] for k in ("ours", "baseline"))
+    # the same U-Net work (batch C, nothing stored); ours skips only the output head (output=False)
+    same = ours["U-Net pass"]["flops"] / base["U-Net pass"]["flops"]
+    assert 0.95 < same <= 1.0, f"U-Net FLOPs ours/diffusers {same:.4f}"
+    # the official recipe: per class a batch [unconditional, conditional] -> twice our rows
+    double = base["U-Net + capture"]["flops"] / ours["U-Net + capture"]["flops"]
+    assert 1.9 < double < 2.1, f"baseline/ours U-Net + capture FLOPs {double:.4f}"
+    assert ours["end to end"]["flops"] >= ours["U-Net + capture"]["flops"] + ours["VAE encode"]["flops"]
+
+
+def test_markdown_report(tiny_run):
+    _, results, md = tiny_run
+    for heading in ("## Targets", "## Per stage: C=4, 128², fp32", "## Against the floor",
+                    "## Where the seconds go (torch.profiler)", "## Refinement alone"):
+        assert heading in md, heading
+    assert "random tiny SD1.5" in md and "load average" in md and results["meta"]["machine"]["cpu"] in md
+    per_stage = md.split("## Per stage")[1].split("##")[0]
+    for name in [*STAGES, "capture overhead"]:
+        assert f"\n| {name} | " in per_stage, name
+    targets = md.split("## Targets")[1].split("##")[0]
+    rows = [line for line in targets.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) >= 4 and all(line.rstrip(" |").endswith(("yes", "**no**")) for line in rows), rows
+
+
+def test_bad_weights_folder_is_one_error_line(tmp_path, capsys):
+    code = main(["bench", "--weights", str(tmp_path / "absent"), "--out", str(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
