@@ -148,10 +148,13 @@ def _single_file(path: Path) -> list[Part]:
     ignored = [k for k in shapes if ldm.is_ignored(k)]
     parts = [Part(sd15.WHAT[c], path, sd15._build(cls, cfg), names[c]) for c, cls, cfg in
              (("text_encoder", CLIPTextModel, text_cfg), ("vae", VAEEncoder, vae_cfg), ("unet", UNet, unet_cfg))]
-    for key in unknown:  # neither translated nor ignored: reported as unexpected by the network of its prefix
-        i = 0 if key.startswith(ldm.TEXT) else 1 if key.startswith(ldm.VAE) else 2
-        parts[i].names[key] = key
-    parts[-1].ignored = ignored
+    def network(key: str) -> Part:  # by prefix; the rest (EMA copy, DDPM schedule) goes with the U-Net
+        return parts[0] if key.startswith(ldm.TEXT) else parts[1] if key.startswith(ldm.VAE) else parts[2]
+
+    for key in unknown:  # neither translated nor ignored: reported as unexpected
+        network(key).names[key] = key
+    for key in ignored:
+        network(key).ignored.append(key)
     return parts
 
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from minidiffseg import ldm
 from minidiffseg.cli import main
+from minidiffseg.sd15 import load_sd15
 
 tiny_sd = pytest.importorskip("tiny_sd", reason="tests/tiny_sd.py needs diffusers and transformers")
 
@@ -211,19 +212,20 @@ def test_bad_checkpoint_inspect(case, tiny_sd_dir, single_file, tmp_path, capsys
 
 
 def test_inspect_good_copies(tiny_sd_dir, single_file, capsys):
-    """The two layouts of the same weights: same parameter counts, nothing missing, exit code 0."""
-    counts = []
-    for path in (tiny_sd_dir, single_file):
+    """Both layouts of the same weights: exit code 0, the layout named, per network the parameter count of
+    the model load_sd15 builds from it, no problem; the single file's ignored keys (decoder, EMA, ...) listed."""
+    sd = load_sd15(tiny_sd_dir)
+    want = {what: sum(t.numel() for t in m.state_dict().values())
+            for what, m in (("text encoder", sd.text_encoder), ("VAE", sd.vae), ("U-Net", sd.unet))}
+    for path, layout in ((tiny_sd_dir, "diffusers SD1.5 folder"), (single_file, "LDM single file")):
         rc, out, err = run(capsys, "inspect-weights", path)
         assert rc == 0 and not err, err
-        rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and line.split()[0]
-                in ("text", "VAE", "U-Net")}
-        assert len(rows) == 3, out
-        counts.append(re.search(r"OK: ([\d,]+) parameters", out).group(1))
-    assert "diffusers SD1.5 folder" in run(capsys, "inspect-weights", tiny_sd_dir)[1]
-    assert counts[0] == counts[1], counts
-    rc, out, _ = run(capsys, "inspect-weights", single_file)
-    assert "LDM single file" in out and "ignored by name" in out and "decoder" in out, out
+        assert out.startswith(f"{path}: {layout}"), out
+        rows = re.findall(r"^  (text encoder|VAE|U-Net) +\S+ +[\d.]+ [kMG]B +F32 +([\d,]+) +none$", out, re.M)
+        assert {what: int(n.replace(",", "")) for what, n in rows} == want, out
+        assert f"OK: {sum(want.values()):,} parameters would load" in out
+    assert re.search(r"VAE: \d+ tensor\(s\) ignored by name .*first_stage_model\.decoder\.", out), out
+    assert re.search(r"U-Net: \d+ tensor\(s\) ignored by name .*alphas_cumprod", out), out
 
 
 # ---- images --------------------------------------------------------------------------------------
