@@ -134,7 +134,7 @@ def download(what: str, variant: str = "fp16", dir: str | Path | None = None) ->
 def _print_sizes(repo: Repo, wanted: list[str], dir: Path | None) -> bool:
     """Print the files and their sizes from the hub's listing and check the free space; False when the
     hub does not answer (snapshot_download then says what is wrong, or uses the cached files)."""
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
 
     try:
         info = HfApi().model_info(repo.repo_id, files_metadata=True)
@@ -149,9 +149,12 @@ def _print_sizes(repo: Repo, wanted: list[str], dir: Path | None) -> bool:
     print(f"{repo.repo_id} @ {info.sha[:12] if info.sha else '?'}: {len(wanted)} files, {gb(total)}")
     for f in wanted:
         print(f"  {gb(sizes[f]):>10}  {f}")
+    def have(f: str) -> bool:  # already there in full (in --dir, or in the cache)
+        local = Path(dir) / f if dir is not None else try_to_load_from_cache(repo.repo_id, f)
+        return isinstance(local, (str, Path)) and Path(local).is_file() and Path(local).stat().st_size == sizes[f]
+
+    todo = sum(sizes[f] for f in wanted if not have(f))
     there = Path(dir) if dir is not None else Path(constants.HF_HUB_CACHE)
-    todo = sum(sizes[f] for f in wanted if not (dir is not None and (there / f).is_file()
-                                                and (there / f).stat().st_size == sizes[f]))
     while not there.exists():  # the nearest existing folder tells the free space
         there = there.parent
     free = shutil.disk_usage(there).free
