@@ -26,7 +26,15 @@ def segment(images: list[Path], out: Path, weights: Path, *extra) -> subprocess.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, "-m", "minidiffseg", "segment", *map(str, images), "--classes",
                              ",".join(CLASSES), "--weights", str(weights), "--out", str(out), "--resolution", "64",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=default_sigint)
+
+
+def default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, so Python turns it into KeyboardInterrupt as in
+    a terminal. Commands started in the background by a non-interactive shell (`cmd &`, CI runners)
+    inherit SIGINT *ignored*, and Python then leaves it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def done(out: Path) -> set[str]:
