@@ -41,3 +41,27 @@ def writable_dir(path: str | os.PathLike) -> Path:
     except OSError as e:
         raise UserError(f"output folder {path} is not writable ({e.strerror or e}): choose another --out") from None
     return path
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the `.NAME.PID.tmp` files that write_atomic left behind in a process that was killed
+    (SIGKILL leaves no chance to clean up); files of processes still running are kept."""
+    removed = 0
+    for tmp in Path(folder).glob(".*.*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+

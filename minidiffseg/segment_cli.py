@@ -15,7 +15,7 @@ from safetensors.torch import save
 from tqdm import tqdm
 
 from .errors import UserError
-from .files import writable_dir, write_atomic
+from .files import remove_stale_temporaries, writable_dir, write_atomic
 from .method.prompts import TEMPLATES, check_classes
 from .options import add_model_args, device_of, dtype_of
 from .segmenter import Segmenter, SegmentationResult
@@ -173,6 +173,7 @@ def run_segment(args) -> int:
                             "after it; segment them into separate --out folders")
         stems[path.stem] = path
     out = writable_dir(args.out)
+    remove_stale_temporaries(out)  # half-written files of a killed earlier run
     if args.classes is not None:
         check_classes(args.classes.split(","))  # fail before loading any weights
     todo = [p for p in images if not (args.skip_existing and outputs(out, p.stem).is_file())]

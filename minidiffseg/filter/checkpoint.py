@@ -17,9 +17,9 @@ def check_folder(folder: str | Path, what: str, hub_id: str) -> Path:
     """The folder's `model.safetensors`, or one line saying what to download where."""
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
-        raise UserError(f"{what} weights not found: {path} does not exist; download {hub_id} (model.safetensors, "
-                        f"config.json, tokenizer files) into {Path(folder)}, e.g. "
-                        f"`huggingface-cli download {hub_id} --local-dir {Path(folder)}`")
+        which = "clip" if "clip" in hub_id.lower() else "blip"
+        raise UserError(f"{what} weights not found: {path} does not exist; fetch {hub_id} with "
+                        f"`minidiffseg download --what {which} --dir {Path(folder)}`")
     return path
 
 
