@@ -64,6 +64,13 @@ def release_free_memory() -> None:
         LIBC.malloc_trim(0)
 
 
+def major_faults() -> int:
+    """Page faults that read from disk (field 12 of /proc/self/stat): memory-mapped weights evicted
+    under memory pressure and read again show up here."""
+    stat = Path("/proc/self/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[9])
+
+
 def reset_peak_rss() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -114,6 +121,7 @@ class Clock:
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+        faults = major_faults() if self.device.type == "cpu" else 0
         t0 = time.perf_counter()
         with counter:
             yield
@@ -123,18 +131,19 @@ class Clock:
             seconds = start.elapsed_time(end) / 1e3
         else:
             seconds = time.perf_counter() - t0
+            faults = major_faults() - faults
         peak = self._peak()
         if self.count_flops:
             self._add_flops(stage, {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()})
         if self.timed:
-            self._record(stage, dict(seconds=seconds, peak=peak, extra=max(peak - before, 0)))
+            self._record(stage, dict(seconds=seconds, peak=peak, extra=max(peak - before, 0), faults=faults))
 
     def _record(self, stage: str, r: dict):
         rows = self.records.setdefault(stage, [])
         if rows and rows[-1]["iteration"] == self.iteration:
             last = rows[-1]
             last.update(seconds=last["seconds"] + r["seconds"], peak=max(last["peak"], r["peak"]),
-                        extra=max(last["extra"], r["extra"]))
+                        extra=max(last["extra"], r["extra"]), faults=last["faults"] + r["faults"])
         else:
             rows.append(dict(r, iteration=self.iteration))
 
@@ -151,7 +160,7 @@ class Clock:
         if self.timed:
             last = [self.records[p][-1] for p in parts]
             self._record(stage, dict(seconds=sum(r["seconds"] for r in last), peak=max(r["peak"] for r in last),
-                                     extra=max(r["extra"] for r in last)))
+                                     extra=max(r["extra"] for r in last), faults=sum(r["faults"] for r in last)))
 
     def summary(self) -> dict[str, dict]:
         """Per stage: median seconds, the largest peak and extra memory over the timed iterations, FLOPs."""
@@ -160,6 +169,7 @@ class Clock:
             out[stage] = dict(seconds=statistics.median(r["seconds"] for r in rows),
                               all_seconds=[r["seconds"] for r in rows],
                               peak_bytes=max(r["peak"] for r in rows), extra_bytes=max(r["extra"] for r in rows),
+                              major_faults=sum(r["faults"] for r in rows),
                               flops=sum(self.flops.get(stage, {}).values()) or None)
         return out
 

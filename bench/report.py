@@ -116,6 +116,11 @@ def targets(results: dict) -> list[list[str]]:
         row(f"peak memory, ours / baseline, {d}, {where}", share, "≤ 1/3", lambda v: v <= MEMORY_SHARE,
             fmt(share, "%"))
     for d in dtypes:
+        above = [(stage(x, "end to end") or {}).get("peak_bytes", 0) - x["result"]["weight_bytes"] if x else None
+                 for x in (ours[d], base[d])]
+        rows.append([f"(not a target) peak memory above the weights' bytes, ours / baseline, {d}",
+                     f"{fmt(ratio(*above), '%')} ({fmt(above[0], 'GiB')} / {fmt(above[1], 'GiB')} GiB)", "—", "—"])
+    for d in dtypes:
         extra = [seconds(ours[d], n) for n in ("capture overhead", *METHOD)]
         net = network_time(ours[d])
         share = ratio(sum(extra), net) if None not in extra else None
@@ -147,8 +152,14 @@ def stage_table(results: dict, dtype: str) -> str:
         rows.append([name, fmt(o.get("seconds")), fmt(o.get("peak_bytes"), "GiB"), fmt(o.get("extra_bytes"), "GiB"),
                      fmt(b.get("seconds")), fmt(b.get("peak_bytes"), "GiB"), fmt(b.get("extra_bytes"), "GiB"),
                      fmt(ratio(b.get("seconds"), o.get("seconds")), "x")])
-    return table(["stage", "ours s", "ours peak GiB", "ours +GiB", "baseline s", "baseline peak GiB",
-                  "baseline +GiB", "baseline / ours time"], rows)
+    out = table(["stage", "ours s", "ours peak GiB", "ours +GiB", "baseline s", "baseline peak GiB",
+                 "baseline +GiB", "baseline / ours time"], rows)
+    faults = [f"{kind} {name} {s['major_faults']}" for kind, done in (("ours", ours), ("baseline", base)) if done
+              for name, s in done["result"]["stages"].items() if s.get("major_faults")]
+    if faults:
+        out += ("\n\nPages read from disk during the measured runs (major page faults: memory-mapped weights "
+                "evicted under memory pressure are read again, which slows that stage): " + ", ".join(faults))
+    return out
 
 
 def floor_table(results: dict, dtype: str) -> str:
@@ -226,7 +237,8 @@ def scaling_tables(results: dict) -> str:
     parts += [f"dtype, C={first['classes']}, {res}²:",
               table(["dtype", "ours s", "ours peak GiB", "ours images/s", "baseline s", "baseline peak GiB",
                      "baseline images/s"], rows)]
-    threads = [d for d in results["jobs"] if d["job"]["kind"] == "ours" and d["job"].get("threads") and "result" in d]
+    threads = [d for d in results["jobs"] if d["job"]["kind"] == "ours" and "result" in d
+               and d["job"].get("threads") != first["threads"]]
     if threads:
         rows = [[str(d["result"]["threads"]), *e2e(dtype=dtype, resolution=res, classes=1, mode="batched",
                                                    threads=d["job"]["threads"])] for d in threads]
@@ -272,8 +284,9 @@ def render(results: dict) -> str:
            f"- machine: {device}; torch {m['torch']} ({m['torch_threads']} threads), diffusers {m['diffusers']}, "
            f"transformers {m['transformers']}, Python {m['python']}; {m['date']}",
            f"- weights: {meta['weights']}",
-           f"- load average (1/5/15 min) at start {meta['load_average_start']}, at end {meta.get('load_average_end')}"
-           " (other work on the machine makes timings noisy)",
+           f"- load average (1/5/15 min) at start {meta['load_average_start']}, at end {meta.get('load_average_end')}, "
+           f"highest 1-min value after a configuration {max((d.get('load_average') or (0,))[0] for d in jobs)} "
+           f"(above the {m['torch_threads']} threads in use, other work on the machine slows the timings)",
            f"- each configuration in a fresh process; {warm} warm-up run(s) (the first counts FLOPs), then the median "
            f"of {reps} (n in the scaling tables); peak memory: "
            + ("max_memory_allocated" if m.get("gpu") else

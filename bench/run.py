@@ -139,8 +139,7 @@ def main_args(args) -> int:
     name = args.name or ("tiny" if args.tiny else device + ("-quick" if args.quick else ""))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m bench.run " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("run.py") else \
-        "minidiffseg " + " ".join(sys.argv[1:])
+    command = " ".join(["python -m bench.run" if sys.argv[0].endswith("run.py") else "minidiffseg", *sys.argv[1:]])
     try:
         import accelerate  # noqa: F401
         has_accelerate = True
@@ -152,7 +151,7 @@ def main_args(args) -> int:
     jobs = plan(args, weights, device)
     for i, job in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {describe(job)} ...", flush=True)
-        done = run_job(job)
+        done = dict(run_job(job), load_average=measure.load_average())  # other work on the machine skews timings
         results["jobs"].append(done)
         results["meta"]["load_average_end"] = measure.load_average()
         print(f"        {report.one_line(done)}", flush=True)

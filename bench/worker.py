@@ -64,7 +64,9 @@ def run_pipeline(job: dict, clock: measure.Clock, device: torch.device) -> dict:
         if job.get("stages", True):
             ours.stages(model, image, classes, joint, clock)
         ours.end_to_end(model, image, classes, joint, clock)
-    out = {}
+    modules = [model.sd.unet, model.sd.vae, model.sd.text_encoder] if job["kind"] == "ours" else \
+        [model.unet, model.vae, model.text]
+    out = dict(weight_bytes=sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values()))
     if job.get("compile") and device.type == "cuda":
         out["compiled"] = compiled_unet(model, classes, joint, clock, job)
     if job.get("profile") and device.type == "cpu":
