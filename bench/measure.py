@@ -215,6 +215,22 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, all CPUs (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(fields[:8]) - idle) / hz, sum(fields[:8]) / hz
+
+
+def busy_share(seconds: float = 3.0) -> float:
+    """The fraction of the machine's CPUs busy over the next `seconds` (0..1)."""
+    b0, t0 = cpu_seconds()
+    time.sleep(seconds)
+    b1, t1 = cpu_seconds()
+    return (b1 - b0) / max(t1 - t0, 1e-9)
+
+
 def load_average() -> tuple[float, float, float] | None:
     try:
         return tuple(round(x, 2) for x in os.getloadavg())

@@ -76,6 +76,11 @@ def network_flops(done) -> float | None:
     return sum(parts) if done and None not in parts else None
 
 
+def others(done: dict | None) -> str:
+    """The share of the CPUs other processes used while `done` ran."""
+    return fmt(done.get("others_cpu"), "%") if done else "—"
+
+
 def one_line(done: dict) -> str:
     """A progress line for the terminal."""
     if "error" in done:
@@ -210,7 +215,8 @@ def scaling_tables(results: dict) -> str:
     def e2e(**fields):
         done = find(results, kind="ours", **fields)
         s = stage(done, "end to end")
-        return (fmt(s["seconds"]), fmt(s["peak_bytes"], "GiB"), str(len(s["all_seconds"]))) if s else ("—",) * 3
+        return (fmt(s["seconds"]), fmt(s["peak_bytes"], "GiB"), str(len(s["all_seconds"])), others(done)) if s \
+            else ("—",) * 4
 
     dtype, res = first["dtype"], first["resolution"]
     scaled = any(d["job"].get("section") == "scaling" for d in results["jobs"])
@@ -221,12 +227,12 @@ def scaling_tables(results: dict) -> str:
         rows.append([str(c), *batched, *joint])
     if scaled:
         parts += [f"Classes, ours end to end, {dtype}, {res}² (batched: C prompt rows in one U-Net call; joint: one "
-                  "prompt naming all classes):",
-                  table(["C", "batched s", "peak GiB", "n", "joint s", "peak GiB", "n"], rows)]
+                  "prompt naming all classes, one row; at C=1 the two are the same run):",
+                  table(["C", "batched s", "peak GiB", "n", "others", "joint s", "peak GiB", "n", "others"], rows)]
         rows = [[f"{r}²", *e2e(dtype=dtype, resolution=r, classes=first["classes"], mode="batched",
                                threads=first["threads"])] for r in (256, 512, 768)]
         parts += [f"Input size, ours end to end, {dtype}, C={first['classes']} batched:",
-                  table(["input", "s", "peak GiB", "n"], rows)]
+                  table(["input", "s", "peak GiB", "n", "others"], rows)]
     rows = []
     for d in sorted({j["job"]["dtype"] for j in results["jobs"] if j["job"].get("section") == "headline"}):
         o, b = (find(results, kind=k, section="headline", dtype=d) for k in ("ours", "baseline"))
@@ -247,7 +253,8 @@ def scaling_tables(results: dict) -> str:
         if default:
             rows.insert(0, [str(default["result"]["threads"]), *e2e(dtype=dtype, resolution=res, classes=1,
                                                                     mode="batched", threads=first["threads"])])
-        parts += [f"Threads, ours end to end, {dtype}, {res}², C=1:", table(["threads", "s", "peak GiB", "n"], rows)]
+        parts += [f"Threads, ours end to end, {dtype}, {res}², C=1:",
+                  table(["threads", "s", "peak GiB", "n", "others"], rows)]
     compiled = [d for d in results["jobs"] if "result" in d and "compiled" in d["result"]]
     for d in compiled:
         rows = [[name, fmt(seconds(d, name))] for name in ["U-Net pass", *d["result"]["compiled"]]]
@@ -265,9 +272,10 @@ def refine_table(results: dict) -> str:
             s = stage(find(results, kind="refine", method=method, resolution=res), "refinement")
             mem[method] = s and s["extra_bytes"]
             cells += [fmt(s and s["seconds"]), fmt(s and s["extra_bytes"], "MiB")]
-        rows.append(cells + [fmt(ratio(mem["naive"], max(mem["fused"] or 0, MiB)), "x")])
+        busy = [d["others_cpu"] for d in jobs if d["job"]["resolution"] == res and "others_cpu" in d]
+        rows.append(cells + [fmt(ratio(mem["naive"], max(mem["fused"] or 0, MiB)), "x"), fmt(max(busy, default=None), "%")])
     return table(["input", "HW", "fused s", "fused +MiB", "chunked s", "chunked +MiB", "naive s", "naive +MiB",
-                  "naive / fused memory"], rows)
+                  "naive / fused memory", "others (max)"], rows)
 
 
 def render(results: dict) -> str:
@@ -284,9 +292,11 @@ def render(results: dict) -> str:
            f"- machine: {device}; torch {m['torch']} ({m['torch_threads']} threads), diffusers {m['diffusers']}, "
            f"transformers {m['transformers']}, Python {m['python']}; {m['date']}",
            f"- weights: {meta['weights']}",
-           f"- load average (1/5/15 min) at start {meta['load_average_start']}, at end {meta.get('load_average_end')}, "
-           f"highest 1-min value after a configuration {max((d.get('load_average') or (0,))[0] for d in jobs)} "
-           f"(above the {m['torch_threads']} threads in use, other work on the machine slows the timings)",
+           f"- other work on the machine: load average (1/5/15 min) {meta['load_average_start']} at the start, "
+           f"{meta.get('load_average_end')} at the end; other processes took up to "
+           f"{fmt(max((d['others_cpu'] for d in jobs if 'others_cpu' in d), default=None), '%')} of the CPUs "
+           "during a configuration "
+           "(\"others\" below; anything above a few % slows the timings)",
            f"- each configuration in a fresh process; {warm} warm-up run(s) (the first counts FLOPs), then the median "
            f"of {reps} (n in the scaling tables); peak memory: "
            + ("max_memory_allocated" if m.get("gpu") else
@@ -308,14 +318,18 @@ def render(results: dict) -> str:
                 "Ours: batched (all classes in one U-Net call, conditional rows only). Baseline: per class a U-Net "
                 "pass of batch [unconditional, conditional] storing every probability map, then averaging and the "
                 "naive S·A. Baseline \"U-Net pass\" = diffusers' U-Net on our work (batch C, fused attention, "
-                "nothing stored), not part of its end to end. capture overhead = U-Net + capture − U-Net pass.", "",
+                "nothing stored), not part of its end to end. capture overhead = U-Net + capture − U-Net pass. "
+                f"Others: {others(find(results, kind='ours', section='headline', dtype=d))} of the CPUs during ours, "
+                f"{others(find(results, kind='baseline', section='headline', dtype=d))} during the baseline.", "",
                 stage_table(results, d)]
     if dtypes:
         rates = ", ".join(f"{d} {gemm(results, d) / 1e9:.0f} GFLOP/s" for d in dict.fromkeys(["fp32", *dtypes])
                           if gemm(results, d))
         out += ["", "## Against the floor", "",
                 f"GEMM rate measured in this run (square matmul, best size, best of 5): {rates or '—'}. "
-                "FLOPs by torch.utils.flop_counter (2 per multiply-add). floor = FLOPs / GEMM rate."]
+                "FLOPs by torch.utils.flop_counter (2 per multiply-add). floor = FLOPs / GEMM rate. The rate is "
+                "torch.mm's on square matrices; oneDNN's convolutions can run slightly faster (above 100 %), so the "
+                "floor is approximate."]
         for d in dtypes:
             out += ["", f"{d}:", "", floor_table(results, d)]
         prof = profile_tables(results, dtypes[0])

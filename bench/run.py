@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ if str(ROOT) not in sys.path:  # `python bench/run.py` as well as `python -m ben
 
 from minidiffseg.errors import UserError  # noqa: E402
 CLASS_COUNTS = (1, 2, 4, 8)
+QUIET = 0.1  # share of the CPUs busy with other work that still counts as an idle machine (--quiet-wait)
 HEADLINE_CLASSES = 4
 
 
@@ -41,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, help="unmeasured runs before measuring (default 1)")
     p.add_argument("--repeats", type=int, help="measured runs, the median is reported (default 3, --quick 1)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's default, all cores)")
+    p.add_argument("--quiet-wait", type=float, default=0, metavar="SECONDS",
+                   help=f"before each configuration, wait up to SECONDS until other processes use less than {QUIET:.0%} "
+                   "of the CPUs (other work on a small machine skews timings; default 0: don't wait)")
     p.add_argument("--sections", default="gemm,refine,headline,scaling",
                    help="comma-separated subset of gemm,refine,headline,scaling")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for NAME.md and NAME.json")
@@ -104,17 +109,32 @@ def run_job(job: dict) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     if job.get("threads"):
         env.update(OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]))
+    from bench.measure import cpu_seconds
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        t0 = time.perf_counter()
+        t0, (busy0, total0), child0 = time.perf_counter(), cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run([sys.executable, "-m", "bench.worker", json.dumps(job), str(out)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wall = time.perf_counter() - t0
+        wall, (busy1, total1), child1 = time.perf_counter() - t0, cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        # the CPU time the rest of the machine used meanwhile: everything busy minus the worker's own
+        worker = child1.ru_utime + child1.ru_stime - child0.ru_utime - child0.ru_stime
+        others = max(busy1 - busy0 - worker, 0) / max(total1 - total0, 1e-9)
         if proc.returncode == 0 and out.is_file():
-            return dict(job=job, result=json.loads(out.read_text()), wall_s=wall)
+            return dict(job=job, result=json.loads(out.read_text()), wall_s=wall, others_cpu=others)
     killed = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
     tail = "\n".join(proc.stdout.strip().splitlines()[-5:])
-    return dict(job=job, error=f"exit code {proc.returncode}{killed}: {tail}", wall_s=wall)
+    return dict(job=job, error=f"exit code {proc.returncode}{killed}: {tail}", wall_s=wall, others_cpu=others)
+
+
+def wait_for_quiet(seconds: float) -> float:
+    """Wait until other processes use less than QUIET of the CPUs, at most `seconds`; the time waited."""
+    from bench.measure import busy_share
+
+    t0 = time.monotonic()
+    while seconds > 0 and time.monotonic() - t0 < seconds and busy_share() >= QUIET:
+        pass
+    return time.monotonic() - t0
 
 
 def main_args(args) -> int:
@@ -150,8 +170,9 @@ def main_args(args) -> int:
                              quick=args.quick, tiny=args.tiny), jobs=[])
     jobs = plan(args, weights, device)
     for i, job in enumerate(jobs, 1):
+        waited = wait_for_quiet(args.quiet_wait)
         print(f"[{i}/{len(jobs)}] {describe(job)} ...", flush=True)
-        done = dict(run_job(job), load_average=measure.load_average())  # other work on the machine skews timings
+        done = dict(run_job(job), load_average=measure.load_average(), waited_s=waited)
         results["jobs"].append(done)
         results["meta"]["load_average_end"] = measure.load_average()
         print(f"        {report.one_line(done)}", flush=True)
