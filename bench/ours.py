@@ -41,13 +41,12 @@ def stages(seg: Segmenter, image, classes: list[str], joint: bool, clock, seed: 
         z0 = seg.encode_image(to_tensor(image, torch.promote_types(seg.dtype, torch.float32)), generator, "sample")
     t = seg.timesteps[0]
     z_t = seg.sd.schedule.add_noise(z0, torch.randn(z0.shape, generator=generator).to(z0), t)
-    b = context.shape[0]
     with clock("U-Net pass"):  # the network alone: every attention is fused SDPA, nothing recorded
-        seg.sd.unet(z_t.expand(b, -1, -1, -1), t, context, output=False)
+        seg.sd.unet(z_t, t, context, output=False)
     with clock("U-Net + capture"):
         select = torch.stack([r.select for r in rows]).to(seg.device, seg.dtype)  # (B, 77, K)
         store = AttentionStore(cross=seg.cross_layers, token_weights=select, qk=seg.self_layers)
-        seg.sd.unet(z_t.expand(b, -1, -1, -1), t, context, store=store, output=False)
+        seg.sd.unet(z_t, t, context, store=store, output=False)
     with clock("fusion"):
         maps = level_maps(store.cross_maps, store.count, seg.levels, store.shapes)
         a = fuse(maps, tuple(z0.shape[-2:]), seg.level_weights)  # (B, K, h, w)

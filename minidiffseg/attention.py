@@ -51,6 +51,9 @@ class Attention(nn.Module):
         ctx = x if context is None else context
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads)
                    for t in (self.to_q(x), self.to_k(ctx), self.to_v(ctx)))  # (B, h, N|T, d)
+        if q.shape[0] != k.shape[0]:  # one latent row, B prompts (UNet.forward): the batch grows here
+            b = max(q.shape[0], k.shape[0])
+            q, k, v = (t.expand(b, -1, -1, -1) for t in (q, k, v))
         if store is not None and store.wants(self):
             out = store.attend(self, q, k, v)
         else:

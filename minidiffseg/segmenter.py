@@ -174,7 +174,7 @@ class Segmenter:
                                qk=self.self_layers)
         for t, noise in zip(self.timesteps, noises):
             z_t = self.sd.schedule.add_noise(z0, noise.to(z0), t)
-            self.sd.unet(z_t.expand(b, -1, -1, -1), t, context, store=store, output=False)
+            self.sd.unet(z_t, t, context, store=store, output=False)  # z_t (1, …): batch broadcasts
         size = tuple(z0.shape[-2:])
         maps = level_maps(store.cross_maps, store.count, self.levels, store.shapes)
         a = fuse(maps, size, self.level_weights)  # (B, K, h, w)

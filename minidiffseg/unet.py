@@ -110,7 +110,7 @@ class Transformer2DModel(nn.Module):
         t = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C)
         for block in self.transformer_blocks:
             t = block(t, context, store)
-        return x + self.proj_out(t.reshape(b, h, w, c).permute(0, 3, 1, 2))
+        return x + self.proj_out(t.reshape(-1, h, w, c).permute(0, 3, 1, 2))  # B grows at attn2 (UNet.forward)
 
 
 class Downsample2D(nn.Module):
@@ -170,7 +170,8 @@ class UpBlock(nn.Module):
 
     def forward(self, x, temb, context, store, skips: list):
         for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            skip = skips.pop()  # conv_in's skip has batch 1 when the latents do (see UNet.forward)
+            x = resnet(torch.cat([x, skip.expand(x.shape[0], -1, -1, -1)], dim=1), temb)
             if self.attentions:
                 x = self.attentions[i](x, context, store)
         for up in self.upsamplers:
@@ -232,15 +233,18 @@ class UNet(nn.Module):
 
     def forward(self, latents: torch.Tensor, t, context: torch.Tensor,
                 store: AttentionStore | None = None, output: bool = True) -> torch.Tensor | None:
-        """latents (B, 4, h, w), t: int or (B,), context (B, 77, 768) -> ε (B, 4, h, w).
+        """latents (B or 1, 4, h, w), t: int or (B,), context (B, 77, 768) -> ε (B, 4, h, w).
 
+        The batch broadcasts: with one latent for B prompts (one image, one prompt per class), all
+        that comes before the first cross-attention (conv_in, the first resnet, the first
+        self-attention: ~5 % of a pass) runs once, and the batch grows to B where the text enters.
         `store` records attention (see attention.py); `output=False` skips conv_norm_out/conv_out
         and returns None, for when only the attention is wanted.
         """
-        b = latents.shape[0]
-        t = torch.as_tensor(t, device=latents.device).reshape(-1).expand(b)
+        t = torch.as_tensor(t, device=latents.device).reshape(-1)
+        t = t.expand(latents.shape[0]) if t.numel() == 1 else t  # (1 or B,): broadcasts like the latents
         temb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
-                                                      self.cfg.freq_shift).to(latents.dtype))  # (B, 1280)
+                                                      self.cfg.freq_shift).to(latents.dtype))  # (1 or B, 1280)
         if store is not None:
             store.latent_hw = tuple(latents.shape[-2:])
         x = self.conv_in(latents)

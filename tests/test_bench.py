@@ -61,12 +61,13 @@ def test_every_stage_measured(tiny_run):
 def test_flop_counts_match_what_each_recipe_does(tiny_run):
     _, results, _ = tiny_run
     ours, base = (job(results, k)["result"]["stages"] for k in ("ours", "baseline"))
-    # the same U-Net work (batch C, nothing stored); ours skips only the output head (output=False)
+    # the same U-Net work (batch C, nothing stored); ours skips the output head (output=False) and runs
+    # the text-independent prefix (conv_in, first resnet, first self-attention) once for the C rows
     same = ours["U-Net pass"]["flops"] / base["U-Net pass"]["flops"]
-    assert 0.95 < same <= 1.0, f"U-Net FLOPs ours/diffusers {same:.4f}"
+    assert 0.85 < same < 1.0, f"U-Net FLOPs ours/diffusers {same:.4f}"
     # the official recipe: per class a batch [unconditional, conditional] -> twice our rows
     double = base["U-Net + capture"]["flops"] / ours["U-Net + capture"]["flops"]
-    assert 1.9 < double < 2.1, f"baseline/ours U-Net + capture FLOPs {double:.4f}"
+    assert 1.9 < double * same < 2.1, f"baseline/ours U-Net + capture FLOPs {double:.4f}"
     assert ours["end to end"]["flops"] >= ours["U-Net + capture"]["flops"] + ours["VAE encode"]["flops"]
 
 

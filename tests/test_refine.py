@@ -40,6 +40,20 @@ def test_refinement_wider_than_head_dim_and_batched():
     assert torch.allclose(refine(qk, a)[1:], row1, atol=1e-12)
 
 
+
+def test_a_layer_shared_by_all_rows_is_applied_once():
+    """A Q/K pair of batch 1 (the U-Net's text-independent first self-attention) refines every row's
+    maps exactly like the same pair repeated per row, in one attention over B·K columns."""
+    qk = random_qk(layers=3, b=3, heads=2, n=256, d=8)
+    qk[0] = (qk[0][0][:1], qk[0][1][:1])
+    a = torch.rand(3, 256, 5, dtype=torch.float64)  # B·K = 15 > head dim 8: sliced too
+    repeated = [(q.expand(3, -1, -1, -1), k.expand(3, -1, -1, -1)) for q, k in qk]
+    want = refine_naive(repeated, a)
+    for name, got in (("fused", refine(qk, a)), ("chunked", refine_chunked(qk, a)), ("naive", refine_naive(qk, a))):
+        err = (got - want).abs().max().item()
+        assert err <= 1e-10, f"{name}: max abs error {err:.3e} vs the repeated Q/K"
+
+
 MEASURE = textwrap.dedent("""
     import sys, torch
     from minidiffseg.method.refine import refine, refine_naive

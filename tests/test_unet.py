@@ -99,6 +99,30 @@ def test_store_paths_agree_with_sdpa_and_accumulate(pair):
     assert store.qk_pairs[next(iter(selfs))][0][0].shape == (2, 8, 16 * 16, 32 // 8)
 
 
+def test_one_latent_for_many_prompts_equals_the_expanded_batch(pair):
+    """latents (1, …) with B prompts: the text-independent prefix runs once, the rest per row; ε and
+    every recording equal diffusers' (and our own) pass on the latent repeated B times."""
+    cfg, ref, ours = pair
+    x, ctx = inputs(cfg, b=3)
+    x = x[:1]
+    cross = {m.name for m in ours.attention_layers("cross")}
+    selfs = [m.name for m in ours.attention_layers("self", level=1)]
+    w = torch.zeros(3, 77, 1)
+    w[:, 4, 0] = 1.0
+    one, full = (AttentionStore(cross=cross, token_weights=w, qk=set(selfs)) for _ in range(2))
+    with torch.no_grad():
+        want = ref(x.expand(3, -1, -1, -1), 100, ctx).sample
+        got = ours(x, 100, ctx, store=one)
+        ours(x.expand(3, -1, -1, -1), 100, ctx, store=full)
+    assert got.shape == want.shape and rel_err(got, want) <= 1e-5, f"ε: rel {rel_err(got, want):.3e}"
+    for name in cross:
+        assert rel_err(one.cross_maps[name], full.cross_maps[name]) <= 1e-5, name
+    first = one.qk_pairs[selfs[0]][0][0]
+    assert first.shape[0] == 1, "the first self-attention (before any text) should run once"
+    assert rel_err(first.expand(3, -1, -1, -1), full.qk_pairs[selfs[0]][0][0]) <= 1e-5
+    assert all(one.qk_pairs[n][0][0].shape[0] == 3 for n in selfs[1:])
+
+
 def test_output_can_be_skipped(pair):
     cfg, _, ours = pair
     x, ctx = inputs(cfg)

@@ -22,16 +22,31 @@ QK = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (and timestep): q, k e
 
 
 def refine(qk: QK, maps: torch.Tensor) -> torch.Tensor:
-    """maps A (B, HW, K) -> M (B, HW, K) = mean over layers and heads of softmax(QKᵀ/√d)·A, fused."""
+    """maps A (B, HW, K) -> M (B, HW, K) = mean over layers and heads of softmax(QKᵀ/√d)·A, fused.
+
+    A layer whose Q/K have batch 1 (the U-Net's first self-attention, before any text: the same for
+    every prompt row) is applied once to all B·K maps as columns."""
     out = torch.zeros(maps.shape, dtype=torch.promote_types(maps.dtype, torch.float32), device=maps.device)
+    b, n, kk = maps.shape
     for q, k in qk:
-        b, heads, n, d = q.shape
-        for start in range(0, maps.shape[-1], d):  # slices of at most d columns
-            a = maps[..., start:start + d].to(q.dtype)  # (B, HW, k ≤ d)
-            v = F.pad(a, (0, d - a.shape[-1]))[:, None].expand(b, heads, n, d)  # zero-pad to the head dim
-            o = F.scaled_dot_product_attention(q, k, v)[..., :a.shape[-1]]  # (B, heads, HW, k)
-            out[..., start:start + d] += o.mean(dim=1).to(out.dtype)
+        if q.shape[0] == 1 and b > 1:  # shared by all rows: (B, HW, K) -> (1, HW, B·K) and back
+            cols = maps.transpose(0, 1).reshape(1, n, b * kk)
+            out += _attend(q, k, cols, out.dtype).reshape(n, b, kk).transpose(0, 1)
+        else:
+            out += _attend(q, k, maps, out.dtype)
     return (out / len(qk)).to(maps.dtype)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, maps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """softmax(QKᵀ/√d)·A averaged over heads: q, k (B, heads, HW, d), maps (B, HW, K) -> (B, HW, K)."""
+    b, heads, n, d = q.shape
+    out = torch.empty(maps.shape, dtype=dtype, device=maps.device)
+    for start in range(0, maps.shape[-1], d):  # slices of at most d columns
+        a = maps[..., start:start + d].to(q.dtype)  # (B, HW, k ≤ d)
+        v = F.pad(a, (0, d - a.shape[-1]))[:, None].expand(b, heads, n, d)  # zero-pad to the head dim
+        o = F.scaled_dot_product_attention(q, k, v)[..., :a.shape[-1]]  # (B, heads, HW, k)
+        out[..., start:start + d] = o.mean(dim=1).to(dtype)
+    return out
 
 
 def refine_chunked(qk: QK, maps: torch.Tensor, rows: int = 1024) -> torch.Tensor:
