@@ -14,34 +14,18 @@ import hashlib
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
-from torch import nn
 
-from . import ldm, sd15
-from .clip import CLIPTextModel
-from .config import CLIPTextConfig, UNetConfig, VAEConfig
+from . import ldm
 from .download import KNOWN_SHA256, gb
 from .errors import UserError
-from .loading import check_suffix, keys_text, read_header
-from .unet import UNet
-from .vae import VAEEncoder
+from .loading import build_on_meta, check_suffix, keys_text, read_header
+from .sd15 import WEIGHTS, Part, diffusers_parts, single_file_parts
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the floating-point dtypes
-
-
-@dataclass
-class Part:
-    """One network of a checkpoint: the module minidiffseg builds (on meta) and the file keys it would take."""
-
-    what: str
-    file: Path
-    module: nn.Module
-    names: dict[str, str]  # file key -> parameter name, for the keys that would be loaded
-    ignored: list[str] = field(default_factory=list)  # file keys skipped by name (decoder, EMA, position_ids, ...)
 
 
 @dataclass
@@ -111,51 +95,18 @@ def detect(path: Path) -> tuple[str, list[Part]]:
                         f"--what sd15|clip|blip --dir {path}` (weights/README.md)")
     if path.is_file():
         check_suffix(path)
-        return "LDM single file (original Stable Diffusion layout)", _single_file(path)
-    if all((path / c).is_dir() for c in sd15.WEIGHTS):
-        return "diffusers SD1.5 folder", _diffusers(path)
+        parts, unknown = single_file_parts(path)
+        for key in unknown:  # neither translated nor ignored: reported as unexpected, with the network of its prefix
+            parts[0 if key.startswith(ldm.TEXT) else 1 if key.startswith(ldm.VAE) else 2].names[key] = key
+        return "LDM single file (original Stable Diffusion layout)", parts
+    if all((path / c).is_dir() for c in WEIGHTS):
+        return "diffusers SD1.5 folder", diffusers_parts(path)
     config = path / "config.json"
     kind = json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
     if kind in ("clip", "blip"):
         return f"{kind.upper()} hub folder (the class filter's)", [_hub_folder(path, kind)]
     raise UserError(f"{path}: unknown layout: neither a diffusers SD1.5 folder (unet/, vae/, text_encoder/) nor a CLIP "
                     "or BLIP folder (config.json + model.safetensors) nor a .safetensors file")
-
-
-def _diffusers(folder: Path) -> list[Part]:
-    cfgs = {"text_encoder": (CLIPTextModel, CLIPTextConfig.from_transformers, sd15._text_name),
-            "vae": (VAEEncoder, VAEConfig.from_diffusers, sd15._vae_name),
-            "unet": (UNet, UNetConfig.from_diffusers, lambda key, shape: key)}
-    parts = []
-    for component, (cls, read_config, name_of) in cfgs.items():
-        file = sd15._weights(folder / component, None)
-        shapes, _ = read_header(file)
-        ignored = [k for k in shapes if any(fnmatchcase(k, p) for p in sd15.IGNORED[component])]
-        names = {k: name_of(k, s) for k, s in shapes.items() if k not in ignored}
-        module = sd15._build(cls, read_config(sd15._config(folder / component)))
-        parts.append(Part(sd15.WHAT[component], file, module, names, ignored))
-    return parts
-
-
-def _single_file(path: Path) -> list[Part]:
-    shapes, metadata = read_header(path)
-    try:
-        unet_cfg, vae_cfg, text_cfg = ldm.infer_configs(shapes, metadata)
-    except KeyError as e:
-        raise UserError(f"{path}: not an SD1.5 single file: tensor {e.args[0]} is missing, so the architecture "
-                        "sizes cannot be read; download it again") from None
-    names, unknown = ldm.from_ldm(shapes, unet_cfg, vae_cfg)
-    ignored = [k for k in shapes if ldm.is_ignored(k)]
-    parts = [Part(sd15.WHAT[c], path, sd15._build(cls, cfg), names[c]) for c, cls, cfg in
-             (("text_encoder", CLIPTextModel, text_cfg), ("vae", VAEEncoder, vae_cfg), ("unet", UNet, unet_cfg))]
-    def network(key: str) -> Part:  # by prefix; the rest (EMA copy, DDPM schedule) goes with the U-Net
-        return parts[0] if key.startswith(ldm.TEXT) else parts[1] if key.startswith(ldm.VAE) else parts[2]
-
-    for key in unknown:  # neither translated nor ignored: reported as unexpected
-        network(key).names[key] = key
-    for key in ignored:
-        network(key).ignored.append(key)
-    return parts
 
 
 def _hub_folder(folder: Path, kind: str) -> Part:
@@ -167,7 +118,7 @@ def _hub_folder(folder: Path, kind: str) -> Part:
     if not file.is_file():
         raise UserError(f"{file}: not found; fetch it with `minidiffseg download --what {kind} --dir {folder}`")
     shapes, _ = read_header(file)
-    module = sd15._build(Model, Config.from_transformers(json.loads((folder / "config.json").read_text())))
+    module = build_on_meta(Model, Config.from_transformers(json.loads((folder / "config.json").read_text())))
     return Part(WHAT, file, module, {k: k for k in shapes if k not in Model.IGNORED},
                 [k for k in shapes if k in Model.IGNORED])
 

@@ -89,6 +89,12 @@ def read_header(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str,
     return shapes, header.get("__metadata__") or {}
 
 
+def build_on_meta(cls, cfg) -> nn.Module:
+    """`cls(cfg)` with parameters on the meta device (no storage): `load_strict` assigns the file's tensors."""
+    with torch.device("meta"):
+        return cls(cfg)
+
+
 def load_strict(module: nn.Module, path: Path, names: dict[str, str], shapes: dict[str, tuple[int, ...]],
                 dtype: torch.dtype, device: torch.device, what: str) -> nn.Module:
     """Fill `module` (built on meta) from `path`: `names` maps each file key to load to a parameter

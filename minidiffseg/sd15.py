@@ -15,17 +15,18 @@ memory-mapped, one copy of the weights). Keys we never build are ignored by name
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import download, ldm
 from .clip import CLIPTextModel
 from .config import CLIPTextConfig, UNetConfig, VAEConfig
 from .errors import UserError
-from .loading import PICKLE_SUFFIXES, check_suffix, keys_text, load_strict, read_header
+from .loading import PICKLE_SUFFIXES, build_on_meta, check_suffix, keys_text, load_strict, read_header
 from .schedule import NoiseSchedule
 from .tokenizer import CLIPTokenizer
 from .unet import UNet
@@ -37,6 +38,18 @@ WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", 
 IGNORED = {"unet": (),  # keys of the diffusers files that we never build
            "vae": ("decoder.*", "post_quant_conv.*"),  # the decoder half
            "text_encoder": ("text_model.embeddings.position_ids", "embeddings.position_ids")}  # arange(77)
+
+
+@dataclass
+class Part:
+    """One network of a checkpoint, before loading: its module (built on meta), the file, and which file
+    key fills which parameter. `load_sd15` fills it; `minidiffseg inspect-weights` checks it."""
+
+    what: str
+    file: Path
+    module: nn.Module
+    names: dict[str, str]  # file key -> parameter name, for the keys that are loaded
+    ignored: list[str] = field(default_factory=list)  # file keys skipped by name (decoder, EMA, position_ids, ...)
 
 
 @dataclass
@@ -64,10 +77,17 @@ def load_sd15(path: str | Path, device: str | torch.device = "cpu", dtype: torch
                         "SD1.5 folder or a single SD1.5 .safetensors file")
     if path.is_dir():
         tok = _tokenizer(tokenizer, path / "tokenizer", path)  # first: it fails fast, the weights don't
-        return SD15(tok, *_load_diffusers(path, variant, dtype, device), NoiseSchedule())
-    check_suffix(path)
-    tok = _tokenizer(tokenizer, path.parent / "tokenizer", path)
-    return SD15(tok, *_load_single_file(path, dtype, device), NoiseSchedule())
+        parts = diffusers_parts(path, variant)
+    else:
+        check_suffix(path)
+        tok = _tokenizer(tokenizer, path.parent / "tokenizer", path)
+        parts, unknown = single_file_parts(path)
+        if unknown:
+            raise UserError(f"{path}: {len(unknown)} unexpected tensor(s): {keys_text(unknown)}; neither an SD1.5 "
+                            "single-file tensor nor one ignored by name (minidiffseg.ldm.IGNORED)")
+    text_encoder, vae, unet = (load_strict(p.module, p.file, p.names, read_header(p.file)[0], dtype, device, p.what)
+                               for p in parts)
+    return SD15(tok, text_encoder, vae, unet, NoiseSchedule())
 
 
 def _tokenizer(tokenizer, default: Path, path: Path) -> CLIPTokenizer:
@@ -80,23 +100,25 @@ def _tokenizer(tokenizer, default: Path, path: Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_dir(folder)
 
 
-def _build(cls, cfg):
-    with torch.device("meta"):  # parameters without storage: the checkpoint's tensors are assigned
-        return cls(cfg)
-
-
-def _load_diffusers(folder: Path, variant: str | None, dtype: torch.dtype, device: torch.device):
+def diffusers_parts(folder: Path, variant: str | None = None) -> list[Part]:
+    """Text encoder, VAE encoder and U-Net of a diffusers folder, sizes from each config.json."""
     absent = [c for c in WEIGHTS if not (folder / c).is_dir()]
     if absent:
         raise UserError(f"{folder}: unknown checkpoint layout: a diffusers SD1.5 folder holds unet/, vae/, "
                         f"text_encoder/ and tokenizer/, this one lacks {', '.join(absent)}/; {DOWNLOAD}, or "
                         "give a single SD1.5 .safetensors file")
-    text_cfg = CLIPTextConfig.from_transformers(_config(folder / "text_encoder"))
-    vae_cfg = VAEConfig.from_diffusers(_config(folder / "vae"))
-    unet_cfg = UNetConfig.from_diffusers(_config(folder / "unet"))
-    return (_load_file(CLIPTextModel, text_cfg, folder, "text_encoder", variant, _text_name, dtype, device),
-            _load_file(VAEEncoder, vae_cfg, folder, "vae", variant, _vae_name, dtype, device),
-            _load_file(UNet, unet_cfg, folder, "unet", variant, lambda key, shape: key, dtype, device))
+    specs = {"text_encoder": (CLIPTextModel, CLIPTextConfig.from_transformers, _text_name),
+             "vae": (VAEEncoder, VAEConfig.from_diffusers, _vae_name),
+             "unet": (UNet, UNetConfig.from_diffusers, lambda key, shape: key)}
+    configs = {c: read(_config(folder / c)) for c, (_, read, _) in specs.items()}  # all sizes before any file
+    parts = []
+    for component, (cls, _, name_of) in specs.items():
+        file = _weights(folder / component, variant)
+        shapes, _ = read_header(file)
+        ignored = [k for k in shapes if any(fnmatchcase(k, p) for p in IGNORED[component])]
+        names = {k: name_of(k, s) for k, s in shapes.items() if k not in ignored}
+        parts.append(Part(WHAT[component], file, build_on_meta(cls, configs[component]), names, ignored))
+    return parts
 
 
 def _text_name(key: str, shape: tuple[int, ...]) -> str:
@@ -133,14 +155,9 @@ def _weights(component: Path, variant: str | None) -> Path:
     raise UserError(f"{component}: no {' or '.join(tried)} found; {DOWNLOAD}")
 
 
-def _load_file(cls, cfg, folder: Path, component: str, variant: str | None, name_of, dtype, device):
-    path = _weights(folder / component, variant)
-    shapes, _ = read_header(path)
-    names = {k: name_of(k, s) for k, s in shapes.items() if not any(fnmatchcase(k, p) for p in IGNORED[component])}
-    return load_strict(_build(cls, cfg), path, names, shapes, dtype, device, WHAT[component])
-
-
-def _load_single_file(path: Path, dtype: torch.dtype, device: torch.device):
+def single_file_parts(path: Path) -> tuple[list[Part], list[str]]:
+    """Text encoder, VAE encoder and U-Net of an LDM single file (sizes from the tensor shapes), and the
+    file keys that are neither translated nor ignored (an error for loading, a finding for inspection)."""
     shapes, metadata = read_header(path)
     prefixes = {"U-Net": ldm.UNET, "VAE": ldm.VAE, "text encoder": f"{ldm.TEXT}text_model."}
     absent = [f"{what} ({prefix}…)" for what, prefix in prefixes.items()
@@ -155,9 +172,9 @@ def _load_single_file(path: Path, dtype: torch.dtype, device: torch.device):
         raise UserError(f"{path}: tensor {e.args[0]} missing, so the architecture sizes cannot be read; the file "
                         "is incomplete or not SD1.5: download it again") from None
     names, unknown = ldm.from_ldm(shapes, unet_cfg, vae_cfg)
-    if unknown:
-        raise UserError(f"{path}: {len(unknown)} unexpected tensor(s): {keys_text(unknown)}; neither an SD1.5 "
-                        "single-file tensor nor one ignored by name (minidiffseg.ldm.IGNORED)")
-    return tuple(load_strict(_build(cls, cfg), path, names[c], shapes, dtype, device, WHAT[c])
-                 for c, cls, cfg in (("text_encoder", CLIPTextModel, text_cfg), ("vae", VAEEncoder, vae_cfg),
-                                     ("unet", UNet, unet_cfg)))
+    parts = [Part(WHAT[c], path, build_on_meta(cls, cfg), names[c]) for c, cls, cfg in
+             (("text_encoder", CLIPTextModel, text_cfg), ("vae", VAEEncoder, vae_cfg), ("unet", UNet, unet_cfg))]
+    for key in shapes:
+        if ldm.is_ignored(key):  # by prefix; the rest (EMA copy, DDPM schedule) goes with the U-Net
+            parts[0 if key.startswith(ldm.TEXT) else 1 if key.startswith(ldm.VAE) else 2].ignored.append(key)
+    return parts, unknown

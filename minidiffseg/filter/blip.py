@@ -16,7 +16,6 @@ first real token), so each row computes what it would alone.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -340,12 +339,7 @@ class BlipForConditionalGeneration(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, device="cpu", dtype=torch.float32) -> "BlipForConditionalGeneration":
         """Strict load of a hub folder (model.safetensors [+ config.json]) on a meta-built model."""
-        folder = Path(folder)
-        cfg_file = folder / "config.json"
-        cfg = BlipConfig.from_transformers(json.loads(cfg_file.read_text())) if cfg_file.is_file() else BlipConfig()
-        with torch.device("meta"):
-            model = cls(cfg)
-        return load_weights(model, folder, cls.IGNORED, WHAT, HUB_ID, device, dtype)
+        return load_weights(cls, BlipConfig, folder, WHAT, HUB_ID, device, dtype)
 
 
 class Captioner:

@@ -4,13 +4,14 @@ module does not build are listed by name (`ignored`); a missing file says what t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from ..loading import load_strict, read_header
+from ..loading import build_on_meta, load_strict, read_header
 
 
 def check_folder(folder: str | Path, what: str, hub_id: str) -> Path:
@@ -23,10 +24,15 @@ def check_folder(folder: str | Path, what: str, hub_id: str) -> Path:
     return path
 
 
-def load_weights(model: nn.Module, folder: str | Path, ignored: tuple[str, ...], what: str, hub_id: str,
-                 device="cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Fill `model` (built on meta) from `folder/model.safetensors`; returns it in eval mode."""
+def load_weights(cls, config_cls, folder: str | Path, what: str, hub_id: str, device="cpu",
+                 dtype: torch.dtype = torch.float32) -> nn.Module:
+    """`cls` built on meta from `folder/config.json` (`config_cls`'s defaults without one), filled strictly
+    from `folder/model.safetensors` (our module names are the file's names, `cls.IGNORED` skipped)."""
+    folder = Path(folder)
+    cfg_file = folder / "config.json"
+    cfg = config_cls.from_transformers(json.loads(cfg_file.read_text())) if cfg_file.is_file() else config_cls()
+    model = build_on_meta(cls, cfg)
     path = check_folder(folder, what, hub_id)
     shapes, _ = read_header(path)
-    names = {k: k for k in shapes if k not in ignored}  # our module names are the file's names
+    names = {k: k for k in shapes if k not in cls.IGNORED}
     return load_strict(model, path, names, shapes, dtype, torch.device(device), what)

@@ -10,7 +10,6 @@ pre-LayerNorm QuickGELU blocks (`minidiffseg.clip.CLIPEncoder`); only the text t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,12 +137,7 @@ class CLIPModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, device="cpu", dtype=torch.float32) -> "CLIPModel":
         """Strict load of a hub folder (model.safetensors [+ config.json]) on a meta-built model."""
-        folder = Path(folder)
-        cfg_file = folder / "config.json"
-        cfg = CLIPConfig.from_transformers(json.loads(cfg_file.read_text())) if cfg_file.is_file() else CLIPConfig()
-        with torch.device("meta"):
-            model = cls(cfg)
-        return load_weights(model, folder, cls.IGNORED, WHAT, HUB_ID, device, dtype)
+        return load_weights(cls, CLIPConfig, folder, WHAT, HUB_ID, device, dtype)
 
 
 class ZeroShotCLIP:
