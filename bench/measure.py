@@ -18,6 +18,7 @@ import ctypes.util
 import os
 import platform
 import statistics
+import subprocess
 import time
 from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
@@ -193,6 +194,19 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def source_revision() -> str:
+    """The commit the measured code is (`+ local changes` when the tree differs from it), or "unknown"."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "minidiffseg", "bench/*.py"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + (" + local changes" if dirty else "")
 
 
 def machine(device: torch.device) -> dict:

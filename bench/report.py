@@ -291,7 +291,7 @@ def render(results: dict) -> str:
            "",
            f"- machine: {device}; torch {m['torch']} ({m['torch_threads']} threads), diffusers {m['diffusers']}, "
            f"transformers {m['transformers']}, Python {m['python']}; {m['date']}",
-           f"- weights: {meta['weights']}",
+           f"- weights: {meta['weights']}; code: commit {meta.get('source', 'unknown')}",
            f"- other work on the machine: load average (1/5/15 min) {meta['load_average_start']} at the start, "
            f"{meta.get('load_average_end')} at the end; other processes took up to "
            f"{fmt(max((d['others_cpu'] for d in jobs if 'others_cpu' in d), default=None), '%')} of the CPUs "

@@ -166,6 +166,7 @@ def main_args(args) -> int:
     except ImportError:
         has_accelerate = False
     results = dict(meta=dict(machine=measure.machine(torch.device(device)), command=command, weights=source,
+                             source=measure.source_revision(),
                              load_average_start=measure.load_average(), accelerate=has_accelerate,
                              quick=args.quick, tiny=args.tiny), jobs=[])
     jobs = plan(args, weights, device)
