@@ -130,8 +130,10 @@ class VAEEncoder(nn.Module):
 
     def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x in [-1, 1] (B, 3, H, W) -> mean, logvar, each (B, latent_channels, H/8, W/8)."""
-        x = x.to(self.quant_conv.weight.dtype)
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        # channels-last activations: oneDNN's CPU convolutions at 512² run ~11 % (fp32) / ~15 % (bf16) faster
+        # so (measured, bench/README.md); the weights stay as loaded (memory-mapped), the result contiguous
+        x = x.to(self.quant_conv.weight.dtype).contiguous(memory_format=torch.channels_last)
+        mean, logvar = self.quant_conv(self.encoder(x)).contiguous().chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)  # the clamp of diffusers' DiagonalGaussianDistribution
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
