@@ -19,11 +19,10 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from . import ldm
 from .download import KNOWN_SHA256, gb
 from .errors import UserError
 from .loading import build_on_meta, check_suffix, keys_text, read_header
-from .sd15 import WEIGHTS, Part, diffusers_parts, single_file_parts
+from .sd15 import WEIGHTS, Part, diffusers_parts, part_of, single_file_parts
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the floating-point dtypes
 
@@ -96,8 +95,8 @@ def detect(path: Path) -> tuple[str, list[Part]]:
     if path.is_file():
         check_suffix(path)
         parts, unknown = single_file_parts(path)
-        for key in unknown:  # neither translated nor ignored: reported as unexpected, with the network of its prefix
-            parts[0 if key.startswith(ldm.TEXT) else 1 if key.startswith(ldm.VAE) else 2].names[key] = key
+        for key in unknown:  # neither translated nor ignored: reported as unexpected
+            part_of(parts, key).names[key] = key
         return "LDM single file (original Stable Diffusion layout)", parts
     if all((path / c).is_dir() for c in WEIGHTS):
         return "diffusers SD1.5 folder", diffusers_parts(path)
@@ -119,7 +118,7 @@ def _hub_folder(folder: Path, kind: str) -> Part:
         raise UserError(f"{file}: not found; fetch it with `minidiffseg download --what {kind} --dir {folder}`")
     shapes, _ = read_header(file)
     module = build_on_meta(Model, Config.from_transformers(json.loads((folder / "config.json").read_text())))
-    return Part(WHAT, file, module, {k: k for k in shapes if k not in Model.IGNORED},
+    return Part(WHAT, file, module, {k: k for k in shapes if k not in Model.IGNORED}, shapes,
                 [k for k in shapes if k in Model.IGNORED])
 
 

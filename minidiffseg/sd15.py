@@ -49,6 +49,7 @@ class Part:
     file: Path
     module: nn.Module
     names: dict[str, str]  # file key -> parameter name, for the keys that are loaded
+    shapes: dict[str, tuple[int, ...]]  # every tensor of the file (its header)
     ignored: list[str] = field(default_factory=list)  # file keys skipped by name (decoder, EMA, position_ids, ...)
 
 
@@ -85,8 +86,7 @@ def load_sd15(path: str | Path, device: str | torch.device = "cpu", dtype: torch
         if unknown:
             raise UserError(f"{path}: {len(unknown)} unexpected tensor(s): {keys_text(unknown)}; neither an SD1.5 "
                             "single-file tensor nor one ignored by name (minidiffseg.ldm.IGNORED)")
-    text_encoder, vae, unet = (load_strict(p.module, p.file, p.names, read_header(p.file)[0], dtype, device, p.what)
-                               for p in parts)
+    text_encoder, vae, unet = (load_strict(p.module, p.file, p.names, p.shapes, dtype, device, p.what) for p in parts)
     return SD15(tok, text_encoder, vae, unet, NoiseSchedule())
 
 
@@ -117,7 +117,7 @@ def diffusers_parts(folder: Path, variant: str | None = None) -> list[Part]:
         shapes, _ = read_header(file)
         ignored = [k for k in shapes if any(fnmatchcase(k, p) for p in IGNORED[component])]
         names = {k: name_of(k, s) for k, s in shapes.items() if k not in ignored}
-        parts.append(Part(WHAT[component], file, build_on_meta(cls, configs[component]), names, ignored))
+        parts.append(Part(WHAT[component], file, build_on_meta(cls, configs[component]), names, shapes, ignored))
     return parts
 
 
@@ -172,9 +172,14 @@ def single_file_parts(path: Path) -> tuple[list[Part], list[str]]:
         raise UserError(f"{path}: tensor {e.args[0]} missing, so the architecture sizes cannot be read; the file "
                         "is incomplete or not SD1.5: download it again") from None
     names, unknown = ldm.from_ldm(shapes, unet_cfg, vae_cfg)
-    parts = [Part(WHAT[c], path, build_on_meta(cls, cfg), names[c]) for c, cls, cfg in
+    parts = [Part(WHAT[c], path, build_on_meta(cls, cfg), names[c], shapes) for c, cls, cfg in
              (("text_encoder", CLIPTextModel, text_cfg), ("vae", VAEEncoder, vae_cfg), ("unet", UNet, unet_cfg))]
     for key in shapes:
-        if ldm.is_ignored(key):  # by prefix; the rest (EMA copy, DDPM schedule) goes with the U-Net
-            parts[0 if key.startswith(ldm.TEXT) else 1 if key.startswith(ldm.VAE) else 2].ignored.append(key)
+        if ldm.is_ignored(key):
+            part_of(parts, key).ignored.append(key)
     return parts, unknown
+
+
+def part_of(parts: list[Part], key: str) -> Part:
+    """The network a single-file key belongs to, by prefix; the rest (EMA copy, DDPM schedule) goes with the U-Net."""
+    return parts[0] if key.startswith(ldm.TEXT) else parts[1] if key.startswith(ldm.VAE) else parts[2]

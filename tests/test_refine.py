@@ -40,7 +40,6 @@ def test_refinement_wider_than_head_dim_and_batched():
     assert torch.allclose(refine(qk, a)[1:], row1, atol=1e-12)
 
 
-
 def test_a_layer_shared_by_all_rows_is_applied_once():
     """A Q/K pair of batch 1 (the U-Net's text-independent first self-attention) refines every row's
     maps exactly like the same pair repeated per row, in one attention over B·K columns."""
