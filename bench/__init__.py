@@ -1,4 +1,4 @@
-"""Benchmarks of minidiffseg against the diffusers way of running DiffSegmenter (DESIGN.md §6).
+"""Benchmarks of minidiffseg against the diffusers way of running DiffSegmenter (docs/design.md §6).
 
     run.py       the plan: which configurations, each in a fresh process; writes results/*.md + .json
     worker.py    one configuration in one process: warm-up, then median of N per stage

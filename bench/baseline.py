@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from minidiffseg.image import to_tensor
 from minidiffseg.method.fusion import DEFAULT_LEVEL_WEIGHTS
 from minidiffseg.method.prompts import CLASS_WEIGHT, TEMPLATES
-from minidiffseg.segmenter import DEFAULT_BACKGROUND, TIMESTEP
+from minidiffseg.method.decision import DEFAULT_BACKGROUND
+from minidiffseg.method.segmenter import TIMESTEP
 
 RECIPE = ["text encode", "VAE encode", "U-Net + capture", "fusion", "refinement", "post-processing"]
 
@@ -63,7 +64,7 @@ class DiffusersRecipe:
             folder / "text_encoder", dtype=dtype, variant=_variant(folder / "text_encoder", "model")).to(device).eval()
         self.tok = transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer")
         self.sched = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                             num_train_timesteps=1000)  # SD1.5's schedule (DESIGN.md §3)
+                                             num_train_timesteps=1000)  # SD1.5's schedule (docs/design.md §3)
         self.fused = diffusers.models.attention_processor.AttnProcessor2_0()
         self.maps: dict[str, torch.Tensor] = {}
         self.store = {n: StoreEveryMap(n.removesuffix(".processor"), self.maps) for n in self.unet.attn_processors}

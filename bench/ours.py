@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from minidiffseg.attention import AttentionStore
+from minidiffseg.sd15.attention import AttentionStore
 from minidiffseg.image import to_tensor
 from minidiffseg.method.fusion import fuse, level_maps
 from minidiffseg.method.refine import refine
-from minidiffseg.segmenter import Segmenter, decide, upsample_scores
+from minidiffseg.method.decision import decide, upsample_scores
+from minidiffseg.method.segmenter import Segmenter
 
 STAGES = ["weight loading", "text encode", "VAE encode", "U-Net pass", "U-Net + capture", "fusion", "refinement",
           "post-processing", "end to end"]

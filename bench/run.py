@@ -1,4 +1,4 @@
-"""Latency and memory of minidiffseg per stage, side by side with the diffusers way (DESIGN.md §6).
+"""Latency and memory of minidiffseg per stage, side by side with the diffusers way (docs/design.md §6).
 
     python -m bench.run            # full run (CPU: ~40 min on 2 cores), writes bench/results/cpu.{md,json}
     python -m bench.run --quick    # a few minutes: 256² input, fp32, one repeat -> cpu-quick.{md,json}

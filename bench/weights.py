@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from minidiffseg.config import CLIPTextConfig, UNetConfig, VAEConfig
+from minidiffseg.sd15.config import CLIPTextConfig, UNetConfig, VAEConfig
 from minidiffseg.errors import UserError
-from minidiffseg.tokenizer import CLIPTokenizer
+from minidiffseg.sd15.tokenizer import CLIPTokenizer
 
 MARKER = "complete"
 # CLIP's BPE merges ship with open-clip-torch (installed with --no-deps, never imported: it needs torchvision)

@@ -18,11 +18,11 @@ import sys
 
 import torch
 
-from minidiffseg.options import DTYPES
+from minidiffseg.cli.options import DTYPES
 
 from . import measure
 
-SELF_LAYERS, HEADS, HEAD_DIM = 5, 8, 40  # SD1.5's 64² self-attention: 5 layers, 8 heads of 320/8 (DESIGN.md §3)
+SELF_LAYERS, HEADS, HEAD_DIM = 5, 8, 40  # SD1.5's 64² self-attention: 5 layers, 8 heads of 320/8 (docs/design.md §3)
 CLASSES = ["cat", "dog", "sofa", "person", "car", "bird", "chair", "bottle"]  # VOC names, one BPE token each
 IMAGE_SIZE = (640, 480)  # a photo-like, non-square input: post-processing resizes back to it
 

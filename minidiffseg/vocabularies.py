@@ -1,6 +1,6 @@
 """Class vocabularies of the three benchmarks, in evaluation-index order, with the prompt words.
 
-Two names per class (DESIGN.md §5): the *evaluation name* (the dataset's own, whose position is
+Two names per class (docs/design.md §5): the *evaluation name* (the dataset's own, whose position is
 the label value in the ground-truth PNG) and the *prompt name* (the word put into the prompt). The
 prompt names are the official DiffSegmenter candidate-class vocabularies (VCG-team/DiffSegmenter
 `dataset/*/predict_syn_txt_*.json`); a rename never changes the evaluation classes. Renames:

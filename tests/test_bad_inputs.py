@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from minidiffseg import ldm
+from minidiffseg.sd15 import ldm
 from minidiffseg.cli import main
 from minidiffseg.sd15 import load_sd15
 

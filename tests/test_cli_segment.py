@@ -6,7 +6,7 @@ from safetensors import safe_open
 
 from assets import sample_image_paths
 from minidiffseg.cli import main
-from minidiffseg.segmenter import Segmenter
+from minidiffseg.method.segmenter import Segmenter
 
 
 def run(capsys, *argv):

@@ -1,4 +1,4 @@
-"""`minidiffseg download` and finding downloaded weights again (issue 7, DESIGN.md §4).
+"""`minidiffseg download` and finding downloaded weights again (issue 7, docs/design.md §4).
 
 The hub is not reachable from the test machines, so:
 - what `download` asks the hub for is checked with huggingface_hub's `HfApi` / `snapshot_download`
@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import save
 
-from minidiffseg import download
+from minidiffseg.sd15 import hub as download
 from minidiffseg.cli import main
 
 tiny_sd = pytest.importorskip("tiny_sd", reason="tests/tiny_sd.py needs diffusers and transformers")

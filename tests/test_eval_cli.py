@@ -19,7 +19,7 @@ from minidiffseg.errors import UserError
 from minidiffseg.evaluation.candidates import from_label_file
 from minidiffseg.evaluation.datasets import open_dataset
 from minidiffseg.evaluation.runner import predict, result_path
-from minidiffseg.evaluation.cli import register
+from minidiffseg.cli.evaluate import register
 
 
 def cli(capsys, *argv: str) -> tuple[int, str]:
@@ -60,7 +60,7 @@ def test_bad_inputs_exit_2_with_one_line(capsys, voc, more, message):
 
 
 def test_wrong_size_label_through_the_cli(capsys, voc, tiny_sd_dir):
-    pytest.importorskip("minidiffseg.segmenter", reason="the segmenter is not there yet")
+    pytest.importorskip("minidiffseg.method.segmenter", reason="the segmenter is not there yet")
     label = voc / "data" / "VOCdevkit" / "VOC2012" / "SegmentationClass" / "2007_000001.png"
     Image.open(label).crop((0, 0, 40, 20)).save(label)
     rc, err = cli(capsys, "eval", "--dataset", "voc", "--root", voc / "data", "--weights", tiny_sd_dir,
@@ -114,7 +114,7 @@ def test_official_label_file_on_coco_object(tmp_path):
 
 
 def test_end_to_end_with_the_tiny_model(capsys, tmp_path, tiny_sd_dir):
-    pytest.importorskip("minidiffseg.segmenter", reason="the segmenter is not there yet")
+    pytest.importorskip("minidiffseg.method.segmenter", reason="the segmenter is not there yet")
     weights = tiny_sd_dir
     names = write_dataset(tmp_path / "data", "voc", [(15, 7), (12, 15), (3, 20)])
     split = tmp_path / "data" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
@@ -134,7 +134,8 @@ def test_end_to_end_with_the_tiny_model(capsys, tmp_path, tiny_sd_dir):
     assert 0 <= s["miou"] <= 1 and len(s["oracle_sweep"]["miou"]) == 4
     assert len(list((tmp_path / "ev" / "results").glob("*.npz"))) == 2
     # the stored maps reproduce the segmenter's own mask for the reported τ
-    from minidiffseg.segmenter import Segmenter, upsample_scores
+    from minidiffseg.method.decision import upsample_scores
+    from minidiffseg.method.segmenter import Segmenter
     ds = open_dataset("voc", tmp_path / "data")
     seg = Segmenter.from_pretrained(weights, template=ds.vocab.template, resolution=128)
     sample = ds.samples[1]

@@ -8,7 +8,7 @@ import pytest
 
 from assets import sample_image_paths
 from minidiffseg.errors import UserError
-from minidiffseg.filter import cli as filter_cli
+from minidiffseg.cli import filter as filter_cli
 from minidiffseg.filter.labels import read_labels
 from minidiffseg.vocabularies import get_vocabulary
 from test_filter_blip import save_tiny_blip

@@ -15,11 +15,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minidiffseg import ldm
+from minidiffseg.sd15 import ldm
 from minidiffseg.errors import UserError
-from minidiffseg.loading import RELEASE_BYTES
+from minidiffseg.sd15.loading import RELEASE_BYTES
 from minidiffseg.sd15 import load_sd15
-from minidiffseg.tokenizer import CLIPTokenizer
+from minidiffseg.sd15.tokenizer import CLIPTokenizer
 
 tiny_sd = pytest.importorskip("tiny_sd", reason="tests/tiny_sd.py needs diffusers and transformers")
 diffusers, transformers = tiny_sd.diffusers, tiny_sd.transformers

@@ -9,7 +9,7 @@ import torch
 
 from minidiffseg.method.fusion import fuse, minmax
 from minidiffseg.method.refine import refine, refine_chunked, refine_naive, self_attention_matrix
-from minidiffseg.segmenter import decide, upsample_scores
+from minidiffseg.method.decision import decide, upsample_scores
 
 
 def random_qk(layers=5, b=1, heads=8, n=4096, d=40, dtype=torch.float64, seed=0):

@@ -11,7 +11,7 @@ from assets import sample_image_paths
 from minidiffseg.errors import UserError
 from minidiffseg.method.fusion import DEFAULT_LEVEL_WEIGHTS
 from minidiffseg.method.prompts import template_prompt, user_prompt
-from minidiffseg.segmenter import Segmenter
+from minidiffseg.method.segmenter import Segmenter
 
 RES = 128  # the official 512² would only be slower here: levels are relative, the code path is the same
 
@@ -41,7 +41,7 @@ class StoreProbs:
 
 
 def official_scores(folder, image_path, classes, noise, res=RES, template="a photograph of {}"):
-    """DiffSegmenter as the official code computes it (DESIGN.md §5), per class, in float64."""
+    """DiffSegmenter as the official code computes it (docs/design.md §5), per class, in float64."""
     diffusers = pytest.importorskip("diffusers")
     transformers = pytest.importorskip("transformers")
     unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet").double().eval()

@@ -1,4 +1,4 @@
-"""CLIPTokenizer against transformers' CLIPTokenizer on SD1.5's real vocabulary (DESIGN.md §3, §7.2).
+"""CLIPTokenizer against transformers' CLIPTokenizer on SD1.5's real vocabulary (docs/design.md §3, §7.2).
 
 Both tokenizers read the same vocab.json + merges.txt, written in SD1.5's format from openai/CLIP's
 real BPE file; whole padded 77-id rows are compared on a few hundred strings.
@@ -12,7 +12,7 @@ import torch
 from assets import clip_bpe_path, official_labels_dir, write_sd15_tokenizer
 
 from minidiffseg.errors import UserError
-from minidiffseg.tokenizer import CLIPTokenizer
+from minidiffseg.sd15.tokenizer import CLIPTokenizer
 
 VOC = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
        "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]

@@ -1,2 +1,2 @@
 """Benchmark evaluation: dataset readers, the mIoU metric, a resumable distributed runner, reports
-and the `eval` / `calibrate` commands (DESIGN.md §5)."""
+and the `eval` / `calibrate` commands (docs/design.md §5)."""

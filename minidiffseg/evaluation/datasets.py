@@ -1,4 +1,4 @@
-"""Readers for the standard benchmark layouts (DESIGN.md §5). Each yields (name, image, label PNG)
+"""Readers for the standard benchmark layouts (docs/design.md §5). Each yields (name, image, label PNG)
 samples in split-file order, with ground-truth labels converted to evaluation indices (255 = ignore).
 
   voc          VOCdevkit/VOC2012/{JPEGImages, SegmentationClass or SegmentationClassAug,

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..files import write_atomic
-from ..segmenter import decide, upsample_scores
+from ..method.decision import decide, upsample_scores
 from .candidates import Candidates
 from .datasets import Dataset, Sample
 from .metrics import confusion

@@ -1,5 +1,5 @@
 """The category filter (which classes of a vocabulary are in an image) and BLIP caption prompts
-(DESIGN.md §5 "filter" and "BLIP" rows): a hand-written CLIP image tower, a BLIP captioner,
+(docs/design.md §5 "filter" and "BLIP" rows): a hand-written CLIP image tower, a BLIP captioner,
 caption-to-class matching, readers of precomputed label files, and the `minidiffseg filter` command.
 Models are loaded only when a filter that needs them is built."""
 

@@ -1,6 +1,6 @@
 """BLIP captioner (Salesforce/blip-image-captioning-large): ViT-L/16 image encoder at 384², a
 BERT-base text decoder with causal self-attention and cross-attention to the image tokens, and
-greedy decoding with a KV cache (DESIGN.md §3, §5 "BLIP" row).
+greedy decoding with a KV cache (docs/design.md §3, §5 "BLIP" row).
 
 Module names equal transformers' `BlipForConditionalGeneration` (`vision_model.…`,
 `text_decoder.bert.…`, `text_decoder.cls.…`), so strict `load_state_dict` is the loader.
@@ -25,7 +25,7 @@ from einops import rearrange
 from PIL import Image
 from torch import nn
 
-from ..config import _pick
+from ..sd15.config import _pick
 from ..image import load_image
 from .checkpoint import check_folder, load_weights
 from .clip_model import normalize_pixels

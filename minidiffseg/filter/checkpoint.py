@@ -1,4 +1,4 @@
-"""Loading a filter model from a hub folder (DESIGN.md §4): `model.safetensors` beside its
+"""Loading a filter model from a hub folder (docs/design.md §4): `model.safetensors` beside its
 `config.json`, read strictly by `minidiffseg.loading` into a module built on `meta`. Keys the
 module does not build are listed by name (`ignored`); a missing file says what to download."""
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..loading import build_on_meta, load_strict, read_header
+from ..sd15.loading import build_on_meta, load_strict, read_header
 
 
 def check_folder(folder: str | Path, what: str, hub_id: str) -> Path:

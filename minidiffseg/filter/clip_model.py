@@ -1,6 +1,6 @@
 """CLIP (openai/clip-vit-large-patch14) for zero-shot class scores: the ViT-L/14 image tower at
 224², the text tower shared with SD1.5's text encoder, and the two projections into the joint
-space (DESIGN.md §3 "CLIP vision tower").
+space (docs/design.md §3 "CLIP vision tower").
 
 Module names equal transformers' `CLIPModel` (`vision_model.…` — note its `pre_layrnorm`
 spelling —, `text_model.…`, `visual_projection`, `text_projection`, `logit_scale`), minus the
@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..clip import CLIPEncoder, CLIPTextTransformer
-from ..config import CLIPTextConfig, _pick
+from ..sd15.clip import CLIPEncoder, CLIPTextTransformer
+from ..sd15.config import CLIPTextConfig, _pick
 from ..errors import UserError
 from ..image import load_image, to_tensor
-from ..tokenizer import CLIPTokenizer
+from ..sd15.tokenizer import CLIPTokenizer
 from .checkpoint import check_folder, load_weights
 
 WHAT, HUB_ID = "CLIP model", "openai/clip-vit-large-patch14"

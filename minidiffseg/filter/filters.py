@@ -1,4 +1,4 @@
-"""The category filter: image, vocabulary -> candidate classes (DESIGN.md §5 "filter" row).
+"""The category filter: image, vocabulary -> candidate classes (docs/design.md §5 "filter" row).
 
 Every filter is called as `filt(image) -> [evaluation names]` (vocabulary order, never
 background); `filt.details(image)` also says why (CLIP scores, the caption, each part's classes).

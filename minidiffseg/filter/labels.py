@@ -30,7 +30,7 @@ from ..files import write_atomic
 from ..vocabularies import Vocabulary
 
 FORMAT = "minidiffseg-labels/1"
-OFFICIAL_UNION = ("image_similarity", "text_similarity")  # the official recipe (DESIGN.md §5 "filter")
+OFFICIAL_UNION = ("image_similarity", "text_similarity")  # the official recipe (docs/design.md §5 "filter")
 
 
 def image_key(name: str | os.PathLike) -> str:

@@ -1,4 +1,4 @@
-"""Cross-attention fusion (DESIGN.md §5 "cross maps"): per U-Net level, the mean over its layers of
+"""Cross-attention fusion (docs/design.md §5 "cross maps"): per U-Net level, the mean over its layers of
 the recorded token maps (heads were averaged as they were recorded) → bilinear to the latent grid →
 min-max → weighted sum over levels.
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Official DiffSegmenter weights per resolution at 512²: 8:0.3, 16:0.5, 32:0.1, 64:0.1 (DESIGN.md §5).
+# Official DiffSegmenter weights per resolution at 512²: 8:0.3, 16:0.5, 32:0.1, 64:0.1 (docs/design.md §5).
 DEFAULT_LEVEL_WEIGHTS = {8: 0.3, 4: 0.5, 2: 0.1, 1: 0.1}
 
 

@@ -1,4 +1,4 @@
-"""Prompts for the class maps (DESIGN.md §5): template, optional caption continuation, class-token
+"""Prompts for the class maps (docs/design.md §5): template, optional caption continuation, class-token
 re-weighting ("++") and the choice of the token columns whose cross-attention becomes a class map.
 
 Everything works on whitespace-separated *chunks*: CLIP's pre-tokeniser never joins text across
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from ..tokenizer import CLIPTokenizer
+from ..sd15.tokenizer import CLIPTokenizer
 
 TEMPLATES = {"photograph": "a photograph of {}", "photography": "a photography of {}"}  # VOC / Context+COCO (§5)
 CLASS_WEIGHT = 1.21  # "++": the official recipe's class-word weight (1.1²)

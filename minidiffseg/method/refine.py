@@ -1,11 +1,11 @@
-"""Self-attention refinement (DESIGN.md §5, §6): M = S·A with S the mean over the 64×64
+"""Self-attention refinement (docs/design.md §5, §6): M = S·A with S the mean over the 64×64
 self-attention layers and their heads of softmax(Q Kᵀ/√d) (each row sums to 1).
 
 S is HW×HW (4096² = 16.7 M entries per layer and head); it is never built. Because M is linear in S,
 M = mean_{l,h} softmax(Q_lh K_lhᵀ/√d) · A is exactly an attention with the class maps A as values, so
 it runs as fused `scaled_dot_product_attention`: memory O(HW·C) instead of O(HW²).
 
-CPU subtlety (measured, DESIGN.md §6): when the value width differs from the head dim, torch's CPU
+CPU subtlety (measured, docs/design.md §6): when the value width differs from the head dim, torch's CPU
 SDPA silently falls back to a path that materialises the whole HW×HW matrix (1.7 s, +1.2 GB for
 C=4 here; 0.16 s, +9 MB with the width padded to the head dim). So the class maps are padded with
 zero columns to the head dim, and wider stacks are split into head-dim-wide slices.

@@ -1,4 +1,4 @@
-"""CLIP's byte-level BPE tokenizer, as SD1.5 uses it (DESIGN.md §3 "Tokenizer").
+"""CLIP's byte-level BPE tokenizer, as SD1.5 uses it (docs/design.md §3 "Tokenizer").
 
 The BPE itself runs in the `tokenizers` library; this file only assembles CLIP's pipeline around it:
 
@@ -21,7 +21,7 @@ import torch
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from .errors import UserError
+from ..errors import UserError
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"  # ids 49406, 49407 in SD1.5's vocab.json
 # openai/CLIP's pre-tokenisation pattern (clip/simple_tokenizer.py): the two special tokens,

@@ -1,4 +1,4 @@
-"""The SD1.5 U-Net (DESIGN.md §3) with diffusers' parameter names, so the official
+"""The SD1.5 U-Net (docs/design.md §3) with diffusers' parameter names, so the official
 `unet/diffusion_pytorch_model.safetensors` loads with `load_state_dict(strict=True)`.
 
 Layout for block_out_channels (320, 640, 1280, 1280), layers_per_block 2:

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
@@ -43,7 +43,7 @@ def device_of(args) -> torch.device:
 
 def dtype_of(args, device: torch.device) -> torch.dtype:
     """The dtype to compute in: fp16 is steered to bf16 on CPU, saying so on stderr."""
-    from .segmenter import cpu_dtype
+    from ..method.segmenter import cpu_dtype
 
     name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     return cpu_dtype(DTYPES[name], device)

@@ -15,10 +15,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..options import add_model_args, device_of, dtype_of
+from .options import add_model_args, device_of, dtype_of
 from ..vocabularies import Vocabulary, get_vocabulary, load_vocabulary
-from .filters import CLIP_RATIO, DEFAULT_BLIP_DIR, DEFAULT_CLIP_DIR, make_filter
-from .labels import LabelWriter, image_key
+from ..filter.filters import CLIP_RATIO, DEFAULT_BLIP_DIR, DEFAULT_CLIP_DIR, make_filter
+from ..filter.labels import LabelWriter, image_key
 
 
 def register(subparsers) -> None:

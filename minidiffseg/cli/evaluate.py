@@ -21,14 +21,14 @@ import numpy as np
 
 from ..errors import UserError
 from ..files import write_atomic
-from ..options import add_model_args, device_of, dtype_of
-from . import candidates as cands
-from .datasets import Dataset, open_dataset
-from .metrics import mean_iou
-from .report import summarize, write_report
-from .runner import Ranks, run
+from .options import add_model_args, device_of, dtype_of
+from ..evaluation import candidates as cands
+from ..evaluation.datasets import Dataset, open_dataset
+from ..evaluation.metrics import mean_iou
+from ..evaluation.report import summarize, write_report
+from ..evaluation.runner import Ranks, run
 
-OFFICIAL_TAUS = "0.30:0.74:0.01"  # the official code's τ range (DESIGN.md §5, known defects)
+OFFICIAL_TAUS = "0.30:0.74:0.01"  # the official code's τ range (docs/design.md §5, known defects)
 
 
 def register(subparsers) -> None:
@@ -108,7 +108,7 @@ def _grid(spec: str) -> list[float]:
 
 def _loader(args, ds: Dataset, device, dtype):
     def load():
-        from ..segmenter import Segmenter
+        from ..method.segmenter import Segmenter
         return Segmenter.from_pretrained(args.weights, device=device, dtype=dtype,
                                          template=ds.vocab.template, resolution=args.resolution)
     return load
@@ -140,7 +140,7 @@ def _tau(args, ds: Dataset) -> tuple[float | None, str]:
                             f"evaluated here (e.g. {shared[0]}); calibrate on another split")
         return tau, (f"calibrated on {cal.get('dataset')} {cal.get('split')} ({len(names)} images, "
                      f"mIoU {cal.get('miou')} there), disjoint from this split")
-    from ..segmenter import Segmenter
+    from ..method.segmenter import Segmenter
     return float(Segmenter.default_background), "default (Segmenter.default_background), not tuned"
 
 

@@ -1,4 +1,4 @@
-"""SD1.5's noise schedule (DESIGN.md §3): 1000 steps, "scaled linear" betas
+"""SD1.5's noise schedule (docs/design.md §3): 1000 steps, "scaled linear" betas
 linspace(√0.00085, √0.012, 1000)² (SD1.5 scheduler_config.json: beta_start, beta_end).
 
 ᾱ is computed in float32, as diffusers' DDPMScheduler (which the official code uses) computes it,

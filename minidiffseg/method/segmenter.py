@@ -1,4 +1,4 @@
-"""DiffSegmenter end to end (DESIGN.md §2, §5): image + class names -> per-pixel class mask and scores.
+"""DiffSegmenter end to end (docs/design.md §2, §5): image + class names -> per-pixel class mask and scores.
 
     image ─stretch to 512²─► VAE ─► z0 ─noise at t=100─► z_t ──┐
     classes ─prompts ("a photograph of {c}", "++")─► CLIP ─────┴► U-Net (one pass, C rows) + store
@@ -19,18 +19,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionStore
-from .errors import UserError
-from .image import load_image, to_tensor
-from .method.fusion import DEFAULT_LEVEL_WEIGHTS, fuse, level_maps, minmax
-from .method.prompts import CLASS_WEIGHT, TEMPLATES, ClassPrompt, check_classes, joint_prompt, reweight, \
+from ..sd15.attention import AttentionStore
+from ..errors import UserError
+from ..image import load_image, to_tensor
+from .decision import DEFAULT_BACKGROUND, decide, upsample_scores
+from .fusion import DEFAULT_LEVEL_WEIGHTS, fuse, level_maps
+from .prompts import CLASS_WEIGHT, TEMPLATES, ClassPrompt, check_classes, joint_prompt, reweight, \
     template_prompt, user_prompt
-from .method.refine import refine
+from .refine import refine
 
-# Background score τ: argmax over [τ, M_1..M_C] (DESIGN.md §5). The official code picked the best
-# of 0.30..0.74 on the evaluation set itself; ours is a fixed default in the middle of the range the
-# official sweep explored, to be replaced by `minidiffseg calibrate` on a held-out split.
-DEFAULT_BACKGROUND = 0.4
 TIMESTEP = 100  # the official single noise level
 
 
@@ -52,20 +49,8 @@ class SegmentationResult:
         return dict(zip(["background", *self.classes], counts.tolist()))
 
 
-def upsample_scores(refined: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """M (C, h, w) on the latent grid -> scores (C, H, W): bilinear (align_corners=False), then per-class min-max."""
-    x = refined.to(torch.promote_types(refined.dtype, torch.float32))[None]
-    return minmax(F.interpolate(x, size=size, mode="bilinear", align_corners=False))[0]
-
-
-def decide(scores: torch.Tensor, background: float) -> torch.Tensor:
-    """argmax over [τ, scores_1..scores_C] -> (H, W) int64, 0 = background."""
-    tau = torch.full_like(scores[:1], float(background))
-    return torch.cat([tau, scores]).argmax(dim=0)
-
-
 def cpu_dtype(dtype: torch.dtype, device: str | torch.device) -> torch.dtype:
-    """fp16 matmuls on CPU are ~400× slower than fp32 (DESIGN.md §6): compute in bf16 there instead."""
+    """fp16 matmuls on CPU are ~400× slower than fp32 (docs/design.md §6): compute in bf16 there instead."""
     if torch.device(device).type == "cpu" and dtype == torch.float16:
         print("minidiffseg: float16 is extremely slow on CPU; computing in bfloat16 instead "
               "(use --dtype fp32 for full precision)", file=sys.stderr)
@@ -114,7 +99,7 @@ class Segmenter:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32,
                         **options) -> "Segmenter":
-        from .sd15 import load_sd15
+        from ..sd15 import load_sd15
 
         return cls(load_sd15(path, device=device, dtype=cpu_dtype(dtype, device)), **options)
 

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import save
 from tqdm import tqdm
 
-from .errors import UserError
-from .files import remove_stale_temporaries, writable_dir, write_atomic
-from .method.prompts import TEMPLATES, check_classes
+from ..errors import UserError
+from ..files import remove_stale_temporaries, writable_dir, write_atomic
+from ..method.prompts import TEMPLATES, check_classes
 from .options import add_model_args, device_of, dtype_of
-from .segmenter import Segmenter, SegmentationResult
+from ..method.segmenter import Segmenter, SegmentationResult
 
 
 def register(subparsers) -> None:
@@ -82,7 +82,7 @@ def _segmenter(args) -> Segmenter:
         raise UserError(f"--timesteps {args.timesteps!r}: give integers in 0..999, e.g. 100 or 1,50,100,150")
     template = args.template
     if template is None and args.classes is None and args.vocabulary is not None:
-        from .filter.cli import resolve_vocabulary
+        from .filter import resolve_vocabulary
 
         template = resolve_vocabulary(args.vocabulary).template  # "a photography of {}" for Context/COCO
     device = device_of(args)
@@ -104,8 +104,8 @@ class ClassSource:
         self.filter = self.captioner = self.vocabulary = None
         device, dtype = seg.device, seg.dtype
         if self.classes is None:
-            from .filter import make_filter
-            from .filter.cli import resolve_vocabulary
+            from ..filter import make_filter
+            from .filter import resolve_vocabulary
 
             self.vocabulary = resolve_vocabulary(args.vocabulary)
             self.filter = make_filter(args.filter, self.vocabulary, clip_dir=args.clip_weights,
@@ -114,13 +114,13 @@ class ClassSource:
             blip = getattr(self.filter, "blip", self.filter)  # the union/blip filter's captioner, if loaded
             self.captioner = getattr(blip, "captioner", None)
             if self.captioner is None:
-                from .filter.blip import Captioner
-                from .filter.filters import DEFAULT_BLIP_DIR
+                from ..filter.blip import Captioner
+                from ..filter.filters import DEFAULT_BLIP_DIR
 
                 self.captioner = Captioner.from_pretrained(args.blip_weights or DEFAULT_BLIP_DIR, device, dtype)
 
     def __call__(self, image) -> tuple[list[str], list[str] | None]:
-        from .image import load_image
+        from ..image import load_image
 
         classes = self.classes
         if classes is None:
@@ -150,8 +150,8 @@ def outputs(out: Path, stem: str) -> Path:
 
 
 def write_result(out: Path, stem: str, image, r: SegmentationResult) -> None:
-    from .image import load_image
-    from .viz import heatmap, mask_image, overlay
+    from ..image import load_image
+    from ..viz import heatmap, mask_image, overlay
 
     write_atomic(out / f"{stem}_mask.png", lambda p: mask_image(r.mask).save(p, format="PNG"))
     write_atomic(out / f"{stem}_overlay.png",
@@ -206,7 +206,7 @@ def run_segment(args) -> int:
 
 
 def run_maps(args) -> int:
-    from .viz import grid
+    from ..viz import grid
 
     out = Path(args.out)
     writable_dir(out.parent if str(out.parent) else Path("."))

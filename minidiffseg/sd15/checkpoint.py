@@ -1,5 +1,5 @@
 """Stable Diffusion 1.5 as minidiffseg uses it — tokenizer, text encoder, VAE encoder, U-Net and noise
-schedule — loaded from either official layout (DESIGN.md §4):
+schedule — loaded from either official layout (docs/design.md §4):
 
 - a diffusers folder: unet/, vae/, text_encoder/ (each a config.json and a safetensors file, fp32
   or the `.fp16` variant) and tokenizer/ (vocab.json + merges.txt). Sizes come from the config.json
@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import download, ldm
+from . import hub, ldm
 from .clip import CLIPTextModel
 from .config import CLIPTextConfig, UNetConfig, VAEConfig
-from .errors import UserError
+from ..errors import UserError
 from .loading import PICKLE_SUFFIXES, build_on_meta, check_suffix, keys_text, load_strict, read_header
 from .schedule import NoiseSchedule
 from .tokenizer import CLIPTokenizer
@@ -70,10 +70,10 @@ def load_sd15(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     a built CLIPTokenizer, instead of the checkpoint's own tokenizer/ folder. `path` may also be the hub
     id stable-diffusion-v1-5/stable-diffusion-v1-5: its copy in the Hugging Face cache (`minidiffseg download`)."""
     path, device = Path(path), torch.device(device)
-    if not path.exists() and str(path) == download.REPOS["sd15"].repo_id:
-        path = download.cached("sd15")  # the hub id: its copy in the Hugging Face cache, found without network
+    if not path.exists() and str(path) == hub.REPOS["sd15"].repo_id:
+        path = hub.cached("sd15")  # the hub id: its copy in the Hugging Face cache, found without network
     if not path.exists():
-        there = f": `{download.command('sd15', dir=path)}` puts it there" if path.suffix != ".safetensors" else ""
+        there = f": `{hub.command('sd15', dir=path)}` puts it there" if path.suffix != ".safetensors" else ""
         raise UserError(f"{path}: not found; fetch SD1.5 with `minidiffseg download`{there}; or give a diffusers "
                         "SD1.5 folder or a single SD1.5 .safetensors file")
     if path.is_dir():

@@ -1,4 +1,5 @@
-"""`minidiffseg download`: fetch the weight files minidiffseg loads from the Hugging Face hub (DESIGN.md §4).
+"""The Hugging Face hub files minidiffseg loads, and fetching them (docs/design.md §4); the
+`minidiffseg download` command (cli/download.py) is a thin wrapper around `download`.
 
 Only the files that are loaded are fetched (`allow_patterns`): for SD1.5 the U-Net, VAE and text
 encoder safetensors of one variant, their config.json and the tokenizer's vocab.json + merges.txt —
@@ -18,7 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 from .loading import read_header
 
 
@@ -71,31 +72,6 @@ def command(what: str, variant: str = "fp16", dir: str | Path | None = None) -> 
 
 def gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("download", help="fetch the weights from the Hugging Face hub (only the files used)",
-                              description="Fetch the files minidiffseg loads (sizes are printed first). Without "
-                              "--dir they go into the Hugging Face cache (HF_HOME); HF_HUB_OFFLINE=1 uses cached "
-                              "files only. See weights/README.md for layouts, sizes, licences and checksums.")
-    p.add_argument("--what", choices=[*REPOS, "all"], default="sd15",
-                   help="sd15 (default; segment/maps/eval), clip and blip (the class filter), or all")
-    p.add_argument("--variant", choices=list(VARIANTS), default="fp16",
-                   help="SD1.5 files in fp16 (default, 2.1 GB; computed in --dtype) or fp32 (4.3 GB); "
-                        "CLIP and BLIP exist in fp32 only")
-    p.add_argument("--dir", help="folder to put the files in (with --what all: one sub-folder per model, "
-                   f"{', '.join(r.folder for r in REPOS.values())}); default: the Hugging Face cache")
-    p.set_defaults(func=run_download)
-
-
-def run_download(args) -> int:
-    whats = list(REPOS) if args.what == "all" else [args.what]
-    for what in whats:
-        dir = None if args.dir is None else Path(args.dir) / REPOS[what].folder if len(whats) > 1 else Path(args.dir)
-        path = download(what, args.variant, dir)
-        print(f"{REPOS[what].name} is in {path}: pass it as --weights" if what == "sd15" else
-              f"{REPOS[what].name} is in {path}: pass it as --{what}-weights")
-    return 0
 
 
 def download(what: str, variant: str = "fp16", dir: str | Path | None = None) -> Path:

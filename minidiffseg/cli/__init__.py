@@ -7,14 +7,14 @@ import argparse
 import importlib
 import sys
 
-from .errors import UserError
+from ..errors import UserError
 
 COMMANDS = [  # modules with register(subparsers), in the order `--help` lists them
-    "minidiffseg.segment_cli",  # segment, maps
-    "minidiffseg.filter.cli",  # filter
-    "minidiffseg.evaluation.cli",  # eval, calibrate
-    "minidiffseg.download", "minidiffseg.inspect_weights",  # download, inspect-weights
-    "minidiffseg.bench",  # bench (from a source checkout)
+    "minidiffseg.cli.segment",  # segment, maps
+    "minidiffseg.cli.filter",  # filter
+    "minidiffseg.cli.evaluate",  # eval, calibrate
+    "minidiffseg.cli.download", "minidiffseg.cli.inspect_weights",  # download, inspect-weights
+    "minidiffseg.cli.bench",  # bench (from a source checkout)
 ]
 
 

@@ -1,4 +1,4 @@
-"""The single-file ("original LDM") SD1.5 layout, e.g. `v1-5-pruned-emaonly.safetensors` (DESIGN.md §4):
+"""The single-file ("original LDM") SD1.5 layout, e.g. `v1-5-pruned-emaonly.safetensors` (docs/design.md §4):
 name rules between our (diffusers/transformers) parameter names and the LDM ones, the keys such a
 file holds that we never build, and the architecture sizes read back from its tensor shapes.
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from .download import KNOWN_SHA256, gb
-from .errors import UserError
-from .loading import build_on_meta, check_suffix, keys_text, read_header
-from .sd15 import WEIGHTS, Part, diffusers_parts, part_of, single_file_parts
+from ..sd15.hub import KNOWN_SHA256, gb
+from ..errors import UserError
+from ..sd15.loading import build_on_meta, check_suffix, keys_text, read_header
+from ..sd15.checkpoint import WEIGHTS, Part, diffusers_parts, part_of, single_file_parts
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the floating-point dtypes
 
@@ -110,9 +110,9 @@ def detect(path: Path) -> tuple[str, list[Part]]:
 
 def _hub_folder(folder: Path, kind: str) -> Part:
     if kind == "clip":
-        from .filter.clip_model import WHAT, CLIPConfig as Config, CLIPModel as Model
+        from ..filter.clip_model import WHAT, CLIPConfig as Config, CLIPModel as Model
     else:
-        from .filter.blip import WHAT, BlipConfig as Config, BlipForConditionalGeneration as Model
+        from ..filter.blip import WHAT, BlipConfig as Config, BlipForConditionalGeneration as Model
     file = folder / "model.safetensors"
     if not file.is_file():
         raise UserError(f"{file}: not found; fetch it with `minidiffseg download --what {kind} --dir {folder}`")

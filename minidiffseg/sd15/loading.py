@@ -1,4 +1,4 @@
-"""Strict safetensors loading into modules built on the `meta` device (DESIGN.md §4).
+"""Strict safetensors loading into modules built on the `meta` device (docs/design.md §4).
 
 Only safetensors are read — never pickle (`.ckpt`, `.bin`, `.pt` can run code when loaded). A file
 is first checked by hand (its 8-byte header length, JSON header, each tensor's byte span against
@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 RELEASE_BYTES = 256 * 2**20  # file bytes converted before the mapping is reopened (bounds the overshoot)

@@ -1,4 +1,4 @@
-"""`minidiffseg bench`: latency and memory per stage against the diffusers recipe (DESIGN.md §6).
+"""`minidiffseg bench`: latency and memory per stage against the diffusers recipe (docs/design.md §6).
 
 Thin: the benchmark is the scripts in bench/ of a source checkout (`python -m bench.run` is the same
 thing); this command only finds them and hands them its arguments. It is not part of an installed
@@ -11,9 +11,9 @@ import importlib
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]  # the source checkout, when there is one
+ROOT = Path(__file__).resolve().parents[2]  # the source checkout, when there is one
 
 
 def register(subparsers) -> None:

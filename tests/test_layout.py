@@ -1,0 +1,61 @@
+"""The folders tell the architecture: sd15/ (the networks and their checkpoints) knows nothing of
+segmentation, and no library module depends on the command line. Checked on the import statements
+of every module, so a forbidden import fails here even if it is never executed by another test."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "minidiffseg"
+
+
+def imported_packages(path: Path, source: str | None = None) -> set[str]:
+    """The absolute dotted names of every module that `path` imports (relative imports resolved)."""
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    package = parts[:-1]  # the package a relative import starts from (for __init__.py too)
+    names = set()
+    tree = ast.parse(source if source is not None else path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names.add(module)
+            names.update(f"{module}.{a.name}" for a in node.names)  # `from .. import cli` imports a module too
+    return names
+
+
+def modules(folder: str) -> list[Path]:
+    return sorted((PACKAGE / folder).rglob("*.py")) if folder else sorted(PACKAGE.rglob("*.py"))
+
+
+def forbidden(path: Path, prefixes: tuple[str, ...]) -> list[str]:
+    return sorted(n for n in imported_packages(path) if n.startswith(prefixes))
+
+
+@pytest.mark.parametrize("path", modules("sd15"), ids=lambda p: p.name)
+def test_sd15_knows_nothing_of_segmentation(path):
+    bad = forbidden(path, tuple(f"minidiffseg.{p}" for p in ("method", "cli", "filter", "evaluation")))
+    assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {bad}: minidiffseg/sd15 must stand alone"
+
+
+@pytest.mark.parametrize("path", [p for p in modules("") if p.relative_to(PACKAGE).parts[0] not in ("cli", "__main__.py")],
+                         ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_the_library_does_not_import_the_command_line(path):
+    bad = forbidden(path, ("minidiffseg.cli",))
+    assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {bad}: only minidiffseg/cli may import cli"
+
+
+def test_the_import_resolver_sees_a_forbidden_import():
+    """The checks above can fail: imports written every way resolve to the module they name."""
+    path = PACKAGE / "method" / "segmenter.py"
+    source = "from ..cli import options\nfrom .. import cli\nimport minidiffseg.cli.segment\nfrom .fusion import fuse\n"
+    names = imported_packages(path, source)
+    assert {"minidiffseg.cli", "minidiffseg.cli.options", "minidiffseg.cli.segment", "minidiffseg.method.fusion"} <= names
+    assert forbidden(path, ("minidiffseg.cli",)) == []  # the real file is clean
+    assert imported_packages(PACKAGE / "sd15" / "__init__.py", "from .checkpoint import SD15") == \
+        {"minidiffseg.sd15.checkpoint", "minidiffseg.sd15.checkpoint.SD15"}
