@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from minidiffseg.sd15.attention import AttentionStore
+from minidiffseg.sd.attention import AttentionStore
 from minidiffseg.image import to_tensor
 from minidiffseg.method.fusion import fuse, level_maps
 from minidiffseg.method.refine import refine

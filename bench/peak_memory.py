@@ -31,7 +31,7 @@ CHILD = r"""
 import json, re, sys, time
 def peak():  # this process's peak RSS in bytes
     return int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-import torch, minidiffseg.cli, minidiffseg.method.segmenter, minidiffseg.sd15  # imports first, measured apart
+import torch, minidiffseg.cli, minidiffseg.method.segmenter, minidiffseg.sd  # imports first, measured apart
 imports, start = peak(), time.perf_counter()
 rc = minidiffseg.cli.main(sys.argv[1:])
 print(json.dumps({"rc": rc, "imports": imports, "peak": peak(), "seconds": time.perf_counter() - start}))

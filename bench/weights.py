@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from minidiffseg.sd15.config import CLIPTextConfig, UNetConfig, VAEConfig
+from minidiffseg.sd.config import CLIPTextConfig, UNetConfig, VAEConfig
 from minidiffseg.errors import UserError
-from minidiffseg.sd15.tokenizer import CLIPTokenizer
+from minidiffseg.sd.tokenizer import CLIPTokenizer
 
 MARKER = "complete"
 # CLIP's BPE merges ship with open-clip-torch (installed with --no-deps, never imported: it needs torchvision)

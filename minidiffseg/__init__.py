@@ -3,7 +3,7 @@ from Stable Diffusion 1.5 attention) in plain PyTorch."""
 
 from .errors import UserError
 from .method.segmenter import SegmentationResult, Segmenter
-from .sd15 import SD15, AttentionStore, load_sd15
+from .sd import SD15, AttentionStore, load_sd15
 
 __all__ = ["AttentionStore", "SD15", "SegmentationResult", "Segmenter", "UserError", "load_sd15"]
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from minidiffseg.sd15.tokenizer import CLIPTokenizer
+from minidiffseg.sd.tokenizer import CLIPTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 NO_DEPS = "pip install --no-deps"  # their own dependencies would pull torch/torchvision

@@ -25,9 +25,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from minidiffseg.sd15 import ldm
+from minidiffseg.sd import ldm
 from minidiffseg.cli import main
-from minidiffseg.sd15 import load_sd15
+from minidiffseg.sd import load_sd15
 
 tiny_sd = pytest.importorskip("tiny_sd", reason="tests/tiny_sd.py needs diffusers and transformers")
 

@@ -4,8 +4,8 @@ and the full-size parameter inventory (DESIGN §7.3)."""
 import pytest
 import torch
 
-from minidiffseg.sd15.clip import CLIPTextModel
-from minidiffseg.sd15.config import CLIPTextConfig
+from minidiffseg.sd.clip import CLIPTextModel
+from minidiffseg.sd.config import CLIPTextConfig
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference CLIP (test-only)")
 

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import save
 
-from minidiffseg.sd15 import hub as download
+from minidiffseg.sd import hub as download
 from minidiffseg.cli import main
 
 tiny_sd = pytest.importorskip("tiny_sd", reason="tests/tiny_sd.py needs diffusers and transformers")

@@ -54,7 +54,7 @@ def errors(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 def test_embeddings_and_logits_match_transformers(models):
     ref, ours, folder = models
-    from minidiffseg.sd15.tokenizer import CLIPTokenizer
+    from minidiffseg.sd.tokenizer import CLIPTokenizer
 
     ids = CLIPTokenizer.from_dir(folder)(["a photo of a cat.", "a photo of a tv monitor.", "a dog"])  # (3, 77)
     px = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""The folders tell the architecture: sd15/ (the networks and their checkpoints) knows nothing of
+"""The folders tell the architecture: sd/ (the networks and their checkpoints) knows nothing of
 segmentation, and no library module depends on the command line. Checked on the import statements
 of every module, so a forbidden import fails here even if it is never executed by another test."""
 
@@ -37,10 +37,10 @@ def forbidden(path: Path, prefixes: tuple[str, ...]) -> list[str]:
     return sorted(n for n in imported_packages(path) if n.startswith(prefixes))
 
 
-@pytest.mark.parametrize("path", modules("sd15"), ids=lambda p: p.name)
-def test_sd15_knows_nothing_of_segmentation(path):
+@pytest.mark.parametrize("path", modules("sd"), ids=lambda p: p.name)
+def test_sd_knows_nothing_of_segmentation(path):
     bad = forbidden(path, tuple(f"minidiffseg.{p}" for p in ("method", "cli", "filter", "evaluation")))
-    assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {bad}: minidiffseg/sd15 must stand alone"
+    assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {bad}: minidiffseg/sd must stand alone"
 
 
 @pytest.mark.parametrize("path", [p for p in modules("") if p.relative_to(PACKAGE).parts[0] not in ("cli", "__main__.py")],
@@ -57,5 +57,5 @@ def test_the_import_resolver_sees_a_forbidden_import():
     names = imported_packages(path, source)
     assert {"minidiffseg.cli", "minidiffseg.cli.options", "minidiffseg.cli.segment", "minidiffseg.method.fusion"} <= names
     assert forbidden(path, ("minidiffseg.cli",)) == []  # the real file is clean
-    assert imported_packages(PACKAGE / "sd15" / "__init__.py", "from .checkpoint import SD15") == \
-        {"minidiffseg.sd15.checkpoint", "minidiffseg.sd15.checkpoint.SD15"}
+    assert imported_packages(PACKAGE / "sd" / "__init__.py", "from .checkpoint import SD15") == \
+        {"minidiffseg.sd.checkpoint", "minidiffseg.sd.checkpoint.SD15"}

@@ -1,4 +1,4 @@
-"""The LDM single-file name rules (minidiffseg.sd15.ldm) checked against an independent implementation:
+"""The LDM single-file name rules (minidiffseg.sd.ldm) checked against an independent implementation:
 random weights under our names -> our rules -> diffusers' own LDM->diffusers converter (the one its
 single-file loading uses) must give back exactly the same tensors under the same names. Tiny configs
 compare tensors; full size (on meta) compares the key/shape inventories."""
@@ -6,8 +6,8 @@ compare tensors; full size (on meta) compares the key/shape inventories."""
 import pytest
 import torch
 
-from minidiffseg.sd15 import ldm
-from minidiffseg.sd15.config import CLIPTextConfig, UNetConfig, VAEConfig
+from minidiffseg.sd import ldm
+from minidiffseg.sd.config import CLIPTextConfig, UNetConfig, VAEConfig
 
 pytest.importorskip("diffusers", reason="diffusers' single-file converter is the reference (test-only)")
 from diffusers.loaders import single_file_utils as reference  # noqa: E402

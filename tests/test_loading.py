@@ -15,11 +15,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minidiffseg.sd15 import ldm
+from minidiffseg.sd import ldm
 from minidiffseg.errors import UserError
-from minidiffseg.sd15.loading import RELEASE_BYTES
-from minidiffseg.sd15 import load_sd15
-from minidiffseg.sd15.tokenizer import CLIPTokenizer
+from minidiffseg.sd.loading import RELEASE_BYTES
+from minidiffseg.sd import load_sd15
+from minidiffseg.sd.tokenizer import CLIPTokenizer
 
 tiny_sd = pytest.importorskip("tiny_sd", reason="tests/tiny_sd.py needs diffusers and transformers")
 diffusers, transformers = tiny_sd.diffusers, tiny_sd.transformers
@@ -310,7 +310,7 @@ def test_missing_config(tiny_sd_dir, tmp_path):
 
 MEASURE = """
 import json, re, sys, time, torch
-from minidiffseg.sd15 import load_sd15
+from minidiffseg.sd import load_sd15
 # this process's peak RSS; not ru_maxrss, which Linux carries over from the parent across fork + exec
 peak = lambda: int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 base, start = peak(), time.perf_counter()

@@ -12,7 +12,7 @@ import torch
 from assets import clip_bpe_path, official_labels_dir, write_sd15_tokenizer
 
 from minidiffseg.errors import UserError
-from minidiffseg.sd15.tokenizer import CLIPTokenizer
+from minidiffseg.sd.tokenizer import CLIPTokenizer
 
 VOC = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
        "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]

@@ -4,9 +4,9 @@ attention probabilities of every layer; the attention store's explicit path vs S
 import pytest
 import torch
 
-from minidiffseg.sd15.attention import AttentionStore
-from minidiffseg.sd15.config import UNetConfig
-from minidiffseg.sd15.unet import FeedForward, UNet
+from minidiffseg.sd.attention import AttentionStore
+from minidiffseg.sd.config import UNetConfig
+from minidiffseg.sd.unet import FeedForward, UNet
 
 from tiny_sd import randomise_, reference_unet  # noqa: E402  (skips without diffusers)
 

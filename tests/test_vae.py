@@ -4,8 +4,8 @@ the legacy-name translation, and the full-size parameter inventory (DESIGN §7.3
 import pytest
 import torch
 
-from minidiffseg.sd15.config import VAEConfig
-from minidiffseg.sd15.vae import VAEEncoder
+from minidiffseg.sd.config import VAEConfig
+from minidiffseg.sd.vae import VAEEncoder
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the reference VAE (test-only)")
 

@@ -2,10 +2,10 @@
 themselves, so the loader is tested on files it did not write (docs/design.md §7.1).
 
 - `write_tiny_diffusers(dir)`: diffusers UNet2DConditionModel / AutoencoderKL and transformers
-  CLIPTextModel at the tiny configs of minidiffseg.sd15.config, every parameter randomised, saved with
+  CLIPTextModel at the tiny configs of minidiffseg.sd.config, every parameter randomised, saved with
   `save_pretrained` (config.json + safetensors, optionally the `.fp16` variant) + tokenizer/.
 - `write_tiny_single_file(path)`: the same weights (same seed) in the original LDM single-file
-  layout via `minidiffseg.sd15.ldm.to_ldm`, with the extra keys a real file carries (decoder, EMA
+  layout via `minidiffseg.sd.ldm.to_ldm`, with the extra keys a real file carries (decoder, EMA
   counters, schedule buffers, position_ids) so that ignoring them by name is exercised.
 - `write_random_diffusers(dir, ...)`: full-size random files in the official diffusers layout,
   written tensor by tensor without building the models (for the memory measurement).
@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import save_file
 
 from assets import write_sd15_tokenizer
-from minidiffseg.sd15 import ldm
-from minidiffseg.sd15.config import CLIPTextConfig, UNetConfig, VAEConfig
-from minidiffseg.sd15.schedule import NoiseSchedule
+from minidiffseg.sd import ldm
+from minidiffseg.sd.config import CLIPTextConfig, UNetConfig, VAEConfig
+from minidiffseg.sd.schedule import NoiseSchedule
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers writes the reference checkpoints (test-only)")
 transformers = pytest.importorskip("transformers", reason="transformers writes the reference CLIP (test-only)")

@@ -1,10 +1,10 @@
-"""`minidiffseg download`: fetch the weight files minidiffseg loads (minidiffseg.sd15.hub)."""
+"""`minidiffseg download`: fetch the weight files minidiffseg loads (minidiffseg.sd.hub)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..sd15.hub import REPOS, VARIANTS, download
+from ..sd.hub import REPOS, VARIANTS, download
 
 
 def register(subparsers) -> None:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from ..sd15.hub import KNOWN_SHA256, gb
+from ..sd.hub import KNOWN_SHA256, gb
 from ..errors import UserError
-from ..sd15.loading import build_on_meta, check_suffix, keys_text, read_header
-from ..sd15.checkpoint import WEIGHTS, Part, diffusers_parts, part_of, single_file_parts
+from ..sd.loading import build_on_meta, check_suffix, keys_text, read_header
+from ..sd.checkpoint import WEIGHTS, Part, diffusers_parts, part_of, single_file_parts
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the floating-point dtypes
 

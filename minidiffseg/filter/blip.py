@@ -25,7 +25,7 @@ from einops import rearrange
 from PIL import Image
 from torch import nn
 
-from ..sd15.config import _pick
+from ..sd.config import _pick
 from ..image import load_image
 from .checkpoint import check_folder, load_weights
 from .clip_model import normalize_pixels

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..sd15.loading import build_on_meta, load_strict, read_header
+from ..sd.loading import build_on_meta, load_strict, read_header
 
 
 def check_folder(folder: str | Path, what: str, hub_id: str) -> Path:

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..sd15.clip import CLIPEncoder, CLIPTextTransformer
-from ..sd15.config import CLIPTextConfig, _pick
+from ..sd.clip import CLIPEncoder, CLIPTextTransformer
+from ..sd.config import CLIPTextConfig, _pick
 from ..errors import UserError
 from ..image import load_image, to_tensor
-from ..sd15.tokenizer import CLIPTokenizer
+from ..sd.tokenizer import CLIPTokenizer
 from .checkpoint import check_folder, load_weights
 
 WHAT, HUB_ID = "CLIP model", "openai/clip-vit-large-patch14"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from ..sd15.tokenizer import CLIPTokenizer
+from ..sd.tokenizer import CLIPTokenizer
 
 TEMPLATES = {"photograph": "a photograph of {}", "photography": "a photography of {}"}  # VOC / Context+COCO (§5)
 CLASS_WEIGHT = 1.21  # "++": the official recipe's class-word weight (1.1²)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..sd15.attention import AttentionStore
+from ..sd.attention import AttentionStore
 from ..errors import UserError
 from ..image import load_image, to_tensor
 from .decision import DEFAULT_BACKGROUND, decide, upsample_scores
@@ -99,7 +99,7 @@ class Segmenter:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32,
                         **options) -> "Segmenter":
-        from ..sd15 import load_sd15
+        from ..sd import load_sd15
 
         return cls(load_sd15(path, device=device, dtype=cpu_dtype(dtype, device)), **options)
 

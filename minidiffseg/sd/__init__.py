@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.5 as minidiffseg uses it: the tokenizer, the CLIP text encoder, the VAE encoder,
+"""Stable Diffusion as minidiffseg uses it (SD1.5 today): the tokenizer, the CLIP text encoder, the VAE encoder,
 the U-Net with its explicit attention store, the noise schedule, and strict loading from the official
 files. Nothing here knows about segmentation (tests/test_layout.py checks that this package imports
 nothing from method/, filter/, evaluation/ or cli/)."""
