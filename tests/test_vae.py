@@ -3,8 +3,11 @@ the legacy-name translation, and the full-size parameter inventory (DESIGN §7.3
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from minidiffseg.sd.config import VAEConfig
+from minidiffseg.sd.checkpoint import _vae_name
+from minidiffseg.sd.loading import build_on_meta, load_strict
 from minidiffseg.sd.vae import VAEEncoder
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the reference VAE (test-only)")
@@ -126,30 +129,30 @@ def to_legacy(state: dict[str, torch.Tensor], conv_shaped: bool) -> dict[str, to
 
 
 @pytest.mark.parametrize("conv_shaped", [False, True])
-def test_rename_legacy(conv_shaped):
+def test_legacy_names_load(conv_shaped, tmp_path):
+    """A VAE file with the legacy mid-attention names (and LDM's 1×1-conv shapes) loads through the
+    checkpoint's name rule and gives the reference's latent mean."""
     ref, ours = reference_and_ours()
     state = encoder_state(ref)
     legacy = to_legacy(state, conv_shaped)
     assert "encoder.mid_block.attentions.0.query.weight" in legacy and "encoder.mid_block.attentions.0.to_q.weight" not in legacy
     if conv_shaped:
         assert legacy["encoder.mid_block.attentions.0.proj_attn.weight"].ndim == 4
-    renamed = VAEEncoder.rename_legacy(legacy)
-    assert renamed.keys() == state.keys()
-    for name, tensor in state.items():
-        assert renamed[name].shape == tensor.shape and torch.equal(renamed[name], tensor), name
-    fresh = VAEEncoder(VAEConfig.tiny()).eval()
-    fresh.load_state_dict(renamed, strict=True)
+    file = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in legacy.items()}, file)
+    names = {k: _vae_name(k, tuple(v.shape)) for k, v in legacy.items()}
+    assert sorted(names.values()) == sorted(state)
+    fresh = load_strict(build_on_meta(VAEEncoder, VAEConfig.tiny()), file, names, torch.float32,
+                        torch.device("cpu"), "VAE")
     x = image(1)
     with torch.no_grad():
-        assert_close(fresh.moments(x)[0], ref.encode(x).latent_dist.mean, "mean after rename_legacy")
+        assert_close(fresh.moments(x)[0], ref.encode(x).latent_dist.mean, "mean after the legacy name rule")
 
 
-def test_rename_legacy_leaves_current_names_alone():
+def test_legacy_rule_leaves_current_names_alone():
     _, ours = reference_and_ours()
-    state = ours.state_dict()
-    renamed = VAEEncoder.rename_legacy(state)
-    assert renamed.keys() == state.keys()
-    assert all(renamed[k] is state[k] for k in state)
+    for key, t in ours.state_dict().items():
+        assert _vae_name(key, tuple(t.shape)) == key
 
 
 def test_full_size_inventory():

@@ -5,41 +5,20 @@ Printed: the detected layout, then per network its file, dtype, parameter count 
 are missing, unexpected, of the wrong shape or of a non-float dtype — the checks `load_strict` makes,
 here all listed instead of stopping at the first. Models are built on `meta` and the files' headers
 read, so it takes a second whatever the size. `--sha256` hashes the files and names the official
-ones (download.KNOWN_SHA256). Exit code 0 when everything would load, 2 when not.
+ones (sd/hub.py KNOWN_SHA256). Exit code 0 when everything would load, 2 when not.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
-
-from ..sd.hub import KNOWN_SHA256, gb
 from ..errors import UserError
-from ..sd.loading import build_on_meta, check_suffix, keys_text, read_header
+from ..sd import loading
 from ..sd.checkpoint import WEIGHTS, Part, diffusers_parts, part_of, single_file_parts
-
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the floating-point dtypes
-
-
-@dataclass
-class Report:
-    part: Part
-    dtypes: Counter  # safetensors dtype -> number of loaded tensors
-    params: int  # elements of the loaded tensors
-    missing: list[str]  # parameters no file key fills
-    unexpected: list[str]  # file keys whose name the module lacks
-    bad_shape: list[str]
-    bad_dtype: list[str]  # integer/bool tensors where the module holds floats
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.bad_shape or self.bad_dtype)
+from ..sd.hub import KNOWN_SHA256, gb
+from ..sd.loading import Report, build_on_meta, check_suffix, keys_text, read_header
 
 
 def register(subparsers) -> None:
@@ -56,34 +35,33 @@ def register(subparsers) -> None:
 def run_inspect(args) -> int:
     path = Path(args.path)
     layout, parts = detect(path)
-    reports = [check(p) for p in parts]
+    reports = [(p, check(p)) for p in parts]
     print(f"{path}: {layout}")
     print(f"  {'network':<14} {'file':<46} {'size':>9}  {'dtype':<10} {'parameters':>13}  problems")
-    for r in reports:
-        p = r.part
+    for p, r in reports:
         dtype = " + ".join(f"{d}" if n == sum(r.dtypes.values()) else f"{n}×{d}" for d, n in r.dtypes.most_common())
-        problems = sum(map(len, (r.missing, r.unexpected, r.bad_shape, r.bad_dtype)))
+        problems = sum(map(len, (r.twice, r.missing, r.unexpected, r.bad_shape, r.bad_dtype)))
         name = str(p.file.relative_to(path)) if path.is_dir() else p.file.name
         print(f"  {p.what:<14} {name:<46} {gb(p.file.stat().st_size):>9}  {dtype:<10} {r.params:>13,}  "
               f"{problems or 'none'}")
-    for r in reports:
-        for label, keys in (("missing", r.missing), ("unexpected", r.unexpected), ("wrong shape", r.bad_shape),
-                            ("not floating point", r.bad_dtype)):
+    for p, r in reports:
+        for label, keys in (("stored twice", r.twice), ("missing", r.missing), ("unexpected", r.unexpected),
+                            ("wrong shape", [f"{k} {list(got)}≠{list(want)}" for k, got, want, _ in r.bad_shape]),
+                            ("not floating point", [f"{k} ({dtype})" for k, dtype, _ in r.bad_dtype])):
             if keys:
-                print(f"  {r.part.what}: {len(keys)} {label}: {keys_text(keys)}")
-        if r.part.ignored:
-            print(f"  {r.part.what}: {len(r.part.ignored)} tensor(s) ignored by name (never built): "
-                  f"{keys_text(r.part.ignored)}")
+                print(f"  {p.what}: {len(keys)} {label}: {keys_text(keys)}")
+        if p.ignored:
+            print(f"  {p.what}: {len(p.ignored)} tensor(s) ignored by name (never built): {keys_text(p.ignored)}")
     if args.sha256:
-        for f in dict.fromkeys(r.part.file for r in reports):
+        for f in dict.fromkeys(p.file for p, _ in reports):
             digest = sha256(f)
             name = f.relative_to(path) if path.is_dir() else f.name
             print(f"  sha256 {digest}  {name}: {KNOWN_SHA256.get(digest, 'not an official file minidiffseg knows')}")
-    bad = [r for r in reports if not r.ok]
+    bad = [p for p, r in reports if not r.ok]
     if bad:
-        raise UserError(f"{path}: {', '.join(r.part.what for r in bad)} would not load (listed above): the copy is "
+        raise UserError(f"{path}: {', '.join(p.what for p in bad)} would not load (listed above): the copy is "
                         "incomplete or not the model it claims to be; download it again (weights/README.md)")
-    print(f"  OK: {sum(r.params for r in reports):,} parameters would load")
+    print(f"  OK: {sum(r.params for _, r in reports):,} parameters would load")
     return 0
 
 
@@ -123,27 +101,8 @@ def _hub_folder(folder: Path, kind: str) -> Part:
 
 
 def check(part: Part) -> Report:
-    """The checks of loading.load_strict, all of them, without loading anything."""
-    expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in part.module.state_dict().items()}
-    try:
-        with safe_open(str(part.file), framework="pt") as f:  # header only: slices read no tensor data
-            info = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in part.names}
-    except SafetensorError as e:
-        raise UserError(f"{part.file}: unreadable safetensors file ({e}); download it again") from None
-    dtypes = Counter(dtype for _, dtype in info.values())
-    params = sum(math.prod(shape) for shape, _ in info.values())
-    missing = sorted(expected.keys() - set(part.names.values()))
-    unexpected = sorted(k for k, n in part.names.items() if n not in expected)
-    bad_shape, bad_dtype = [], []
-    for key, name in part.names.items():
-        if name not in expected:
-            continue
-        (got, dtype), (want, floating) = info[key], expected[name]
-        if got != want and not (len(want) == 2 and got == (*want, 1, 1)):  # 1×1 conv stored for a linear
-            bad_shape.append(f"{key} {list(got)}≠{list(want)}")
-        if floating and dtype not in FLOAT_DTYPES:
-            bad_dtype.append(f"{key} ({dtype})")
-    return Report(part, dtypes, params, missing, unexpected, bad_shape, bad_dtype)
+    """The checks of loading (sd/loading.check), all of them, without loading anything."""
+    return loading.check(part.module, part.file, part.names)
 
 
 def sha256(path: Path, chunk: int = 16 * 2**20) -> str:

@@ -35,4 +35,4 @@ def load_weights(cls, config_cls, folder: str | Path, what: str, hub_id: str, de
     path = check_folder(folder, what, hub_id)
     shapes, _ = read_header(path)
     names = {k: k for k in shapes if k not in cls.IGNORED}
-    return load_strict(model, path, names, shapes, dtype, torch.device(device), what)
+    return load_strict(model, path, names, dtype, torch.device(device), what)

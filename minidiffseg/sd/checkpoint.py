@@ -86,7 +86,7 @@ def load_sd15(path: str | Path, device: str | torch.device = "cpu", dtype: torch
         if unknown:
             raise UserError(f"{path}: {len(unknown)} unexpected tensor(s): {keys_text(unknown)}; neither an SD1.5 "
                             "single-file tensor nor one ignored by name (minidiffseg.ldm.IGNORED)")
-    text_encoder, vae, unet = (load_strict(p.module, p.file, p.names, p.shapes, dtype, device, p.what) for p in parts)
+    text_encoder, vae, unet = (load_strict(p.module, p.file, p.names, dtype, device, p.what) for p in parts)
     return SD15(tok, text_encoder, vae, unet, NoiseSchedule())
 
 
@@ -126,9 +126,17 @@ def _text_name(key: str, shape: tuple[int, ...]) -> str:
     return key if key.startswith("text_model.") else f"text_model.{key}"
 
 
+# The first diffusers releases spelled the VAE's mid-block attention projections differently.
+LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
 def _vae_name(key: str, shape: tuple[int, ...]) -> str:
-    """Legacy diffusers VAE files spell the mid-attention query/key/value/proj_attn: VAEEncoder's rule."""
-    return next(iter(VAEEncoder.rename_legacy({key: torch.empty(shape, device="meta")})))
+    """Legacy diffusers VAE files name the mid-attention `query/key/value/proj_attn`; their 1×1-conv-shaped
+    weights [C, C, 1, 1] are reshaped to the linear's [C, C] by the loader."""
+    *head, proj, leaf = key.split(".")
+    if "attentions" in head and proj in LEGACY_VAE_ATTENTION:
+        return ".".join([*head, LEGACY_VAE_ATTENTION[proj], leaf])
+    return key
 
 
 def _config(component: Path) -> dict:

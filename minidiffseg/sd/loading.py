@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +30,7 @@ RELEASE_BYTES = 256 * 2**20  # file bytes converted before the mapping is reopen
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 SHOWN = 5  # keys quoted in an error message; the rest are counted
 # bytes per element of the safetensors dtypes minidiffseg can read (the format's names)
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
             "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -95,39 +98,87 @@ def build_on_meta(cls, cfg) -> nn.Module:
         return cls(cfg)
 
 
-def load_strict(module: nn.Module, path: Path, names: dict[str, str], shapes: dict[str, tuple[int, ...]],
-                dtype: torch.dtype, device: torch.device, what: str) -> nn.Module:
-    """Fill `module` (built on meta) from `path`: `names` maps each file key to load to a parameter
-    name, `shapes` are the file's (from read_header). Every parameter must be filled, every name must
-    exist, every shape must match; returns the module in eval mode without gradients."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    floating = {k for k, v in module.state_dict().items() if v.is_floating_point()}
+# safetensors dtype name -> torch dtype, for the messages that name a stored dtype
+TORCH_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+               "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+               "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+@dataclass
+class Report:
+    """What loading `names` of a file into a module would find, without reading any tensor data. The one
+    set of checks behind both `load_strict` (which raises on the first kind of problem) and
+    `minidiffseg inspect-weights` (which lists them all)."""
+
+    dtypes: Counter  # safetensors dtype -> number of loaded tensors
+    params: int  # elements of the loaded tensors
+    twice: list[str]  # "key1 and key2": one parameter filled by two file keys
+    missing: list[str]  # parameters that no file key fills
+    unexpected: list[str]  # file keys whose parameter the module lacks
+    bad_shape: list[tuple[str, tuple, tuple, str]]  # (key, stored shape, expected shape, parameter)
+    bad_dtype: list[tuple[str, str, str]]  # (key, stored dtype, parameter): integers/bools for float weights
+
+    @property
+    def ok(self) -> bool:
+        return not (self.twice or self.missing or self.unexpected or self.bad_shape or self.bad_dtype)
+
+    def raise_first(self, path: Path, what: str) -> None:
+        """One line for the first kind of problem found (the order loading meets them), or nothing."""
+        if self.twice:  # e.g. a VAE file with both the legacy and the current attention names
+            raise UserError(f"{path}: {len(self.twice)} {what} parameter(s) stored twice under different names: "
+                            f"{keys_text(self.twice)}; the file is not a valid SD1.5 checkpoint")
+        if self.missing:
+            raise UserError(f"{path}: {len(self.missing)} {what} tensor(s) missing: {keys_text(self.missing)}; the "
+                            "file is incomplete or not an SD1.5 checkpoint: download it again (`minidiffseg download`)")
+        if self.unexpected:
+            raise UserError(f"{path}: {len(self.unexpected)} unexpected {what} tensor(s): {keys_text(self.unexpected)}; "
+                            "the file is not an SD1.5 checkpoint of the size its config describes")
+        for key, got, want, name in self.bad_shape[:1]:
+            raise UserError(f"{path}: tensor {key} has shape {list(got)} but the {what} expects {list(want)} "
+                            f"for {name}; the file does not match its config (mixed-up files?)")
+        for key, dtype, name in self.bad_dtype[:1]:
+            raise UserError(f"{path}: tensor {key} is stored as {TORCH_DTYPE[dtype]} but the {what}'s {name} holds "
+                            "floating-point weights; the file is corrupt or not an SD1.5 checkpoint: download it again")
+
+
+def check(module: nn.Module, path: Path, names: dict[str, str]) -> Report:
+    """Check that the file keys `names` (file key -> parameter name) fill `module` (built on meta) exactly:
+    every parameter filled once, every name known, every shape equal (a 1×1 conv [O, I, 1, 1] may fill a
+    linear [O, I]), floating-point data where the module holds floats. Reads the header only."""
+    expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in module.state_dict().items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:  # slices read no tensor data
+            info = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in names}
+    except SafetensorError as e:
+        raise UserError(f"{path}: unreadable safetensors file ({e}); download it again") from None
     keys_of: dict[str, list[str]] = {}
     for key, name in names.items():
         keys_of.setdefault(name, []).append(key)
-    twice = [" and ".join(keys) for keys in keys_of.values() if len(keys) > 1]
-    if twice:  # e.g. a VAE file with both the legacy and the current attention names
-        raise UserError(f"{path}: {len(twice)} {what} parameter(s) stored twice under different names: "
-                        f"{keys_text(twice)}; the file is not a valid SD1.5 checkpoint")
-    missing = expected.keys() - set(names.values())
-    if missing:
-        raise UserError(f"{path}: {len(missing)} {what} tensor(s) missing: {keys_text(missing)}; the file is "
-                        "incomplete or not an SD1.5 checkpoint: download it again (`minidiffseg download`)")
-    unexpected = [k for k, n in names.items() if n not in expected]
-    if unexpected:
-        raise UserError(f"{path}: {len(unexpected)} unexpected {what} tensor(s): {keys_text(unexpected)}; "
-                        "the file is not an SD1.5 checkpoint of the size its config describes")
+    bad_shape, bad_dtype = [], []
     for key, name in names.items():
-        got, want = shapes[key], expected[name]
-        if got != want and not (len(want) == 2 and got == (*want, 1, 1)):  # 1×1 conv [O,I,1,1] -> linear [O,I]
-            raise UserError(f"{path}: tensor {key} has shape {list(got)} but the {what} expects {list(want)} "
-                            f"for {name}; the file does not match its config (mixed-up files?)")
-    state = {}
-    for key, t in _read(path, list(names), dtype, device):
-        if names[key] in floating and not t.is_floating_point():
-            raise UserError(f"{path}: tensor {key} is stored as {t.dtype} but the {what}'s {names[key]} holds "
-                            "floating-point weights; the file is corrupt or not an SD1.5 checkpoint: download it again")
-        state[names[key]] = t.reshape(expected[names[key]])
+        if name not in expected:
+            continue
+        (got, dtype), (want, floating) = info[key], expected[name]
+        if got != want and not (len(want) == 2 and got == (*want, 1, 1)):  # 1×1 conv stored for a linear
+            bad_shape.append((key, got, want, name))
+        if floating and dtype not in FLOAT_DTYPES:
+            bad_dtype.append((key, dtype, name))
+    return Report(dtypes=Counter(dtype for _, dtype in info.values()),
+                  params=sum(math.prod(shape) for shape, _ in info.values()),
+                  twice=[" and ".join(keys) for keys in keys_of.values() if len(keys) > 1],
+                  missing=sorted(expected.keys() - set(names.values())),
+                  unexpected=sorted(k for k, n in names.items() if n not in expected),
+                  bad_shape=bad_shape, bad_dtype=bad_dtype)
+
+
+def load_strict(module: nn.Module, path: Path, names: dict[str, str], dtype: torch.dtype, device: torch.device,
+                what: str) -> nn.Module:
+    """Fill `module` (built on meta) from `path`: `names` maps each file key to load to a parameter name.
+    `check` runs first (every parameter filled, every name known, every shape and dtype right); returns
+    the module in eval mode without gradients."""
+    check(module, path, names).raise_first(path, what)
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    state = {names[key]: t.reshape(shapes[names[key]]) for key, t in _read(path, list(names), dtype, device)}
     module.load_state_dict(state, strict=True, assign=True)
     left = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
     if left:  # a buffer that no checkpoint holds must be created in forward, not in __init__

@@ -19,7 +19,6 @@ from .config import VAEConfig
 EPS = 1e-6  # GroupNorm eps everywhere in the VAE (see module docstring)
 
 # legacy diffusers names of the mid-block attention projections -> current names
-_LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
 class ResnetBlock(nn.Module):
@@ -149,20 +148,3 @@ class VAEEncoder(nn.Module):
         device = generator.device if generator is not None else mean.device
         noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
         return self.cfg.scaling_factor * (mean + torch.exp(0.5 * logvar) * noise)
-
-    @staticmethod
-    def rename_legacy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Accept the two older spellings of the mid-block attention:
-        - legacy diffusers names `query/key/value/proj_attn` -> `to_q/to_k/to_v/to_out.0`;
-        - 1×1-conv-shaped projection weights [C, C, 1, 1] (original LDM files) -> Linear [C, C].
-        Other keys pass through unchanged (also the decoder's, which the loader ignores)."""
-        out = {}
-        for name, tensor in state_dict.items():
-            parts = name.split(".")
-            if "attentions" in parts:  # ...mid_block.attentions.0.<proj>.<weight|bias>
-                proj = _LEGACY_ATTENTION_NAMES.get(parts[-2], parts[-2])
-                name = ".".join([*parts[:-2], proj, parts[-1]])
-                if proj in _LEGACY_ATTENTION_NAMES.values() and tensor.ndim == 4 and tensor.shape[2:] == (1, 1):
-                    tensor = tensor[:, :, 0, 0]  # (C_out, C_in, 1, 1) -> (C_out, C_in)
-            out[name] = tensor
-        return out
