@@ -1,5 +1,5 @@
-"""Our CLIP text encoder vs transformers' `CLIPTextModel` on identical random weights (DESIGN §7.2),
-and the full-size parameter inventory (DESIGN §7.3)."""
+"""Our CLIP text encoder vs transformers' `CLIPTextModel` on identical random weights (docs/design.md §7.2),
+and the full-size parameter inventory (docs/design.md §7.3)."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from minidiffseg.sd.config import CLIPTextConfig
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference CLIP (test-only)")
 
-BOS, EOS = 49406, 49407  # CLIP's special tokens (DESIGN §3)
+BOS, EOS = 49406, 49407  # CLIP's special tokens (docs/design.md §3)
 
 
 def reference_config(cfg: CLIPTextConfig):
@@ -77,7 +77,7 @@ def test_causal_mask_matters():
 
 
 def test_float64_matches_reference_fp32():
-    # transformers cannot build its causal mask in float64 (DESIGN §7.4): compare our float64
+    # transformers cannot build its causal mask in float64 (docs/design.md §7.4): compare our float64
     # run with the float32 reference, so the bound covers float32 rounding (measured ~3e-7).
     ref, ours = reference_and_ours(CLIPTextConfig.tiny())
     ids = prompts()

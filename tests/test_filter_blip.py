@@ -1,7 +1,7 @@
 """Our BLIP captioner vs transformers' `BlipForConditionalGeneration` on identical random weights
-(DESIGN §7.2): logits of a prefix, and identical greedy token ids for conditional and unconditional
+(docs/design.md §7.2): logits of a prefix, and identical greedy token ids for conditional and unconditional
 captioning, one prompt at a time in transformers vs one left-padded batch in ours; the pixel
-preprocessing vs `BlipImageProcessorPil`; the full-size inventory (DESIGN §7.3)."""
+preprocessing vs `BlipImageProcessorPil`; the full-size inventory (docs/design.md §7.3)."""
 
 import numpy as np
 import pytest

@@ -1,5 +1,5 @@
 """Our CLIPModel (image tower + shared text tower + projections) vs transformers' `CLIPModel` on
-identical random weights (DESIGN §7.2), CLIP's preprocessing vs `CLIPImageProcessorPil` on real
+identical random weights (docs/design.md §7.2), CLIP's preprocessing vs `CLIPImageProcessorPil` on real
 photos, the zero-shot scores and the relative keep rule, and the full-size inventory (§7.3)."""
 
 import numpy as np

@@ -1,5 +1,5 @@
-"""Our VAE encoder vs diffusers' `AutoencoderKL.encode` on identical random weights (DESIGN §7.2),
-the legacy-name translation, and the full-size parameter inventory (DESIGN §7.3)."""
+"""Our VAE encoder vs diffusers' `AutoencoderKL.encode` on identical random weights (docs/design.md §7.2),
+the legacy-name translation, and the full-size parameter inventory (docs/design.md §7.3)."""
 
 import pytest
 import torch
