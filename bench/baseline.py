@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from minidiffseg.image import to_tensor
 from minidiffseg.method.fusion import DEFAULT_LEVEL_WEIGHTS
 from minidiffseg.method.prompts import CLASS_WEIGHT, TEMPLATES
-from minidiffseg.method.decision import DEFAULT_BACKGROUND
+from minidiffseg.method.decision import DEFAULT_TAU
 from minidiffseg.method.segmenter import TIMESTEP
 
 RECIPE = ["text encode", "VAE encode", "U-Net + capture", "fusion", "refinement", "post-processing"]
@@ -125,6 +125,6 @@ class DiffusersRecipe:
                                align_corners=False)[0]  # (C, H, W)
             lo, hi = up.amin((1, 2), keepdim=True), up.amax((1, 2), keepdim=True)
             scores = (up - lo) / (hi - lo)
-            mask = torch.cat([torch.full_like(scores[:1], DEFAULT_BACKGROUND), scores]).argmax(0)
+            mask = torch.cat([torch.full_like(scores[:1], DEFAULT_TAU), scores]).argmax(0)
         clock.add("end to end", RECIPE)
         return mask

@@ -6,7 +6,7 @@ it propagate. Anything else escaping is a bug in minidiffseg.
 """
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A problem with the user's input: one line, printed without a traceback (exit code 2)."""
 
     exit_code = 2

@@ -34,7 +34,7 @@ def test_segment_writes_everything_and_reports_a_bad_image(tiny_sd_dir, tmp_path
     assert png.mode == "P" and png.size == (451, 300)
     assert torch.equal(torch.frombuffer(bytearray(png.tobytes()), dtype=torch.uint8).reshape(300, 451), mask)
     # the same as the Python API with the same settings
-    want = Segmenter.from_pretrained(tiny_sd_dir, resolution=128).seg(good, ["cat", "dog"], seed=0)
+    want = Segmenter.from_pretrained(tiny_sd_dir, resolution=128)(good, ["cat", "dog"], seed=0)
     assert torch.equal(want.mask.to(torch.uint8), mask)
     assert Image.open(out / "chelsea_overlay.png").size == (451, 300)
 
@@ -73,7 +73,7 @@ def test_bad_options_are_one_line(tiny_sd_dir, tmp_path, capsys):
     img = sample_image_paths()[0]
     for extra, message in ((["--classes", "cat,cat"], "twice"), (["--classes", ","], "empty"),
                            (["--classes", "cat", "--timesteps", "1000"], "--timesteps"),
-                           (["--classes", "cat", "--background", "2"], "--background"),
+                           (["--classes", "cat", "--tau", "2"], "--tau"),
                            (["--classes", "cat", "--resolution", "100"], "multiple of 64")):
         code, _, err = run(capsys, "segment", img, "--weights", tiny_sd_dir, "--out", tmp_path, *extra)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -69,7 +69,7 @@ def test_wrong_size_label_through_the_cli(capsys, voc, tiny_sd_dir):
 
 
 def test_filter_without_its_weights(capsys, voc):
-    rc, err = cli(capsys, *eval_args(voc, "--labels", "filter", "--clip-dir", voc / "no-clip"))
+    rc, err = cli(capsys, *eval_args(voc, "--labels", "filter", "--clip-weights", voc / "no-clip"))
     assert rc == 2 and "no-clip" in err.splitlines()[-1], err
 
 
@@ -143,7 +143,7 @@ def test_end_to_end_with_the_tiny_model(capsys, tmp_path, tiny_sd_dir):
         classes, refined = r["classes"], r["refined"]
     gt = ds.label(sample)
     ours = predict(ds, classes, upsample_scores(torch.from_numpy(refined), gt.shape), gt.shape, cal["tau"])
-    direct = seg.seg(ds.image(sample), [ds.vocab.prompt_names[i] for i in classes], seed=0,
-                     background=cal["tau"])
+    direct = seg(ds.image(sample), [ds.vocab.prompt_names[i] for i in classes], seed=0,
+                 tau=cal["tau"])
     lut = np.concatenate([[0], classes])
     assert (ours == lut[direct.mask.numpy()]).all()

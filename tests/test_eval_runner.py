@@ -45,7 +45,7 @@ class Perfect:
         self.vocab, self.log, self.sleep = ds.vocab, log, sleep
         self.truth = {ds.image(s).tobytes(): (s.name, ds.label(s)) for s in ds.samples}
 
-    def seg(self, image, classes, *, seed):
+    def __call__(self, image, classes, *, seed):
         name, gt = self.truth[image.tobytes()]
         if self.log:
             with open(self.log, "a") as f:
@@ -61,7 +61,7 @@ class Constant:
     predicts background everywhere and, without a background class, the argmax is the first
     candidate."""
 
-    def seg(self, image, classes, *, seed):
+    def __call__(self, image, classes, *, seed):
         return SimpleNamespace(refined=torch.zeros(len(classes), 4, 4))
 
 
@@ -190,8 +190,8 @@ def test_torchrun_two_processes_give_the_single_process_confusion(tmp_path):
 class Lossy(Perfect):
     """The perfect maps, shifted 3 pixels to the right: imperfect, and different per image."""
 
-    def seg(self, image, classes, *, seed):
-        r = super().seg(image, classes, seed=seed)
+    def __call__(self, image, classes, *, seed):
+        r = super().__call__(image, classes, seed=seed)
         return SimpleNamespace(refined=torch.roll(r.refined, 3, dims=-1))
 
 

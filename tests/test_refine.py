@@ -116,12 +116,12 @@ def test_fusion_and_refinement_recover_known_blobs():
     assert torch.allclose(a, halves, atol=1e-6)
     m = refine(qk * 1, a.flatten(1).T[None]).reshape(*size, 2).permute(2, 0, 1)  # one S for both classes
     scores = upsample_scores(m, (64, 64))
-    mask = decide(scores, background=0.5)
+    mask = decide(scores, tau=0.5)
     want = torch.nn.functional.interpolate(region[None, None].float(), size=(64, 64), mode="nearest")[0, 0].long()
     agree = (mask == want).float().mean().item()
     assert agree > 0.97, f"blob mask agrees with the truth on {agree:.1%} of pixels"
     # without the refinement the raw bumps cover only part of each blob
-    raw = decide(upsample_scores(a[:, 0], (64, 64)), background=0.5)
+    raw = decide(upsample_scores(a[:, 0], (64, 64)), tau=0.5)
     assert (raw == want).float().mean().item() < agree
 
 
@@ -131,5 +131,5 @@ def test_minmax_and_decide():
     assert torch.equal(y[0], torch.tensor([[0.0, 0.5], [0.25, 1.0]])) and torch.equal(y[1], torch.zeros(2, 2))
     # a constant map stays constant through the bilinear upsampling's rounding
     assert torch.equal(upsample_scores(torch.full((1, 7, 9), 0.7), (300, 451)), torch.zeros(1, 300, 451))
-    mask = decide(torch.tensor([[[0.2, 0.9]], [[0.6, 0.1]]]), background=0.5)
+    mask = decide(torch.tensor([[[0.2, 0.9]], [[0.6, 0.1]]]), tau=0.5)
     assert mask.tolist() == [[2, 1]]

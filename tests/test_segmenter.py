@@ -99,7 +99,7 @@ def test_scores_equal_the_official_recipe_in_float64(seg64, tiny_sd_dir):
     image = sample_image_paths()[1]  # chelsea, 451×300: not square
     classes = ["cat", "fire hydrant", "sofa"]
     noise = torch.randn(1, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(3))
-    ours = seg64.seg(image, classes, latent="mean", noise=noise).scores
+    ours = seg64(image, classes, posterior="mean", noise=noise).scores
     want = official_scores(tiny_sd_dir, image, classes, noise)
     err = (ours - want).abs().max().item()
     assert ours.shape == want.shape and err <= 1e-4, f"scores vs official recipe: max abs error {err:.3e}"
@@ -108,12 +108,12 @@ def test_scores_equal_the_official_recipe_in_float64(seg64, tiny_sd_dir):
 def test_batched_equals_separate_passes(seg64):
     image = sample_image_paths()[0]
     classes = ["cat", "person", "potted plant"]
-    together = seg64.seg(image, classes, seed=5)
+    together = seg64(image, classes, seed=5)
     for i, c in enumerate(classes):
-        alone = seg64.seg(image, [c], seed=5)
+        alone = seg64(image, [c], seed=5)
         err = (together.scores[i] - alone.scores[0]).abs().max().item()
         assert err <= 1e-9, f"{c}: batched vs alone max abs error {err:.3e}"
-    grouped = Segmenter(seg64.sd, resolution=RES, class_batch=2).seg(image, classes, seed=5)
+    grouped = Segmenter(seg64.sd, resolution=RES, class_batch=2)(image, classes, seed=5)
     assert (grouped.scores - together.scores).abs().max() <= 1e-9
 
 
@@ -140,7 +140,7 @@ def test_plus_plus_reweighting_formula(seg64):
 
 def test_joint_mode_reads_every_class_from_one_row(seg64):
     image = sample_image_paths()[0]
-    r = seg64.seg(image, ["cat", "dog"], joint=True)
+    r = seg64(image, ["cat", "dog"], joint=True)
     assert r.prompts == ["a photograph of cat and dog"] and r.scores.shape[0] == 2
     assert not torch.allclose(r.scores[0], r.scores[1])
 
@@ -163,12 +163,12 @@ def test_real_photos_of_many_sizes_and_modes(seg32, tmp_path):
     for path in _variants(tmp_path):
         im = Image.open(path)
         w, h = (im.height, im.width) if path.name == "rotated.jpg" else (im.width, im.height)
-        r = seg32.seg(path, ["cat", "dog", "person"], seed=0)
+        r = seg32(path, ["cat", "dog", "person"], seed=0)
         assert r.scores.shape == (3, h, w) and r.mask.shape == (h, w), path.name
         assert r.scores.min() >= 0 and r.scores.max() <= 1 and r.mask.dtype == torch.int64
         assert set(r.mask.unique().tolist()) <= {0, 1, 2, 3}
-    again = seg32.seg(path, ["cat", "dog", "person"], seed=0)
-    other = seg32.seg(path, ["cat", "dog", "person"], seed=1)
+    again = seg32(path, ["cat", "dog", "person"], seed=0)
+    other = seg32(path, ["cat", "dog", "person"], seed=1)
     assert torch.equal(r.scores, again.scores), "same seed must give the same scores"
     assert not torch.allclose(r.scores, other.scores), "different seeds must differ"
 
@@ -181,7 +181,7 @@ def test_real_photos_of_many_sizes_and_modes(seg32, tmp_path):
 ])
 def test_bad_class_lists(seg32, classes, message):
     with pytest.raises(UserError, match=message):
-        seg32.seg(sample_image_paths()[0], classes)
+        seg32(sample_image_paths()[0], classes)
 
 
 def test_bad_images_and_weights(seg32, tmp_path):
@@ -190,6 +190,6 @@ def test_bad_images_and_weights(seg32, tmp_path):
     for path, message in ((tmp_path / "missing.png", "no such file"), (tmp_path / "empty.png", "empty"),
                           (tmp_path / "text.png", "not a readable image")):
         with pytest.raises(UserError, match=message):
-            seg32.seg(path, ["cat"])
+            seg32(path, ["cat"])
     with pytest.raises(UserError, match="download"):
         Segmenter.from_pretrained(tmp_path / "no-weights-here")

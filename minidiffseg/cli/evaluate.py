@@ -1,7 +1,7 @@
 """`minidiffseg eval` and `minidiffseg calibrate`: thin commands over `runner.run`.
 
   eval       mIoU of a split; τ = --tau, or --tau-file (written by calibrate on *other* images;
-             refused if the two image sets overlap), or Segmenter.default_background.
+             refused if the two image sets overlap), or Segmenter.default_tau.
              --sweep adds mIoU over a τ grid on the evaluated split, labelled as an oracle.
   calibrate  picks τ as the best mIoU over a grid on a split that is not reported (e.g.
              `--split train --limit 300` of VOC) and writes OUT/tau.json.
@@ -63,8 +63,8 @@ def _common(p: argparse.ArgumentParser, split: str) -> None:
                    help="candidate classes: gt (from the ground truth), a label-file path, or filter")
     p.add_argument("--filter", default="union", choices=["union", "clip", "blip"],
                    help="with --labels filter: which filter (default union = CLIP ∪ BLIP, the paper's)")
-    p.add_argument("--clip-dir", help="with --labels filter: CLIP ViT-L/14 folder")
-    p.add_argument("--blip-dir", help="with --labels filter: BLIP-large captioner folder")
+    p.add_argument("--clip-weights", help="with --labels filter: openai/clip-vit-large-patch14 folder")
+    p.add_argument("--blip-weights", help="with --labels filter: Salesforce/blip-image-captioning-large folder")
     p.add_argument("--resolution", type=int, default=512,
                    help="side of the square images are stretched to (official 512)")
     p.add_argument("--limit", type=int, help="only the first N images of the split")
@@ -87,7 +87,7 @@ def _candidates(args, ds: Dataset, device, dtype) -> tuple[cands.Candidates, str
         return cands.from_ground_truth(ds), "gt (classes present in the ground truth)"
     if args.labels == "filter":
         from ..filter import make_filter
-        filt = make_filter(args.filter, ds.vocab, clip_dir=args.clip_dir, blip_dir=args.blip_dir,
+        filt = make_filter(args.filter, ds.vocab, clip_dir=args.clip_weights, blip_dir=args.blip_weights,
                            device=device, dtype=dtype)
         return cands.from_filter(ds, filt), f"filter {args.filter}"
     path = Path(args.labels)
@@ -141,7 +141,7 @@ def _tau(args, ds: Dataset) -> tuple[float | None, str]:
         return tau, (f"calibrated on {cal.get('dataset')} {cal.get('split')} ({len(names)} images, "
                      f"mIoU {cal.get('miou')} there), disjoint from this split")
     from ..method.segmenter import Segmenter
-    return float(Segmenter.default_background), "default (Segmenter.default_background), not tuned"
+    return float(Segmenter.default_tau), "default (Segmenter.default_tau), not tuned"
 
 
 # ------------------------------------------------------------------------------------ commands

@@ -55,13 +55,14 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blip-weights", help="Salesforce/blip-image-captioning-large folder (for --filter/--caption)")
     add_model_args(p)
     p.add_argument("--seed", type=int, default=0, help="seeds the VAE sample and the noise (default 0)")
-    p.add_argument("--background", type=float, help=f"background score τ in [0, 1] "
-                   f"(default {Segmenter.default_background})")
+    p.add_argument("--tau", type=float, help=f"background score τ in [0, 1]: a pixel whose best class score is "
+                   f"below it is background (default {Segmenter.default_tau})")
     p.add_argument("--joint", action="store_true", help="one prompt naming all classes, one U-Net row (C× cheaper)")
     p.add_argument("--template", help="prompt template with {} for the class (default: the vocabulary's, "
                    "else 'a photograph of {}')")
     p.add_argument("--resolution", type=int, default=512, help="square side the image is stretched to (÷64)")
-    p.add_argument("--latent", choices=["sample", "mean"], default="sample", help="VAE posterior sample (official) or mean")
+    p.add_argument("--posterior", choices=["sample", "mean"], default="sample",
+                   help="the VAE posterior's sample (official) or its mean (deterministic)")
     p.add_argument("--class-batch", type=int, help="at most N classes per U-Net call (bounds memory)")
     p.add_argument("--timesteps", default="100", help="comma-separated noise levels whose attention is averaged "
                    "(official: 100; the paper's Table 5 also tries 1,50,100,150)")
@@ -70,8 +71,8 @@ def _method_args(p: argparse.ArgumentParser) -> None:
 
 
 def _segmenter(args) -> Segmenter:
-    if args.background is not None and not 0 <= args.background <= 1:
-        raise UserError(f"--background {args.background}: τ is compared with scores in [0, 1]; give a value in [0, 1]")
+    if args.tau is not None and not 0 <= args.tau <= 1:
+        raise UserError(f"--tau {args.tau}: τ is compared with scores in [0, 1]; give a value in [0, 1]")
     if args.class_batch is not None and args.class_batch < 1:
         raise UserError(f"--class-batch {args.class_batch}: give a positive number")
     try:
@@ -158,8 +159,8 @@ def write_result(out: Path, stem: str, image, r: SegmentationResult) -> None:
                  lambda p: overlay(load_image(image), r.mask, r.classes, area=r.area()).save(p, format="PNG"))
     for i, name in enumerate(r.classes, 1):
         write_atomic(out / f"{stem}_heat_{i}_{_safe(name)}.png", lambda p: heatmap(r.scores[i - 1]).save(p, format="PNG"))
-    meta = {"classes": json.dumps(r.classes), "prompts": json.dumps(r.prompts), "background": str(r.background)}
-    tensors = {"scores": r.scores.half().contiguous(), "cross": r.cross.contiguous(), "refined": r.refined.contiguous(),
+    meta = {"classes": json.dumps(r.classes), "prompts": json.dumps(r.prompts), "tau": str(r.tau)}
+    tensors = {"scores": r.scores.half().contiguous(), "fused": r.fused.contiguous(), "refined": r.refined.contiguous(),
                "mask": r.mask.to(torch.uint8).contiguous()}
     write_atomic(outputs(out, stem), save(tensors, metadata=meta))  # bytes: a full disk raises OSError, not a panic
 
@@ -187,8 +188,7 @@ def run_segment(args) -> int:
     for path in tqdm(todo, desc="segment", unit="image", file=sys.stderr, disable=len(todo) < 2):
         try:
             classes, captions = source(path)
-            r = seg.seg(path, classes, captions=captions, seed=args.seed, background=args.background,
-                        latent=args.latent)
+            r = seg(path, classes, captions=captions, seed=args.seed, tau=args.tau, posterior=args.posterior)
             write_result(out, path.stem, path, r)
         except UserError as e:
             if len(todo) == 1:
@@ -214,7 +214,7 @@ def run_maps(args) -> int:
         check_classes(args.classes.split(","))
     seg = _segmenter(args)
     classes, captions = ClassSource(args, seg)(args.image)
-    r = seg.seg(args.image, classes, captions=captions, seed=args.seed, background=args.background, latent=args.latent)
+    r = seg(args.image, classes, captions=captions, seed=args.seed, tau=args.tau, posterior=args.posterior)
     levels = {m.name: m.level for m in seg.sd.unet.attention_layers()}
     names = sorted(r.layers, key=lambda n: (levels[n], n))
 
@@ -228,7 +228,7 @@ def run_maps(args) -> int:
     for i, c in enumerate(r.classes):
         cols = [(short(n), r.layers[n][i]) for n in names]
         cols += [(f"level 1/{lvl} mean", r.levels[lvl][i]) for lvl in sorted(r.levels)]
-        cols += [("fused A", r.cross[i]), ("refined M=S·A", r.refined[i]), ("scores", r.scores[i])]
+        cols += [("fused A", r.fused[i]), ("refined M=S·A", r.refined[i]), ("scores", r.scores[i])]
         rows.append((c, cols))
     write_atomic(out, lambda p: grid(rows).save(p, format="PNG"))
     print(f"{out}: {len(names)} cross-attention layers, {len(r.levels)} levels, fused and refined maps for "

@@ -137,7 +137,7 @@ def segment(model: SegmenterLike, ds: Dataset, samples: list[Sample], out: Path,
         image = ds.image(s)
         classes = candidates(s, image)  # evaluation indices
         if classes:
-            r = model.seg(image, [vocab.prompt_names[i] for i in classes], seed=seed)
+            r = model(image, [vocab.prompt_names[i] for i in classes], seed=seed)
             refined = r.refined.detach().float().cpu().numpy()  # (C, h, w)
             assert refined.shape[0] == len(classes), (refined.shape, len(classes))
         else:  # nothing to ask about: background everywhere (or "no class" without background)

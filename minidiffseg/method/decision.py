@@ -12,7 +12,7 @@ from .fusion import minmax
 # Background score τ: argmax over [τ, M_1..M_C] (docs/design.md §5). The official code picked the best
 # of 0.30..0.74 on the evaluation set itself; ours is a fixed default in the middle of the range the
 # official sweep explored, to be replaced by `minidiffseg calibrate` on a held-out split.
-DEFAULT_BACKGROUND = 0.4
+DEFAULT_TAU = 0.4
 
 
 def upsample_scores(refined: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -21,7 +21,7 @@ def upsample_scores(refined: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     return minmax(F.interpolate(x, size=size, mode="bilinear", align_corners=False))[0]
 
 
-def decide(scores: torch.Tensor, background: float) -> torch.Tensor:
+def decide(scores: torch.Tensor, tau: float) -> torch.Tensor:
     """argmax over [τ, scores_1..scores_C] -> (H, W) int64, 0 = background."""
-    tau = torch.full_like(scores[:1], float(background))
+    tau = torch.full_like(scores[:1], float(tau))
     return torch.cat([tau, scores]).argmax(dim=0)

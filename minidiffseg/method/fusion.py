@@ -26,17 +26,17 @@ def minmax(x: torch.Tensor, dims=(-2, -1)) -> torch.Tensor:
     return torch.where(flat, torch.zeros_like(x), (x - lo) / span.clamp_min(torch.finfo(x.dtype).tiny))
 
 
-def level_maps(cross_maps: dict[str, torch.Tensor], count: dict[str, int], levels: dict[str, int],
-               shapes: dict[str, tuple[int, int]]) -> dict[int, torch.Tensor]:
-    """Mean over the layers of each level: {level: (B, K, h_l, w_l)} from recorded (B, h_l·w_l, K) sums."""
-    by_level: dict[int, list[str]] = {}
-    for name in cross_maps:
-        by_level.setdefault(levels[name], []).append(name)
+def level_maps(layers: dict[str, torch.Tensor], levels: dict[str, int]) -> dict[int, torch.Tensor]:
+    """Mean over the layers of each level: {layer name: (B, K, h_l, w_l)} -> {level: (B, K, h_l, w_l)}."""
+    by_level: dict[int, list[torch.Tensor]] = {}
+    for name, m in layers.items():
+        by_level.setdefault(levels[name], []).append(m)
     out = {}
-    for level, names in by_level.items():
-        stacked = torch.stack([cross_maps[n] / count[n] for n in names])  # (L, B, HW, K)
-        h, w = shapes[names[0]]
-        out[level] = stacked.mean(0).transpose(1, 2).reshape(stacked.shape[1], -1, h, w)
+    for level, maps in by_level.items():
+        # averaged in the store's (B, h_l·w_l, K) layout: CPU reductions round by memory layout, and this one
+        # keeps every bit of the results the project has always produced
+        mean = torch.stack([m.flatten(2).transpose(1, 2) for m in maps]).mean(0)  # (B, HW, K)
+        out[level] = mean.transpose(1, 2).reshape(maps[0].shape)
     return out
 
 

@@ -51,11 +51,11 @@ class ClassPrompt:
 
 
 def build_prompt(tok: CLIPTokenizer, text: str, spans: list[tuple[int, int]], *, class_weight: float = CLASS_WEIGHT,
-                 tokens: str = "last", ing: bool = True) -> ClassPrompt:
+                 tokens: str = "last", ing_token: bool = True) -> ClassPrompt:
     """Prompt `text` (weight marks allowed) whose chunks spans[k] = [first, end) name class k.
 
     tokens: "last" (the class name's last BPE token, as the official code) or "all" (every token of
-    the name). ing: if the word right after the class ends in "ing", its first token is averaged in.
+    the name). ing_token: if the word right after the class ends in "ing", its first token is averaged in.
     """
     if tokens not in ("last", "all"):
         raise UserError(f"token selection {tokens!r} is unknown: use 'last' or 'all'")
@@ -80,7 +80,7 @@ def build_prompt(tok: CLIPTokenizer, text: str, spans: list[tuple[int, int]], *,
         if parsed[end - 1][1] == 1.0:  # an explicit mark on the class word wins over the default "++"
             weights[last_word] = class_weight
         cols = [last_word[-1]] if tokens == "last" else [p for w in words for p in w]
-        if ing and end < len(chunks) and _word(parsed[end][0]).endswith("ing"):
+        if ing_token and end < len(chunks) and _word(parsed[end][0]).endswith("ing"):
             cols.append(starts[end])
         select[cols, k] = 1.0 / len(cols)
     return ClassPrompt(clean, weights, select)

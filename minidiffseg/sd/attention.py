@@ -31,11 +31,14 @@ from torch import nn
 
 
 class Attention(nn.Module):
-    """Attention as in diffusers' `Attention` for SD1.5: biasless q/k/v, biased `to_out.0`."""
+    """Attention as in diffusers' `Attention` for SD1.5/SD2.x: biasless q/k/v, biased `to_out.0`.
+    `upcast` (SD2.1 768-v): where probabilities are computed explicitly, QKᵀ and the softmax run in at
+    least float32 (SDPA accumulates in float32 anyway)."""
 
-    def __init__(self, query_dim: int, heads: int, context_dim: int | None = None):
+    def __init__(self, query_dim: int, heads: int, context_dim: int | None = None, upcast: bool = False):
         super().__init__()
         self.heads = heads
+        self.upcast = upcast
         self.kind = "self" if context_dim is None else "cross"
         self.name = ""  # state-dict path, set by the owning UNet (e.g. "mid_block.attentions.0.transformer_blocks.0.attn2")
         self.level = 0  # 1, 2, 4 or 8: latent size / this layer's spatial size; set by the owning UNet
@@ -61,9 +64,13 @@ class Attention(nn.Module):
         return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / √d): (B, h, N, d), (B, h, T, d) -> (B, h, N, T), the explicit path."""
+def attention_probs(q: torch.Tensor, k: torch.Tensor, upcast: bool = False) -> torch.Tensor:
+    """softmax(q kᵀ / √d): (B, h, N, d), (B, h, T, d) -> (B, h, N, T), the explicit path; with `upcast`
+    computed in at least float32 and returned in q's dtype (diffusers' `upcast_attention`)."""
     scale = q.shape[-1] ** -0.5
+    if upcast:
+        wide = torch.promote_types(q.dtype, torch.float32)
+        return torch.softmax(torch.matmul(q.to(wide), k.to(wide).transpose(-1, -2)) * scale, dim=-1).to(q.dtype)
     return torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)
 
 
@@ -102,7 +109,7 @@ class AttentionStore:
             self.qk_pairs.setdefault(name, []).append((q, k))
         if name not in self.cross and name not in self.probs:
             return F.scaled_dot_product_attention(q, k, v)
-        p = attention_probs(q, k)  # (B, h, N, T)
+        p = attention_probs(q, k, layer.upcast)  # (B, h, N, T)
         mean = p.mean(dim=1)  # (B, N, T): heads averaged as soon as recorded
         if name in self.probs:
             self._add(self.prob_maps, name, mean)
@@ -120,3 +127,8 @@ class AttentionStore:
     def mean(self, maps: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         """A recorded map averaged over the passes that recorded it."""
         return maps[name] / self.count[name]
+
+    def cross_map(self, name: str) -> torch.Tensor:
+        """Layer `name`'s token maps averaged over the passes, on its own grid: (B, K, h_l, w_l)."""
+        m = self.mean(self.cross_maps, name)  # (B, h_l·w_l, K)
+        return m.transpose(1, 2).reshape(m.shape[0], m.shape[2], *self.shapes[name])
