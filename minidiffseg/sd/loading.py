@@ -50,8 +50,24 @@ def check_suffix(path: Path) -> None:
         raise UserError(f"{path}: not a .safetensors file; minidiffseg loads only safetensors checkpoints")
 
 
+@dataclass
+class Layout:
+    """A checked safetensors file's header: where each tensor's bytes are (minidiffseg.sd.stream reads them)."""
+
+    shapes: dict[str, tuple[int, ...]]  # key -> shape
+    metadata: dict[str, str]
+    spans: dict[str, tuple[str, int, int]]  # key -> (safetensors dtype, first byte, end byte) in the file
+    size: int  # the file's size in bytes when it was checked
+
+
 def read_header(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """Check that `path` is a complete safetensors file; return ({key: shape}, metadata)."""
+    layout = read_layout(path)
+    return layout.shapes, layout.metadata
+
+
+def read_layout(path: str | Path) -> Layout:
+    """Check that `path` is a complete safetensors file (see read_header); return its Layout."""
     path = Path(path)
     check_suffix(path)
     if not path.is_file():
@@ -89,7 +105,9 @@ def read_header(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str,
     if 8 + n + end > size:
         raise UserError(f"{path}: truncated: its header describes {8 + n + end} bytes but the file has {size}; "
                         "the download was cut short, download it again")
-    return shapes, header.get("__metadata__") or {}
+    return Layout(shapes, header.get("__metadata__") or {},
+                  {k: (v["dtype"], 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in tensors.items()},
+                  size)
 
 
 def build_on_meta(cls, cfg) -> nn.Module:
