@@ -15,6 +15,8 @@ from .errors import UserError
 # as RGB bytes, ~1.2 GB as the float tensor the resize reads. JPEGs are first decoded at a reduced
 # scale (libjpeg's draft mode), so large JPEG photos still work.
 MAX_PIXELS = 100_000_000
+# A CC0 photo of a cat shipped with the package (minidiffseg/data/README.md), for first runs and demos.
+SAMPLE_PHOTO = Path(__file__).parent / "data" / "chelsea.jpg"
 
 
 def load_image(image: str | os.PathLike | Image.Image) -> Image.Image:
@@ -61,7 +63,12 @@ def _to_rgb(im: Image.Image, what: str) -> Image.Image:
     return im.convert("RGB")
 
 
+def pixels(im: Image.Image) -> torch.Tensor:
+    """PIL image -> its RGB bytes as an (H, W, 3) uint8 tensor."""
+    rgb = im if im.mode == "RGB" else im.convert("RGB")
+    return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(rgb.height, rgb.width, 3)
+
+
 def to_tensor(im: Image.Image, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """RGB PIL image -> (1, 3, H, W) in [0, 1]."""
-    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(im.height, im.width, 3)
-    return x.permute(2, 0, 1)[None].to(dtype) / 255.0
+    return pixels(im).permute(2, 0, 1)[None].to(dtype) / 255.0

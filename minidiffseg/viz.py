@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .image import pixels
+
 
 def voc_palette(n: int = 256) -> list[int]:
     """The PASCAL VOC colour map (bit-interleaved label index), as a flat [r, g, b, ...] list."""
@@ -47,8 +49,7 @@ def overlay(image: Image.Image, mask: torch.Tensor, classes: list[str], alpha: f
             area: dict[str, float] | None = None) -> Image.Image:
     """The image with the mask's colours blended over it and a legend of the classes present."""
     pal = torch.tensor(voc_palette(len(classes) + 1), dtype=torch.float32).reshape(-1, 3)
-    img = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
-    img = img.reshape(image.height, image.width, 3).float()
+    img = pixels(image).float()  # (H, W, 3)
     colour = pal[mask]  # (H, W, 3)
     fg = (mask > 0)[..., None].float() * alpha
     out = _rgb((img * (1 - fg) + colour * fg).round().clamp(0, 255).to(torch.uint8))
