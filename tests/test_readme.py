@@ -29,7 +29,7 @@ def test_first_command_segments_a_file_that_ships_with_the_repo():
         assert (REPO / image).is_file(), f"the README segments {image}, which is not in the repo"
     assert SAMPLE_PHOTO.is_file() and SAMPLE_PHOTO.resolve() == (REPO / images[0]).resolve()
     im = load_image(SAMPLE_PHOTO)
-    assert im.size == (451, 300) and len(set(im.resize((8, 8)).getdata())) > 8  # a real photo, not a flat image
+    assert im.size == (451, 300) and len(set(im.resize((8, 8)).tobytes())) > 8  # a real photo, not a flat image
 
 
 def test_every_setup_command_parses():
