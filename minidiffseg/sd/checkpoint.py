@@ -28,6 +28,7 @@ from .config import CLIPTextConfig, UNetConfig, VAEConfig
 from ..errors import UserError
 from .loading import PICKLE_SUFFIXES, build_on_meta, check_suffix, keys_text, load_strict, read_header
 from .schedule import NoiseSchedule
+from .stream import stream_weights
 from .tokenizer import CLIPTokenizer
 from .unet import UNet
 from .vae import VAEEncoder
@@ -63,12 +64,15 @@ class SD15:
 
 
 def load_sd15(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-              variant: str | None = None, tokenizer: str | Path | CLIPTokenizer | None = None) -> SD15:
+              variant: str | None = None, tokenizer: str | Path | CLIPTokenizer | None = None,
+              stream: bool = False) -> SD15:
     """SD1.5 from a diffusers folder or a single LDM .safetensors file, in `dtype` on `device`, in eval
     mode without gradients. `variant`: None prefers the fp32 files of a diffusers folder and falls back
     to the `.fp16` ones; "fp16" takes only those. `tokenizer`: a folder with vocab.json + merges.txt or
     a built CLIPTokenizer, instead of the checkpoint's own tokenizer/ folder. `path` may also be the hub
-    id stable-diffusion-v1-5/stable-diffusion-v1-5: its copy in the Hugging Face cache (`minidiffseg download`)."""
+    id stable-diffusion-v1-5/stable-diffusion-v1-5: its copy in the Hugging Face cache (`minidiffseg download`).
+    `stream`: keep no weights resident; each block is read from the file when it runs (sd/stream.py:
+    the same checks first, the same results, a fraction of the memory)."""
     path, device = Path(path), torch.device(device)
     if not path.exists() and str(path) == hub.REPOS["sd15"].repo_id:
         path = hub.cached("sd15")  # the hub id: its copy in the Hugging Face cache, found without network
@@ -86,7 +90,8 @@ def load_sd15(path: str | Path, device: str | torch.device = "cpu", dtype: torch
         if unknown:
             raise UserError(f"{path}: {len(unknown)} unexpected tensor(s): {keys_text(unknown)}; neither an SD1.5 "
                             "single-file tensor nor one ignored by name (minidiffseg.ldm.IGNORED)")
-    text_encoder, vae, unet = (load_strict(p.module, p.file, p.names, dtype, device, p.what) for p in parts)
+    load = stream_weights if stream else load_strict
+    text_encoder, vae, unet = (load(p.module, p.file, p.names, dtype, device, p.what) for p in parts)
     return SD15(tok, text_encoder, vae, unet, NoiseSchedule())
 
 

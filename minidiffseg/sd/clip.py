@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CLIPTextConfig
+from .stream import RESIDENT
 
 
 class CLIPAttention(nn.Module):
@@ -73,9 +74,10 @@ class CLIPEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(width, heads, mlp_width, eps) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, weights=RESIDENT) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x, causal=causal)
+            with weights.block(layer):
+                x = layer(x, causal=causal)
         return x  # (B, T, width)
 
 
@@ -100,10 +102,12 @@ class CLIPTextTransformer(nn.Module):
                                    cfg.num_hidden_layers, cfg.layer_norm_eps)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embeddings(input_ids)  # (B, T, C)
-        x = self.encoder(x, causal=True)  # CLIP's text tower attends only to earlier tokens
-        return self.final_layer_norm(x)
+    def forward(self, input_ids: torch.Tensor, weights=RESIDENT) -> torch.Tensor:
+        with weights.block(self.embeddings):
+            x = self.embeddings(input_ids)  # (B, T, C)
+        x = self.encoder(x, causal=True, weights=weights)  # CLIP's text tower attends only to earlier tokens
+        with weights.block(self.final_layer_norm):
+            return self.final_layer_norm(x)
 
 
 class CLIPTextModel(nn.Module):
@@ -118,6 +122,7 @@ class CLIPTextModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.text_model = CLIPTextTransformer(cfg)
+        self.weights = RESIDENT  # or the file, streamed per block (sd/stream.py)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_model(input_ids)
+        return self.text_model(input_ids, self.weights)

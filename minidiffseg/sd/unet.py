@@ -20,6 +20,7 @@ from torch import nn
 
 from .attention import Attention, AttentionStore
 from .config import UNetConfig
+from .stream import RESIDENT
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, shift: float = 0) -> torch.Tensor:
@@ -151,14 +152,17 @@ class DownBlock(nn.Module):
             [Transformer2DModel(cout, cfg.num_heads, cfg.cross_attention_dim, g) for _ in range(n)] if attention else [])
         self.downsamplers = nn.ModuleList([Downsample2D(cout)] if downsample else [])
 
-    def forward(self, x, temb, context, store, skips: list):
+    def forward(self, x, temb, context, store, skips: list, weights=RESIDENT):
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
+            with weights.block(resnet):
+                x = resnet(x, temb)
             if self.attentions:
-                x = self.attentions[i](x, context, store)
+                with weights.block(self.attentions[i]):
+                    x = self.attentions[i](x, context, store)
             skips.append(x)
         for down in self.downsamplers:
-            x = down(x)
+            with weights.block(down):
+                x = down(x)
             skips.append(x)
         return x
 
@@ -177,14 +181,17 @@ class UpBlock(nn.Module):
             [Transformer2DModel(cout, cfg.num_heads, cfg.cross_attention_dim, g) for _ in range(n)] if attention else [])
         self.upsamplers = nn.ModuleList([Upsample2D(cout)] if upsample else [])
 
-    def forward(self, x, temb, context, store, skips: list):
+    def forward(self, x, temb, context, store, skips: list, weights=RESIDENT):
         for i, resnet in enumerate(self.resnets):
             skip = skips.pop()  # conv_in's skip has batch 1 when the latents do (see UNet.forward)
-            x = resnet(torch.cat([x, skip.expand(x.shape[0], -1, -1, -1)], dim=1), temb)
+            with weights.block(resnet):
+                x = resnet(torch.cat([x, skip.expand(x.shape[0], -1, -1, -1)], dim=1), temb)
             if self.attentions:
-                x = self.attentions[i](x, context, store)
+                with weights.block(self.attentions[i]):
+                    x = self.attentions[i](x, context, store)
         for up in self.upsamplers:
-            x = up(x)
+            with weights.block(up):
+                x = up(x)
         return x
 
 
@@ -197,10 +204,13 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, cfg.time_embed_dim, g, cfg.norm_eps) for _ in range(2)])
         self.attentions = nn.ModuleList([Transformer2DModel(ch, cfg.num_heads, cfg.cross_attention_dim, g)])
 
-    def forward(self, x, temb, context, store):
-        x = self.resnets[0](x, temb)
-        x = self.attentions[0](x, context, store)
-        return self.resnets[1](x, temb)
+    def forward(self, x, temb, context, store, weights=RESIDENT):
+        with weights.block(self.resnets[0]):
+            x = self.resnets[0](x, temb)
+        with weights.block(self.attentions[0]):
+            x = self.attentions[0](x, context, store)
+        with weights.block(self.resnets[1]):
+            return self.resnets[1](x, temb)
 
 
 class UNet(nn.Module):
@@ -222,6 +232,7 @@ class UNet(nn.Module):
             for i in range(levels)])
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.weights = RESIDENT  # or the file, streamed per block (sd/stream.py): `with weights.block(...)` below
         self._name_attention_layers()
 
     def _name_attention_layers(self):
@@ -252,17 +263,20 @@ class UNet(nn.Module):
         """
         t = torch.as_tensor(t, device=latents.device).reshape(-1)
         t = t.expand(latents.shape[0]) if t.numel() == 1 else t  # (1 or B,): broadcasts like the latents
-        temb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
-                                                      self.cfg.freq_shift).to(latents.dtype))  # (1 or B, 1280)
+        weights = self.weights
+        with weights.block(self.time_embedding, self.conv_in):
+            temb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
+                                                          self.cfg.freq_shift).to(latents.dtype))  # (1 or B, 1280)
+            x = self.conv_in(latents)
         if store is not None:
             store.latent_hw = tuple(latents.shape[-2:])
-        x = self.conv_in(latents)
         skips = [x]  # the skip stack: every resnet/transformer/downsample output of the down path
         for block in self.down_blocks:
-            x = block(x, temb, context, store, skips)
-        x = self.mid_block(x, temb, context, store)
+            x = block(x, temb, context, store, skips, weights)
+        x = self.mid_block(x, temb, context, store, weights)
         for block in self.up_blocks:
-            x = block(x, temb, context, store, skips)
+            x = block(x, temb, context, store, skips, weights)
         if not output:
             return None
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        with weights.block(self.conv_norm_out, self.conv_out):
+            return self.conv_out(F.silu(self.conv_norm_out(x)))
