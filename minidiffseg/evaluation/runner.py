@@ -37,7 +37,7 @@ from .metrics import confusion
 
 
 class SegmenterLike(Protocol):
-    """What the runner needs: `minidiffseg.segmenter.Segmenter` (built with the vocabulary's
+    """What the runner needs: `minidiffseg.method.segmenter.Segmenter` (built with the vocabulary's
     template) or a test stub. `classes` are prompt names."""
 
     def seg(self, image: Image.Image, classes: list[str], *, seed: int):

@@ -1,5 +1,5 @@
 """Loading a filter model from a hub folder (docs/design.md §4): `model.safetensors` beside its
-`config.json`, read strictly by `minidiffseg.loading` into a module built on `meta`. Keys the
+`config.json`, read strictly by `minidiffseg.sd.loading` into a module built on `meta`. Keys the
 module does not build are listed by name (`ignored`); a missing file says what to download."""
 
 from __future__ import annotations
