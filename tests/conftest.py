@@ -6,7 +6,8 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A tiny random SD1.5 in the diffusers folder layout (fp32 files and the .fp16 variant), written once
-    per session by the reference libraries (tests/tiny_sd.py); skips without diffusers/transformers."""
+    per session by the reference libraries (tests/tiny_sd.py; without diffusers/transformers a skip, or a
+    failure in strict mode: tests/assets.py)."""
     from tiny_sd import write_tiny_diffusers
 
     folder = tmp_path_factory.mktemp("tiny_sd")

@@ -29,7 +29,7 @@ from minidiffseg.sd import ldm
 from minidiffseg.cli import main
 from minidiffseg.sd import load_sd15
 
-tiny_sd = pytest.importorskip("tiny_sd", reason="tests/tiny_sd.py needs diffusers and transformers")
+import tiny_sd  # noqa: E402  (needs diffusers and transformers: assets.require)
 
 FAST = ["--resolution", "64"]  # the tiny U-Net at an 8×8 latent
 

@@ -10,10 +10,11 @@ import json
 
 import pytest
 
+from assets import require
 from minidiffseg.cli import main
 
-pytest.importorskip("diffusers", reason="the baseline runs on diffusers (the bench extra)")
-pytest.importorskip("transformers", reason="the baseline's text encoder is transformers' CLIPTextModel")
+require("diffusers")  # the baseline runs on diffusers (the bench extra)
+require("transformers")  # the baseline's text encoder is transformers' CLIPTextModel
 
 STAGES = ["weight loading", "text encode", "VAE encode", "U-Net pass", "U-Net + capture", "fusion",
                "refinement", "post-processing", "end to end"]

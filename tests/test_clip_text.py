@@ -4,10 +4,11 @@ and the full-size parameter inventory (docs/design.md §7.3)."""
 import pytest
 import torch
 
+from assets import require
 from minidiffseg.sd.clip import CLIPTextModel
 from minidiffseg.sd.config import CLIPTextConfig
 
-transformers = pytest.importorskip("transformers", reason="transformers is the reference CLIP (test-only)")
+transformers = require("transformers")  # the reference CLIP (test-only)
 
 BOS, EOS = 49406, 49407  # CLIP's special tokens (docs/design.md §3)
 

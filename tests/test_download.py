@@ -24,8 +24,8 @@ from safetensors.torch import save
 from minidiffseg.sd import hub as download
 from minidiffseg.cli import main
 
-tiny_sd = pytest.importorskip("tiny_sd", reason="tests/tiny_sd.py needs diffusers and transformers")
-huggingface_hub = pytest.importorskip("huggingface_hub")
+import tiny_sd  # noqa: E402  (needs diffusers and transformers: assets.require)
+import huggingface_hub  # noqa: E402  (a runtime dependency)
 
 REPO = Path(__file__).resolve().parents[1]
 SD15 = download.REPOS["sd15"].repo_id

@@ -1,5 +1,5 @@
 """`minidiffseg eval` / `calibrate` on bad inputs (one-line errors, exit code 2), label files, and
-end to end with the tiny random-weight Stable Diffusion once `tests/tiny_sd.py` exists."""
+end to end with the tiny random-weight Stable Diffusion (tests/tiny_sd.py)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,6 @@ def test_bad_inputs_exit_2_with_one_line(capsys, voc, more, message):
 
 
 def test_wrong_size_label_through_the_cli(capsys, voc, tiny_sd_dir):
-    pytest.importorskip("minidiffseg.method.segmenter", reason="the segmenter is not there yet")
     label = voc / "data" / "VOCdevkit" / "VOC2012" / "SegmentationClass" / "2007_000001.png"
     Image.open(label).crop((0, 0, 40, 20)).save(label)
     rc, err = cli(capsys, "eval", "--dataset", "voc", "--root", voc / "data", "--weights", tiny_sd_dir,
@@ -114,7 +113,6 @@ def test_official_label_file_on_coco_object(tmp_path):
 
 
 def test_end_to_end_with_the_tiny_model(capsys, tmp_path, tiny_sd_dir):
-    pytest.importorskip("minidiffseg.method.segmenter", reason="the segmenter is not there yet")
     weights = tiny_sd_dir
     names = write_dataset(tmp_path / "data", "voc", [(15, 7), (12, 15), (3, 20)])
     split = tmp_path / "data" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"

@@ -1,12 +1,10 @@
 import json
-from pathlib import Path
 
 import pytest
 
+from assets import official_labels_dir
 from minidiffseg.errors import UserError
 from minidiffseg.vocabularies import get_vocabulary, load_vocabulary
-
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "official-labels"
 
 
 def test_sizes_order_and_templates():
@@ -28,13 +26,12 @@ def test_unknown_name_lists_valid_ones():
         get_vocabulary("voc").index("giraffe")
 
 
-@pytest.mark.skipif(not OFFICIAL.is_dir(), reason="../shared/data/official-labels is absent")
 @pytest.mark.parametrize("name, file", [("voc", "voc12_val"), ("context59", "context_val"),
                                         ("coco", "coco_object_val")])
 def test_official_prompt_vocabularies_match(name, file):
     vocab = get_vocabulary(name)
     official = set()
-    for table in json.loads((OFFICIAL / f"{file}.json").read_text()).values():
+    for table in json.loads((official_labels_dir() / f"{file}.json").read_text()).values():
         for names in table.values():
             official.update(names)
     ours = {vocab.prompt_names[vocab.index(n)] for n in official}

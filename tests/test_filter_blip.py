@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from assets import bert_vocab_path
+from assets import bert_vocab_path, require
 from minidiffseg.errors import UserError
 from minidiffseg.filter.blip import (BlipConfig, BlipForConditionalGeneration, Captioner, blip_preprocess)
 from minidiffseg.filter.wordpiece import WordPieceTokenizer
 
-transformers = pytest.importorskip("transformers", reason="transformers is the reference BLIP (test-only)")
+transformers = require("transformers")  # the reference BLIP (test-only)
 
 CLS, SEP, DEC = 101, 102, 30522  # bert-base-uncased [CLS]/[SEP]; BLIP's [DEC]
 SEP_BIAS = 6.0  # makes [SEP] win at some steps of the tiny random model, so some captions end early

@@ -9,12 +9,11 @@ import pytest
 from assets import sample_image_paths
 from minidiffseg.errors import UserError
 from minidiffseg.cli import filter as filter_cli
+from minidiffseg.cli import main
 from minidiffseg.filter.labels import read_labels
 from minidiffseg.vocabularies import get_vocabulary
-from test_filter_blip import save_tiny_blip
+from test_filter_blip import save_tiny_blip  # (these two need transformers: assets.require)
 from test_filter_clip import save_tiny_clip
-
-pytest.importorskip("transformers", reason="transformers writes the tiny reference checkpoints (test-only)")
 
 
 @pytest.fixture(scope="module")
@@ -116,16 +115,10 @@ def test_bad_inputs_raise_one_line_user_errors(weights, tmp_path):
 
 
 def test_bad_inputs_exit_code_2_through_main(weights, tmp_path, capsys):
-    """Through `minidiffseg.cli.main` once the lead registers this command there."""
-    main = getattr(pytest.importorskip("minidiffseg.cli", reason="minidiffseg/cli.py not written yet"), "main")
-    try:
+    """Through `minidiffseg.cli.main`, as the user runs it."""
+    with pytest.raises(SystemExit) as e:
         main(["filter", "--help"])
-    except ModuleNotFoundError as e:  # a command module the lead lists is not written yet
-        pytest.skip(f"minidiffseg.cli cannot build its parser yet: {e}")
-    except SystemExit as e:
-        if e.code != 0:
-            pytest.skip("`minidiffseg filter` is not registered in minidiffseg.cli yet")
-    capsys.readouterr()
+    assert e.value.code == 0 and "--clip-weights" in capsys.readouterr().out, "`minidiffseg filter` is not registered"
     for argv, message in bad_inputs(tmp_path, weights):
         assert main(list(map(str, argv))) == 2, argv
         err = capsys.readouterr().err.strip()

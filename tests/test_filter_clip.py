@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from assets import sample_image_paths, write_sd15_tokenizer
+from assets import require, sample_image_paths, write_sd15_tokenizer
 from minidiffseg.errors import UserError
 from minidiffseg.filter.clip_model import CLIPConfig, CLIPModel, ZeroShotCLIP, clip_preprocess
 from minidiffseg.filter.filters import ClipFilter, keep_near_best
 from minidiffseg.vocabularies import get_vocabulary
 
-transformers = pytest.importorskip("transformers", reason="transformers is the reference CLIP (test-only)")
+transformers = require("transformers")  # the reference CLIP (test-only)
 
 BOS, EOS = 49406, 49407
 

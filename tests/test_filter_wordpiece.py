@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from assets import bert_vocab_path
+from assets import bert_vocab_path, require
 from minidiffseg.filter.wordpiece import WordPieceTokenizer
 
-transformers = pytest.importorskip("transformers", reason="transformers is the reference tokenizer (test-only)")
+transformers = require("transformers")  # the reference tokenizer (test-only)
 
 TRICKY = [
     "", " ", "a photograph of cat", "a photography of motorbike", "A Photograph Of TVMONITOR",

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-tiny_sd = pytest.importorskip("tiny_sd", reason="tests/tiny_sd.py needs diffusers and transformers")
+import tiny_sd  # noqa: E402  (needs diffusers and transformers: assets.require)
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = 8

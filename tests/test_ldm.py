@@ -6,10 +6,11 @@ compare tensors; full size (on meta) compares the key/shape inventories."""
 import pytest
 import torch
 
+from assets import require
 from minidiffseg.sd import ldm
 from minidiffseg.sd.config import CLIPTextConfig, UNetConfig, VAEConfig
 
-pytest.importorskip("diffusers", reason="diffusers' single-file converter is the reference (test-only)")
+require("diffusers")  # its single-file converter is the reference (test-only)
 from diffusers.loaders import single_file_utils as reference  # noqa: E402
 from tiny_sd import (TINY, encoder_state, reference_text_config, reference_unet, reference_vae,  # noqa: E402
                      text_state, tiny_reference, transformers)

@@ -21,7 +21,7 @@ from minidiffseg.sd.loading import RELEASE_BYTES
 from minidiffseg.sd import load_sd15
 from minidiffseg.sd.tokenizer import CLIPTokenizer
 
-tiny_sd = pytest.importorskip("tiny_sd", reason="tests/tiny_sd.py needs diffusers and transformers")
+import tiny_sd  # noqa: E402  (needs diffusers and transformers: assets.require)
 diffusers, transformers = tiny_sd.diffusers, tiny_sd.transformers
 
 REPO = Path(__file__).resolve().parents[1]

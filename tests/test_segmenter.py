@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from assets import sample_image_paths
+from assets import require, sample_image_paths
 from minidiffseg.errors import UserError
 from minidiffseg.method.fusion import DEFAULT_LEVEL_WEIGHTS
 from minidiffseg.method.prompts import template_prompt, user_prompt
@@ -42,8 +42,7 @@ class StoreProbs:
 
 def official_scores(folder, image_path, classes, noise, res=RES, template="a photograph of {}"):
     """DiffSegmenter as the official code computes it (docs/design.md §5), per class, in float64."""
-    diffusers = pytest.importorskip("diffusers")
-    transformers = pytest.importorskip("transformers")
+    diffusers, transformers = require("diffusers"), require("transformers")
     unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet").double().eval()
     vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae").double().eval()
     # transformers 5 prefers model.fp16.safetensors when both files are there: load the fp32 file by hand

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from assets import clip_bpe_path, official_labels_dir, write_sd15_tokenizer
+from assets import clip_bpe_path, official_labels_dir, require, write_sd15_tokenizer
 
 from minidiffseg.errors import UserError
 from minidiffseg.sd.tokenizer import CLIPTokenizer
@@ -89,7 +89,7 @@ def tok(sd15_dir):
 
 @pytest.fixture(scope="module")
 def ref(sd15_dir):
-    transformers = pytest.importorskip("transformers", reason="transformers is the reference tokenizer")
+    transformers = require("transformers")  # the reference tokenizer
     return transformers.CLIPTokenizer.from_pretrained(sd15_dir)
 
 

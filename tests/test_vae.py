@@ -5,12 +5,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from assets import require
 from minidiffseg.sd.config import VAEConfig
 from minidiffseg.sd.checkpoint import _vae_name
 from minidiffseg.sd.loading import build_on_meta, load_strict
 from minidiffseg.sd.vae import VAEEncoder
 
-diffusers = pytest.importorskip("diffusers", reason="diffusers is the reference VAE (test-only)")
+diffusers = require("diffusers")  # the reference VAE (test-only)
 
 
 def reference_vae(cfg: VAEConfig):

@@ -18,17 +18,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import save_file
 
-from assets import write_sd15_tokenizer
+from assets import require, write_sd15_tokenizer
 from minidiffseg.sd import ldm
 from minidiffseg.sd.config import CLIPTextConfig, UNetConfig, VAEConfig
 from minidiffseg.sd.schedule import NoiseSchedule
 
-diffusers = pytest.importorskip("diffusers", reason="diffusers writes the reference checkpoints (test-only)")
-transformers = pytest.importorskip("transformers", reason="transformers writes the reference CLIP (test-only)")
+diffusers = require("diffusers")  # writes the reference checkpoints (test-only)
+transformers = require("transformers")  # writes the reference CLIP (test-only)
 
 TINY = (UNetConfig.tiny(), VAEConfig.tiny(), CLIPTextConfig.tiny())
 
