@@ -12,6 +12,7 @@ from ..errors import UserError
 
 COMMANDS = [  # modules with register(subparsers), in the order `--help` lists them
     "minidiffseg.cli.segment",  # segment, maps
+    "minidiffseg.cli.explore",  # explore (a web page; the optional gradio extra)
     "minidiffseg.cli.filter",  # filter
     "minidiffseg.cli.evaluate",  # eval, calibrate
     "minidiffseg.cli.download", "minidiffseg.cli.inspect_weights",  # download, inspect-weights
