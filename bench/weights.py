@@ -39,13 +39,52 @@ def bpe_path() -> Path:
     return path
 
 
+def reference_unet(cfg: UNetConfig):
+    """diffusers' UNet2DConditionModel at `cfg` (default initialisation); also the tests' reference."""
+    import diffusers
+
+    n = len(cfg.block_out_channels)  # SD1.5: cross-attention in every level but the deepest
+    return diffusers.UNet2DConditionModel(
+        sample_size=64, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.num_heads, cross_attention_dim=cfg.cross_attention_dim,
+        norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps,
+        flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+
+
+def reference_vae(cfg: VAEConfig):
+    """diffusers' AutoencoderKL at `cfg`, decoder included as the hub folder has it (we build only the encoder)."""
+    import diffusers
+
+    n = len(cfg.block_out_channels)
+    return diffusers.AutoencoderKL(
+        sample_size=512, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
+        scaling_factor=cfg.scaling_factor)
+
+
+def reference_text_config(cfg: CLIPTextConfig):
+    """transformers' CLIPTextConfig at `cfg` (SD1.5's QuickGELU tower)."""
+    import transformers
+
+    return transformers.CLIPTextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings, layer_norm_eps=cfg.layer_norm_eps,
+        projection_dim=cfg.projection_dim, hidden_act="quick_gelu")
+
+
 def random_sd15(cache: Path, tiny: bool = False, seed: int = 0) -> Path:
     """The diffusers SD1.5 folder with random weights under `cache` (written on first use)."""
     folder = Path(cache) / ("sd15-random-tiny" if tiny else "sd15-random")
     if (folder / MARKER).is_file():
         return folder
     try:
-        import diffusers
+        import diffusers  # noqa: F401  (the reference builders import it)
         import transformers
     except ImportError:
         raise UserError("writing the random SD1.5 checkpoint needs diffusers and transformers: "
@@ -53,30 +92,9 @@ def random_sd15(cache: Path, tiny: bool = False, seed: int = 0) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     unet_cfg, vae_cfg, text_cfg = configs(tiny)
     torch.manual_seed(seed)
-    n = len(unet_cfg.block_out_channels)  # SD1.5: cross-attention in every level but the deepest
-    diffusers.UNet2DConditionModel(
-        sample_size=64, in_channels=unet_cfg.in_channels, out_channels=unet_cfg.out_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        block_out_channels=unet_cfg.block_out_channels, layers_per_block=unet_cfg.layers_per_block,
-        attention_head_dim=unet_cfg.num_heads, cross_attention_dim=unet_cfg.cross_attention_dim,
-        norm_num_groups=unet_cfg.norm_num_groups, norm_eps=unet_cfg.norm_eps,
-        flip_sin_to_cos=unet_cfg.flip_sin_to_cos, freq_shift=unet_cfg.freq_shift,
-    ).save_pretrained(folder / "unet")
-    m = len(vae_cfg.block_out_channels)
-    diffusers.AutoencoderKL(  # decoder included, as the hub folder has it (diffusers builds it; we don't)
-        sample_size=512, in_channels=vae_cfg.in_channels, out_channels=vae_cfg.in_channels,
-        down_block_types=("DownEncoderBlock2D",) * m, up_block_types=("UpDecoderBlock2D",) * m,
-        block_out_channels=vae_cfg.block_out_channels, layers_per_block=vae_cfg.layers_per_block,
-        latent_channels=vae_cfg.latent_channels, norm_num_groups=vae_cfg.norm_num_groups,
-        scaling_factor=vae_cfg.scaling_factor,
-    ).save_pretrained(folder / "vae")
-    transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=text_cfg.vocab_size, hidden_size=text_cfg.hidden_size,
-        intermediate_size=text_cfg.intermediate_size, num_hidden_layers=text_cfg.num_hidden_layers,
-        num_attention_heads=text_cfg.num_attention_heads, max_position_embeddings=text_cfg.max_position_embeddings,
-        layer_norm_eps=text_cfg.layer_norm_eps, projection_dim=text_cfg.projection_dim, hidden_act="quick_gelu",
-    )).save_pretrained(folder / "text_encoder")
+    reference_unet(unet_cfg).save_pretrained(folder / "unet")
+    reference_vae(vae_cfg).save_pretrained(folder / "vae")
+    transformers.CLIPTextModel(reference_text_config(text_cfg)).save_pretrained(folder / "text_encoder")
     CLIPTokenizer.from_bpe_gz(bpe_path()).save(folder / "tokenizer")
     (folder / MARKER).write_text("written by bench/weights.py: random weights, for timing only\n")
     return folder

@@ -1,6 +1,13 @@
 """Session-wide fixtures shared by the test files."""
 
+import sys
+from pathlib import Path
+
 import pytest
+
+REPO = str(Path(__file__).resolve().parents[1])
+if REPO not in sys.path:  # the tests share bench/'s diffusers reference builders (bench/weights.py, bench/baseline.py)
+    sys.path.append(REPO)
 
 
 @pytest.fixture(scope="session")

@@ -4,35 +4,23 @@ and the full-size parameter inventory (docs/design.md §7.3)."""
 import pytest
 import torch
 
-from assets import require
 from minidiffseg.sd.clip import CLIPTextModel
 from minidiffseg.sd.config import CLIPTextConfig
-
-transformers = require("transformers")  # the reference CLIP (test-only)
+from tiny_sd import reference_text_config, text_state, transformers  # transformers: the reference CLIP
 
 BOS, EOS = 49406, 49407  # CLIP's special tokens (docs/design.md §3)
-
-
-def reference_config(cfg: CLIPTextConfig):
-    return transformers.CLIPTextConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        max_position_embeddings=cfg.max_position_embeddings, layer_norm_eps=cfg.layer_norm_eps,
-        projection_dim=cfg.projection_dim, hidden_act="quick_gelu")
 
 
 def reference_and_ours(cfg: CLIPTextConfig):
     """A randomly initialised reference (LayerNorms perturbed too) and ours with its weights."""
     torch.manual_seed(0)
-    ref = transformers.CLIPTextModel(reference_config(cfg)).eval()
+    ref = transformers.CLIPTextModel(reference_text_config(cfg)).eval()
     with torch.no_grad():
         for name, p in ref.named_parameters():
             if "layer_norm" in name:  # default init is weight 1, bias 0: make them count
                 p.add_(0.1 * torch.randn_like(p))
-    # transformers >= 5 drops the `text_model.` prefix that the official files (and we) use
-    state = {f"text_model.{k}": v for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
     ours = CLIPTextModel(cfg).eval()
-    ours.load_state_dict(state, strict=True)
+    ours.load_state_dict(text_state(ref), strict=True)
     return ref, ours
 
 
@@ -104,10 +92,9 @@ def test_bfloat16_runs_close_to_fp32():
 def test_full_size_inventory():
     cfg = CLIPTextConfig()  # SD1.5 / ViT-L/14 text tower
     with torch.device("meta"):
-        ref = transformers.CLIPTextModel(reference_config(cfg))
+        ref = transformers.CLIPTextModel(reference_text_config(cfg))
         ours = CLIPTextModel(cfg)
-    expected = {f"text_model.{k}": tuple(v.shape) for k, v in ref.state_dict().items()
-                if not k.endswith("position_ids")}
+    expected = {k: tuple(v.shape) for k, v in text_state(ref).items()}
     got = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert got == expected, f"missing {sorted(expected.keys() - got.keys())}, extra {sorted(got.keys() - expected.keys())}"
     assert got["text_model.embeddings.token_embedding.weight"] == (49408, 768)

@@ -8,26 +8,12 @@ from minidiffseg.sd.attention import AttentionStore
 from minidiffseg.sd.config import UNetConfig
 from minidiffseg.sd.unet import FeedForward, UNet
 
-from tiny_sd import randomise_, reference_unet  # noqa: E402  (skips without diffusers)
+from bench.baseline import StoreEveryMap  # diffusers attention processor keeping every probability map
+from tiny_sd import randomise_, reference_unet  # diffusers: the reference U-Net
 
 
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-class ProbsProcessor:
-    """An attention processor of the test's own: the reference's probabilities, head-averaged."""
-
-    def __init__(self, name, out):
-        self.name, self.out = name, out
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q, k, v = (attn.head_to_batch_dim(f(x)) for f, x in ((attn.to_q, hidden_states), (attn.to_k, ctx), (attn.to_v, ctx)))
-        probs = attn.get_attention_scores(q, k, None)  # (B·h, N, T)
-        self.out[self.name] = probs.reshape(-1, attn.heads, *probs.shape[1:]).mean(1)
-        h = attn.batch_to_head_dim(torch.bmm(probs, v))
-        return attn.to_out[1](attn.to_out[0](h))
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +47,14 @@ def test_eps_matches_diffusers(pair, monkeypatch, ff_rows):
 def test_every_attention_probability_matches_diffusers(pair):
     cfg, ref, ours = pair
     x, ctx = inputs(cfg, hw=24)  # non-power-of-two latent: levels are factors, not pixel sizes
-    want = {}
-    ref.set_attn_processor({n: ProbsProcessor(n.removesuffix(".processor"), want) for n in ref.attn_processors})
+    maps = {}
+    ref.set_attn_processor({n: StoreEveryMap(n.removesuffix(".processor"), maps) for n in ref.attn_processors})
     names = {m.name for m in ours.attention_layers()}
     store = AttentionStore(probs=names)
     with torch.no_grad():
         e_ref = ref(x, 100, ctx).sample
         e_ours = ours(x, 100, ctx, store=store)
+    want = {name: m.mean(1) for name, m in maps.items()}  # (B, heads, N, T) -> head mean (B, N, T)
     assert set(want) == names and len(names) == 32
     for name in names:
         err = rel_err(store.prob_maps[name], want[name])

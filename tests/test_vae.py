@@ -5,28 +5,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from assets import require
 from minidiffseg.sd.config import VAEConfig
 from minidiffseg.sd.checkpoint import _vae_name
 from minidiffseg.sd.loading import build_on_meta, load_strict
 from minidiffseg.sd.vae import VAEEncoder
-
-diffusers = require("diffusers")  # the reference VAE (test-only)
-
-
-def reference_vae(cfg: VAEConfig):
-    n = len(cfg.block_out_channels)
-    return diffusers.AutoencoderKL(
-        in_channels=cfg.in_channels, out_channels=cfg.in_channels,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
-        latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
-        scaling_factor=cfg.scaling_factor)
-
-
-def encoder_state(vae) -> dict[str, torch.Tensor]:
-    """The part of an AutoencoderKL state dict that VAEEncoder holds."""
-    return {k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+from tiny_sd import encoder_state, reference_vae  # diffusers: the reference VAE
 
 
 def reference_and_ours(cfg: VAEConfig = VAEConfig.tiny(), logvar_bias: float = 0.0):

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from assets import require, write_sd15_tokenizer
+from bench.weights import reference_text_config, reference_unet, reference_vae  # noqa: F401  (re-exported)
 from minidiffseg.sd import ldm
 from minidiffseg.sd.config import CLIPTextConfig, UNetConfig, VAEConfig
 from minidiffseg.sd.schedule import NoiseSchedule
@@ -30,36 +31,6 @@ diffusers = require("diffusers")  # writes the reference checkpoints (test-only)
 transformers = require("transformers")  # writes the reference CLIP (test-only)
 
 TINY = (UNetConfig.tiny(), VAEConfig.tiny(), CLIPTextConfig.tiny())
-
-
-def reference_unet(cfg: UNetConfig):
-    n = len(cfg.block_out_channels)  # SD1.5: cross-attention everywhere but the deepest level
-    return diffusers.UNet2DConditionModel(
-        sample_size=64, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
-        attention_head_dim=cfg.num_heads, cross_attention_dim=cfg.cross_attention_dim,
-        norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps,
-        flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
-
-
-def reference_vae(cfg: VAEConfig):
-    n = len(cfg.block_out_channels)
-    return diffusers.AutoencoderKL(
-        sample_size=512, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
-        latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
-        scaling_factor=cfg.scaling_factor)
-
-
-def reference_text_config(cfg: CLIPTextConfig):
-    return transformers.CLIPTextConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        max_position_embeddings=cfg.max_position_embeddings, layer_norm_eps=cfg.layer_norm_eps,
-        projection_dim=cfg.projection_dim, hidden_act="quick_gelu")
 
 
 def randomise_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
