@@ -3,6 +3,7 @@ import json
 import pytest
 
 from assets import official_labels_dir
+from class_lists import COCO, CONTEXT, PROMPT_RENAMES, VOC
 from minidiffseg.errors import UserError
 from minidiffseg.vocabularies import get_vocabulary, load_vocabulary
 
@@ -17,6 +18,22 @@ def test_sizes_order_and_templates():
     assert coco.classes[1] == "person" and coco.classes[80] == "toothbrush"
     assert coco.prompt(coco.index("toothbrus")) == "a photography of toothbrush"
     assert coco.index("tv") == coco.index("tvmonitor") == 63
+
+
+@pytest.mark.parametrize("name, things, background, renames", [
+    ("voc", VOC, True, "voc"), ("context", CONTEXT, True, "context"), ("context60", CONTEXT, True, "context"),
+    ("context59", CONTEXT, False, "context"), ("coco-object", COCO, True, "coco-object")])
+def test_class_lists_pinned_whole(name, things, background, renames):
+    """Every evaluation name at its label index and every prompt word, against tests/class_lists.py: a swap
+    in the middle of a list would silently move per-class IoUs to the wrong class."""
+    v = get_vocabulary(name)
+    want = (["background"] if background else []) + things
+    assert list(v.classes) == want, [(i, got, w) for i, (got, w) in enumerate(zip(v.classes, want)) if got != w] \
+        or (len(v.classes), len(want))
+    prompts = [PROMPT_RENAMES[renames].get(c, c) for c in want]
+    assert list(v.prompt_names) == prompts, [(i, got, w) for i, (got, w) in enumerate(zip(v.prompt_names, prompts))
+                                             if got != w]
+    assert v.background == background
 
 
 def test_unknown_name_lists_valid_ones():

@@ -10,28 +10,12 @@ import random
 import pytest
 import torch
 from assets import clip_bpe_path, official_labels_dir, require, write_sd15_tokenizer
+from class_lists import ALL_CLASSES, COCO, VOC
 
 from minidiffseg.errors import UserError
 from minidiffseg.sd.tokenizer import CLIPTokenizer
 
-VOC = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
-       "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
-CONTEXT = ["aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle",
-           "building", "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow", "cup",
-           "curtain", "dog", "door", "fence", "floor", "flower", "food", "grass", "ground", "horse",
-           "keyboard", "light", "motorbike", "mountain", "mouse", "person", "plate", "platform",
-           "pottedplant", "road", "rock", "sheep", "shelves", "sidewalk", "sign", "sky", "snow", "sofa",
-           "table", "track", "train", "tree", "truck", "tvmonitor", "wall", "water", "window", "wood"]
-COCO = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-        "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-        "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase",
-        "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard",
-        "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl",
-        "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
-        "chair", "couch", "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
-        "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
-        "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
-CLASSES = sorted(set(VOC + CONTEXT + COCO))
+CLASSES = ALL_CLASSES  # every evaluation name of VOC, Context and COCO-Object (tests/class_lists.py)
 
 LONG = [
     "a " * 100,
