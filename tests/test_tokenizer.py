@@ -1,21 +1,27 @@
-"""CLIPTokenizer against transformers' CLIPTokenizer on SD1.5's real vocabulary (docs/design.md §3, §7.2).
+"""CLIPTokenizer on SD1.5's real vocabulary (docs/design.md §3, §7.2), against two references on ~600 strings:
 
-Both tokenizers read the same vocab.json + merges.txt, written in SD1.5's format from openai/CLIP's
-real BPE file; whole padded 77-id rows are compared on a few hundred strings.
+- tests/reference_bpe.py, an independent plain-Python byte-pair encoder over openai/CLIP's real merges
+  file (its own byte map, cleaning, pre-tokenisation and merge loop; nothing shared with our code or
+  the `tokenizers` library): all ids and whole padded 77-id rows;
+- transformers' CLIPTokenizer reading the vocab.json + merges.txt we write in SD1.5's format: rows.
 """
 
 import json
 import random
+import re
 
 import pytest
 import torch
 from assets import clip_bpe_path, official_labels_dir, require, write_sd15_tokenizer
-from class_lists import ALL_CLASSES, COCO, VOC
+from class_lists import ALL_CLASSES, COCO, PROMPT_RENAMES, VOC
+from reference_bpe import ReferenceBPE
 
 from minidiffseg.errors import UserError
 from minidiffseg.sd.tokenizer import CLIPTokenizer
 
 CLASSES = ALL_CLASSES  # every evaluation name of VOC, Context and COCO-Object (tests/class_lists.py)
+# the official candidate names (prompt words) that differ from an evaluation name, and its "toothbrus" typo
+PROMPT_NAMES = sorted({n for renames in PROMPT_RENAMES.values() for n in renames.values()} - set(CLASSES)) + ["toothbrus"]
 
 LONG = [
     "a " * 100,
@@ -45,8 +51,8 @@ STRINGS = {
     "special tokens": ["a <|endoftext|> b", "<|startoftext|>", "<|startoftext|>a cat<|endoftext|>",
                        "<|endoftext|><|endoftext|>", "<|ENDOFTEXT|>", "<|endoftext"],
     "long": LONG,
-    "class names": CLASSES + [c.upper() for c in VOC] + ["dining table", "potted plant", "tv monitor"],
-    "templates": [t.format(c) for c in CLASSES for t in ("a photograph of {}", "a photography of {}")],
+    "class names": CLASSES + PROMPT_NAMES + [c.upper() for c in VOC] + ["dining table", "potted plant", "tv monitor"],
+    "templates": [t.format(c) for c in CLASSES + PROMPT_NAMES for t in ("a photograph of {}", "a photography of {}")],
 }
 
 
@@ -77,6 +83,49 @@ def ref(sd15_dir):
     return transformers.CLIPTokenizer.from_pretrained(sd15_dir)
 
 
+@pytest.fixture(scope="module")
+def plain():
+    return ReferenceBPE(clip_bpe_path())
+
+
+def tokenizers_spelling(text: str) -> str:
+    """`text` rewritten where the `tokenizers` pipeline (ours, and transformers' CLIPTokenizer) knowingly
+    departs from openai/CLIP's Python tokenizer, so that the plain reference sees what we do:
+    - lower-casing is per character, so a word-final capital sigma becomes σ; Python's str.lower, which
+      openai/CLIP uses, gives the final form ς;
+    - a special token spelled in another case ("<|ENDOFTEXT|>") is no special token: the byte-level
+      pre-tokeniser breaks it at the bars into "<|", "endoftext", "|>"; openai/CLIP lower-cases it
+      first and emits the special id."""
+    text = text.replace("Σ", "σ")
+    return re.sub(r"<\|(startoftext|endoftext)\|>", lambda m: m[0] if m[0] == m[0].lower() else f"<| {m[1]} |>",
+                  text, flags=re.IGNORECASE)
+
+
+def assert_same_as_plain(tok, plain, texts: list[str]):
+    """All ids (no truncation) and the 77-id rows equal the plain-Python reference's."""
+    for text in texts:
+        ours, want = tok.encode(text), plain.encode(tokenizers_spelling(text))
+        assert ours == want, f"{text!r}: ids differ from the plain-Python BPE\n  ours {tok.tokens(text)}\n" \
+                             f"  ours {ours}\n  ref  {want}"
+    rows, want = tok(texts), torch.tensor([plain.row(tokenizers_spelling(t)) for t in texts])
+    bad = (rows != want).any(dim=1).nonzero().flatten().tolist()
+    assert not bad, f"{len(bad)} rows differ; first {texts[bad[0]]!r}:\n  ours {rows[bad[0]].tolist()}\n" \
+                    f"  ref  {want[bad[0]].tolist()}"
+
+
+@pytest.mark.parametrize("group", list(STRINGS))
+def test_ids_equal_the_plain_python_bpe(tok, plain, group):
+    assert_same_as_plain(tok, plain, STRINGS[group])
+
+
+def test_the_known_departures_from_openai_clip_are_real(tok, plain):
+    """tokenizers_spelling changes the reference's answer exactly where it says (so it hides nothing else)."""
+    for text in ["ΣΊΣΥΦΟΣ", "<|ENDOFTEXT|>", "a <|EndOfText|> b"]:
+        assert plain.encode(text) != plain.encode(tokenizers_spelling(text)) == tok.encode(text), text
+    for text in STRINGS["class names"] + STRINGS["punctuation"] + ["<|endoftext|>", "σας"]:
+        assert tokenizers_spelling(text) == text
+
+
 def reference_rows(ref, texts: list[str]) -> torch.Tensor:
     """What diffusers' StableDiffusionPipeline feeds SD1.5's text encoder."""
     return ref(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -95,7 +144,9 @@ def test_rows_equal_transformers(tok, ref, group):
     assert_same_rows(tok, ref, STRINGS[group])
 
 
-def test_official_candidate_vocabularies(tok, ref):
+def test_official_candidate_files(tok, ref, plain):
+    """The names in the official candidate files, when ../shared has them (the same names are in STRINGS,
+    from tests/class_lists.py, for the default run)."""
     names = set()
     for path in sorted(official_labels_dir().glob("*.json")):
         for image_to_classes in json.loads(path.read_text()).values():
@@ -103,8 +154,10 @@ def test_official_candidate_vocabularies(tok, ref):
                 names.update(classes)
     names = sorted(names)
     assert len(names) > 100, f"expected the VOC/Context/COCO candidate names, got {names}"
-    assert_same_rows(tok, ref, names + [t.format(c) for c in names
-                                        for t in ("a photograph of {}", "a photography of {}")])
+    assert set(names) <= set(STRINGS["class names"]), sorted(set(names) - set(STRINGS["class names"]))
+    texts = names + [t.format(c) for c in names for t in ("a photograph of {}", "a photography of {}")]
+    assert_same_rows(tok, ref, texts)
+    assert_same_as_plain(tok, plain, texts)
 
 
 @pytest.mark.parametrize("text", LONG)
