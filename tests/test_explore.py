@@ -193,3 +193,209 @@ def test_bad_views_are_user_errors(seg32, image):
                           (lambda: ex.pixel(150, 0), "outside"), (lambda: ex.segmentation(-0.1), "[0, 1]")):
         with pytest.raises(UserError, match=message.replace("[", r"\[").replace(".", r"\.")):
             call()
+
+
+# ---- the page, through gradio_client against a server on 127.0.0.1 -----------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(seg32, tmp_path_factory):
+    """The explorer over the tiny model, served from this process on a free port of 127.0.0.1; its own
+    Segmenter on the same networks (so the tests can count U-Net calls)."""
+    require("gradio", EXPLORE_EXTRA)
+    require("gradio_client", EXPLORE_EXTRA)
+    from minidiffseg.cli.explore import build_app, launch
+
+    cache = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio"))  # Gradio's file cache
+    app = build_app(Segmenter(seg32.sd, resolution=RES), title="tiny random model (random weights)")
+    url = launch(app, "127.0.0.1", free_port())
+    assert url.startswith("http://127.0.0.1:")
+    yield url
+    app.close()
+    if cache is None:
+        os.environ.pop("GRADIO_TEMP_DIR", None)
+    else:
+        os.environ["GRADIO_TEMP_DIR"] = cache
+
+
+def connect(url):
+    from gradio_client import Client
+
+    return Client(url, verbose=False, download_files=False)  # same machine: outputs are read from their paths
+
+
+def upload(path):
+    from gradio_client import handle_file
+
+    return handle_file(str(path))
+
+
+def run_page(client, image, classes="cat, sofa", prompts="", timesteps="100", seed=0, tau=0.4, mode="batched"):
+    """The Run button: (overlay, area, gallery, downloads, summary, row, token, view, cross, cross_info,
+    layer, head, click image, S row, A, M, self_info, x, y)."""
+    return client.predict(upload(image), classes, prompts, timesteps, seed, tau, mode, api_name="/run")
+
+
+def pixels(file) -> bytes:
+    """An image output of the page (FileData dict or path) as RGB bytes."""
+    with Image.open(file["path"] if isinstance(file, dict) else file) as im:
+        return im.convert("RGB").tobytes()
+
+
+def same_picture(file, want: Image.Image) -> bool:
+    return pixels(file) == want.convert("RGB").tobytes()
+
+
+def same_scores_file(a: Path, b: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(a, "pt") as fa, safe_open(b, "pt") as fb:
+        return (fa.metadata() == fb.metadata() and set(fa.keys()) == set(fb.keys())
+                and all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys()))
+
+
+def test_the_page_runs_and_every_view_shows_the_stored_run(server, seg32, image, tmp_path, monkeypatch):
+    from minidiffseg.cli.explore import picture
+    from minidiffseg.cli.segment import write_result
+
+    calls = count_unet_calls(monkeypatch, seg32)
+    client = connect(server)
+    out = run_page(client, image)
+    assert len(calls) == 1
+    overlay, area, gallery, downloads = out[:4]
+    assert "cat" in out[4] and "sofa" in out[4]
+    assert abs(sum(share for _, share in area["data"]) - 100) < 0.05 and [c for c, _ in area["data"]] == [
+        "background", "cat", "sofa"]
+    assert [g["caption"] for g in gallery] == ["cat: score map", "sofa: score map"]
+    # the downloads are the files `segment` writes (the PNG byte for byte; the scores file's tensors and
+    # metadata: safetensors writes its metadata keys in no fixed order)
+    want = seg32(image, CLASSES, seed=0)
+    write_result(tmp_path, "shapes", image, want)
+    names = sorted(Path(d["path"]).name for d in downloads)
+    assert names == ["shapes_mask.png", "shapes_scores.safetensors"]
+    mask, scores = sorted(Path(d["path"]) for d in downloads)
+    assert mask.read_bytes() == (tmp_path / mask.name).read_bytes()
+    assert same_scores_file(scores, tmp_path / scores.name)
+    assert pixels(overlay) == pixels(tmp_path / "shapes_overlay.png")
+    # the views the page shows are the Exploration's maps (the same run, recomputed here)
+    ex = Exploration.run(seg32, image, CLASSES, seed=0)
+    calls.clear()
+    cross, self_maps = out[8], out[12:16]
+    assert same_picture(cross, picture(ex.image, ex.cross(0, 0, "fused"), True))
+    assert tuple(out[17:]) == (75, 50)  # the first pixel shown: the image's centre
+    gy, gx = ex.pixel(75, 50)
+    assert same_picture(self_maps[1], picture(ex.image, ex.self_attention(0, gy, gx), False, (gy, gx)))
+    layer = sorted(ex.layers)[3]
+    for row, column, view in ((0, 5, "fused"), (1, 2, "2"), (1, 6, layer), (0, 0, "8")):
+        got = client.predict(row, column, view, False, "mean", "mean", 30, 80, api_name="/cross")
+        assert same_picture(got[0], picture(ex.image, ex.cross(row, column, view), False)), (row, column, view)
+        gy, gx = ex.pixel(30, 80)
+        assert same_picture(got[3], picture(ex.image, ex.self_attention(row, gy, gx), False, (gy, gx)))
+        assert same_picture(got[4], picture(ex.image, ex.cross(row, column, "fused"), False))
+        assert same_picture(got[5], picture(ex.image, ex.refined_map(row, column), False))
+    # one self-attention layer and head at another pixel
+    name = ex.self_layers[2]
+    got = client.predict(1, 0, name, "3", 140, 5, api_name="/self_attention")
+    gy, gx = ex.pixel(140, 5)
+    assert same_picture(got[1], picture(ex.image, ex.self_attention(1, gy, gx, name, 3), False, (gy, gx)))
+    assert f"row {gy}, col {gx}" in got[4] and "sum 1.0000" in got[4]
+    # another prompt row lists its own tokens
+    got = client.predict(1, "fused", True, "mean", "mean", 30, 80, api_name="/row")
+    assert ["sofa (class map)", 0] in got[0]["choices"] and ["4: sofa", 5] in got[0]["choices"]
+    # τ changes the mask and the files, not the run
+    got = client.predict(0.9, upload(image), api_name="/tau")
+    write_result(tmp_path, "shapes", image, ex.segmentation(0.9))
+    mask = next(d for d in got[3] if d["path"].endswith("_mask.png"))
+    assert Path(mask["path"]).read_bytes() == (tmp_path / "shapes_mask.png").read_bytes()
+    assert "τ = 0.90" in got[4]
+    assert calls == [], f"{len(calls)} U-Net call(s) for views"
+
+
+@pytest.mark.parametrize("make, classes, message", [
+    (lambda p: p.write_bytes(b"not an image at all"), "cat", "notimage.png: not a readable image"),
+    (lambda p: Image.new("1", (20_000, 20_000)).save(p), "cat", "too large to decode safely"),  # 400 MP in ~50 kB
+    (None, " , ", "the class list is empty"),
+    (None, ",".join(f"class{i}" for i in range(MAX_CLASSES + 1)), f"at most {MAX_CLASSES}"),
+    (None, "cat," * 300, "characters long"),
+    (None, "cat, Cat", "listed twice"),
+], ids=["not-an-image", "decompression-bomb", "no-classes", "too-many-classes", "over-long", "duplicate"])
+def test_bad_input_is_a_message_in_the_page_and_the_server_keeps_serving(server, image, tmp_path, make, classes,
+                                                                         message):
+    from gradio_client.exceptions import AppError
+
+    client = connect(server)
+    path = image
+    if make is not None:
+        path = tmp_path / "notimage.png"
+        make(path)
+    with pytest.raises(AppError) as e:
+        run_page(client, path, classes)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    if make is not None:  # the preview on upload says the same
+        with pytest.raises(AppError, match="notimage.png"):
+            client.predict(upload(path), api_name="/preview")
+    assert "cat" in run_page(client, image, "cat")[4]  # and the next run works
+
+
+def test_two_sessions_are_queued_on_the_one_model_and_keep_their_own_results(server, image, monkeypatch):
+    from gradio_client.utils import Status
+
+    gate, started = threading.Event(), threading.Event()
+    original = Exploration.run.__func__
+
+    def held(cls, *a, **kw):  # the first run waits until the test has seen the second one queued
+        started.set()
+        gate.wait(30)
+        return original(cls, *a, **kw)
+
+    monkeypatch.setattr(Exploration, "run", classmethod(held))
+    a, b = connect(server), connect(server)
+    job_a = a.submit(upload(image), "cat, sofa", "", "100", 0, 0.4, "batched", api_name="/run")
+    assert started.wait(30), "the first run never started"
+    job_b = b.submit(upload(image), "dog", "", "100", 1, 0.4, "joint", api_name="/run")
+    seen, deadline = set(), time.time() + 30
+    while Status.IN_QUEUE not in seen and time.time() < deadline:
+        seen.add(job_b.status().code)
+        time.sleep(0.05)
+    gate.set()
+    assert Status.IN_QUEUE in seen, f"the second session was never told it is queued: {seen}"
+    out_a, out_b = job_a.result(timeout=60), job_b.result(timeout=60)
+    assert "sofa" in out_a[4] and "dog" not in out_a[4] and "dog" in out_b[4] and "sofa" not in out_b[4]
+    # each session's views read its own stored run
+    assert "cat (class map)" in a.predict(0, 0, "fused", True, "mean", "mean", 10, 10, api_name="/cross")[1]
+    assert "dog (class map)" in b.predict(0, 0, "fused", True, "mean", "mean", 10, 10, api_name="/cross")[1]
+    assert "sofa (class map)" in a.predict(1, 0, "fused", True, "mean", "mean", 10, 10, api_name="/cross")[1]
+
+
+def rss_anon_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("RssAnon:")).split()[1]) / 1024
+
+
+@pytest.mark.slow
+def test_memory_does_not_grow_over_20_runs(server, image):
+    """The server's resident memory (this process: server and client) after 10 warm-up runs and after 20
+    more, alternating classes, modes and views."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("reads RssAnon from /proc (Linux)")
+    client = connect(server)
+
+    def one(i):
+        run_page(client, image, "cat, sofa, dog" if i % 2 else "cat, sofa", seed=i, mode="joint" if i % 3 else "batched")
+        client.predict(0, 3, "fused", True, "mean", "mean", 20, 30, api_name="/cross")
+
+    for i in range(10):
+        one(i)
+    before = rss_anon_mb()
+    for i in range(20):
+        one(i)
+    after = rss_anon_mb()
+    print(f"RssAnon after 10 warm-up runs {before:.1f} MB, after 20 more {after:.1f} MB ({after - before:+.1f} MB)")
+    assert after - before < 24, f"RssAnon grew by {after - before:.1f} MB over 20 runs"

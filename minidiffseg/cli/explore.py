@@ -195,8 +195,11 @@ def build_app(seg: Segmenter, title: str = ""):
         m = ex.cross(row, int(column), view)
         label = next(name for name, c in ex.columns(row) if c == int(column))
         h, w = m.shape
-        return (picture(ex.image, m, blend), f"`{label}` · {'fused A' if view == 'fused' else view} · {h}×{w} "
-                f"· min {m.min().item():.3g}, max {m.max().item():.3g}")
+        what = ("fused A (levels weighted " + ", ".join(f"1/{lvl}: {wt}" for lvl, wt in seg.level_weights.items()) + ")"
+                if view == "fused" else f"level 1/{view}: mean of its layers" if str(view).isdigit()
+                else f"layer {view}")
+        return (picture(ex.image, m, blend), f"`{label}` · {what} · {h}×{w}, heads averaged · min "
+                f"{m.min().item():.3g}, max {m.max().item():.3g} (colours: min → max of this map)")
 
     @page_errors
     def cross_view(ex, row, column, view, blend, layer, head, x, y):
