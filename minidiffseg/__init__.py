@@ -1,9 +1,10 @@
 """minidiffseg: a minimal, from-scratch DiffSegmenter (training-free open-vocabulary segmentation
-from Stable Diffusion 1.5 attention) in plain PyTorch."""
+from Stable Diffusion 1.5 (or 2.x) attention) in plain PyTorch."""
 
 from .errors import UserError
 from .method.segmenter import SegmentationResult, Segmenter
-from .sd import SD15, AttentionStore, load_sd15
+from .sd import SD15, AttentionStore, StableDiffusion, load_sd, load_sd15
 
-__all__ = ["AttentionStore", "SD15", "SegmentationResult", "Segmenter", "UserError", "load_sd15"]
+__all__ = ["AttentionStore", "SD15", "SegmentationResult", "Segmenter", "StableDiffusion", "UserError", "load_sd",
+           "load_sd15"]
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
-"""Stable Diffusion 1.5 as minidiffseg uses it — tokenizer, text encoder, VAE encoder, U-Net and noise
-schedule — loaded from either official layout (docs/design.md §4):
+"""Stable Diffusion 1.5 and 2.x as minidiffseg uses them — tokenizer, text encoder, VAE encoder, U-Net and
+noise schedule — loaded from either official layout (docs/design.md §4, docs/sd2.md §2, §3):
 
 - a diffusers folder: unet/, vae/, text_encoder/ (each a config.json and a safetensors file, fp32
   or the `.fp16` variant) and tokenizer/ (vocab.json + merges.txt). Sizes come from the config.json
@@ -9,12 +9,16 @@ schedule — loaded from either official layout (docs/design.md §4):
   beside it or the `tokenizer=` argument.
 
 Either way each network is built on the meta device and filled by minidiffseg.loading (strict,
-memory-mapped, one copy of the weights). Keys we never build are ignored by name.
+memory-mapped, one copy of the weights). Keys we never build are ignored by name. Which model it is
+(SD1.5, SD2.x base or 768-v) is read from the same configs and shapes, never from a file or repo name;
+an SD2.x single file's text tower is OpenCLIP's, loaded under its own names and then split
+(minidiffseg.sd.openclip).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -22,14 +26,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import hub, ldm
+from . import hub, ldm, openclip
 from .clip import CLIPTextModel
 from .config import CLIPTextConfig, UNetConfig, VAEConfig
 from ..errors import UserError
 from .loading import PICKLE_SUFFIXES, build_on_meta, check_suffix, keys_text, load_strict, read_header
 from .schedule import NoiseSchedule
 from .stream import stream_weights
-from .tokenizer import CLIPTokenizer
+from .tokenizer import EOS, CLIPTokenizer
 from .unet import UNet
 from .vae import VAEEncoder
 
@@ -52,66 +56,142 @@ class Part:
     names: dict[str, str]  # file key -> parameter name, for the keys that are loaded
     shapes: dict[str, tuple[int, ...]]  # every tensor of the file (its header)
     ignored: list[str] = field(default_factory=list)  # file keys skipped by name (decoder, EMA, position_ids, ...)
+    finish: Callable[[nn.Module], nn.Module] | None = None  # the loaded module -> the network (OpenCLIP's split)
 
 
 @dataclass
-class SD15:
+class StableDiffusion:
+    """The networks of one checkpoint. `name` says which Stable Diffusion it is, as its configs and shapes
+    tell (`model_name`): "SD1.5", "SD2.x-base (512², ε-prediction)", "SD2.x (768², v-prediction)", ..."""
+
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModel
     vae: VAEEncoder
     unet: UNet
     schedule: NoiseSchedule
+    name: str = "SD1.5"
+
+    @property
+    def resolution(self) -> int:
+        """The image side the U-Net was trained at: its latent sample_size × the VAE's downsampling (8)."""
+        return self.unet.cfg.sample_size * 2 ** (len(self.vae.cfg.block_out_channels) - 1)
 
 
-def load_sd15(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+SD15 = StableDiffusion  # its name while SD1.5 was the only model
+
+
+def load_sd(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
               variant: str | None = None, tokenizer: str | Path | CLIPTokenizer | None = None,
               stream: bool = False) -> SD15:
-    """SD1.5 from a diffusers folder or a single LDM .safetensors file, in `dtype` on `device`, in eval
-    mode without gradients. `variant`: None prefers the fp32 files of a diffusers folder and falls back
+    """SD1.5 or SD2.x from a diffusers folder or a single LDM .safetensors file, in `dtype` on `device`, in eval
+    mode without gradients; `.name` says which (decided from the files, docs/sd2.md §2). `variant`: None prefers the fp32 files of a diffusers folder and falls back
     to the `.fp16` ones; "fp16" takes only those. `tokenizer`: a folder with vocab.json + merges.txt or
-    a built CLIPTokenizer, instead of the checkpoint's own tokenizer/ folder. `path` may also be the hub
-    id stable-diffusion-v1-5/stable-diffusion-v1-5: its copy in the Hugging Face cache (`minidiffseg download`).
+    a built CLIPTokenizer, instead of the checkpoint's own tokenizer/ folder. `path` may also be a hub id
+    of hub.STABLE_DIFFUSION (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5): its copy in the Hugging Face
+    cache (`minidiffseg download`).
     `stream`: keep no weights resident; each block is read from the file when it runs (sd/stream.py:
     the same checks first, the same results, a fraction of the memory)."""
     path, device = Path(path), torch.device(device)
-    if not path.exists() and str(path) == hub.REPOS["sd15"].repo_id:
-        path = hub.cached("sd15")  # the hub id: its copy in the Hugging Face cache, found without network
+    if not path.exists() and (what := hub.what_for(str(path))) is not None:
+        path = hub.cached(what)  # the hub id: its copy in the Hugging Face cache, found without network
     if not path.exists():
         there = f": `{hub.command('sd15', dir=path)}` puts it there" if path.suffix != ".safetensors" else ""
         raise UserError(f"{path}: not found; fetch SD1.5 with `minidiffseg download`{there}; or give a diffusers "
                         "SD1.5 folder or a single SD1.5 .safetensors file")
     if path.is_dir():
-        tok = _tokenizer(tokenizer, path / "tokenizer", path)  # first: it fails fast, the weights don't
-        parts = diffusers_parts(path, variant)
+        parts = diffusers_parts(path, variant)  # configs and headers: the weights are read below
+        tok = _tokenizer(tokenizer, path / "tokenizer", path, parts[0].module.cfg)
     else:
         check_suffix(path)
-        tok = _tokenizer(tokenizer, path.parent / "tokenizer", path)
         parts, unknown = single_file_parts(path)
+        tok = _tokenizer(tokenizer, path.parent / "tokenizer", path, parts[0].module.cfg)
         if unknown:
             raise UserError(f"{path}: {len(unknown)} unexpected tensor(s): {keys_text(unknown)}; neither an SD1.5 "
                             "single-file tensor nor one ignored by name (minidiffseg.ldm.IGNORED)")
     load = stream_weights if stream else load_strict
     text_encoder, vae, unet = (load(p.module, p.file, p.names, dtype, device, p.what) for p in parts)
-    return SD15(tok, text_encoder, vae, unet, NoiseSchedule())
+    if parts[0].finish is not None:  # an SD2.x single file: the text tower was filled under OpenCLIP's names
+        text_encoder = parts[0].finish(text_encoder)
+    scheduler = _scheduler_config(path) if path.is_dir() else None
+    return StableDiffusion(tok, text_encoder, vae, unet, _schedule(scheduler, path),
+                           model_name(unet.cfg, scheduler, single_file=not path.is_dir()))
 
 
-def _tokenizer(tokenizer, default: Path, path: Path) -> CLIPTokenizer:
+load_sd15 = load_sd  # its name while SD1.5 was the only model
+
+
+def _tokenizer(tokenizer, default: Path, path: Path, text: CLIPTextConfig) -> CLIPTokenizer:
     if isinstance(tokenizer, CLIPTokenizer):
         return tokenizer
     folder = Path(tokenizer) if tokenizer is not None else default
     if not folder.is_dir():
-        raise UserError(f"{path}: no tokenizer folder {folder}: put SD1.5's tokenizer/ (vocab.json, merges.txt) "
+        raise UserError(f"{path}: no tokenizer folder {folder}: put the model's tokenizer/ (vocab.json, merges.txt) "
                         f"there or pass tokenizer=<folder>; {DOWNLOAD}")
-    return CLIPTokenizer.from_dir(folder)
+    # the padding token is the one the folder names (special_tokens_map.json); where it names none, the text
+    # tower's own: OpenCLIP's tokenizer pads with "!" (id 0; SD2.x, the GELU tower), OpenAI's CLIP with EOS
+    return CLIPTokenizer.from_dir(folder, default_pad="!" if text.hidden_act == "gelu" else EOS)
+
+
+def model_name(unet: UNetConfig, scheduler: dict | None = None, single_file: bool = False) -> str:
+    """Which Stable Diffusion a U-Net is, from its config (never from a file or repo name): SD2.x's
+    transformers have linear projections and per-level heads, SD1.x's 1×1 convs; the training size is
+    its sample_size × 8 and the prediction type the scheduler's (a single file stores neither)."""
+    if not unet.use_linear_projection:
+        return "SD1.5"  # SD1.x checkpoints share this architecture
+    if single_file:
+        return "SD2.x (single file: its training size and prediction type are not stored)"
+    prediction = {"epsilon": "ε-prediction", "v_prediction": "v-prediction"}.get(
+        (scheduler or {}).get("prediction_type"), "prediction type unknown")
+    size = unet.sample_size * 8
+    return f"SD2.x{'-base' if size == 512 else ''} ({size}², {prediction})"
+
+
+def _scheduler_config(folder: Path) -> dict | None:
+    """scheduler/scheduler_config.json of a diffusers folder, if it has one (SD1.5 downloads don't)."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); download the folder again") from None
+
+
+def _schedule(scheduler: dict | None, path: Path) -> NoiseSchedule:
+    """The noise schedule the folder's scheduler config describes (SD1.5's and SD2.x's are the same: 1000
+    steps of scaled-linear betas from 0.00085 to 0.012), or that one when there is no config."""
+    if scheduler is None:
+        return NoiseSchedule()
+    kind = scheduler.get("beta_schedule", "scaled_linear")
+    if kind != "scaled_linear" or scheduler.get("trained_betas") is not None:
+        raise UserError(f"{path}: scheduler/scheduler_config.json has the {kind!r} noise schedule; minidiffseg "
+                        "computes Stable Diffusion's scaled_linear schedule only")
+    return NoiseSchedule(int(scheduler.get("num_train_timesteps", 1000)), float(scheduler.get("beta_start", 0.00085)),
+                         float(scheduler.get("beta_end", 0.012)))
+
+
+def _check_context(where: Path, parts: list[Part]) -> None:
+    """The U-Net's cross-attention reads the text encoder's output: their widths, as the files store them
+    (a file that disagrees with its own config is the loader's finding), must agree."""
+    def stored(part: Part, suffix: str, dim: int) -> int | None:  # a dimension of the tensor filling `*suffix`
+        key = next((k for k, name in part.names.items() if name.endswith(suffix)), None)
+        return part.shapes[key][dim] if key is not None and len(part.shapes[key]) > dim else None
+
+    text, _, unet = parts
+    reads, gives = stored(unet, "attn2.to_k.weight", 1), stored(text, "token_embedding.weight", 1)  # [C, ctx], [V, W]
+    if None not in (reads, gives) and reads != gives:
+        raise UserError(f"{where}: context width mismatch: the U-Net's cross-attention reads {reads}-wide text "
+                        f"(SD1.5: 768, SD2.x: 1024) but the text encoder gives {gives}: the checkpoint mixes the "
+                        "networks of two models; use one model's unet/ and text_encoder/")
 
 
 def diffusers_parts(folder: Path, variant: str | None = None) -> list[Part]:
     """Text encoder, VAE encoder and U-Net of a diffusers folder, sizes from each config.json."""
     absent = [c for c in WEIGHTS if not (folder / c).is_dir()]
     if absent:
-        raise UserError(f"{folder}: unknown checkpoint layout: a diffusers SD1.5 folder holds unet/, vae/, "
+        raise UserError(f"{folder}: unknown checkpoint layout: a diffusers Stable Diffusion folder holds unet/, vae/, "
                         f"text_encoder/ and tokenizer/, this one lacks {', '.join(absent)}/; {DOWNLOAD}, or "
-                        "give a single SD1.5 .safetensors file")
+                        "give a single SD1.5/SD2.x .safetensors file")
     specs = {"text_encoder": (CLIPTextModel, CLIPTextConfig.from_transformers, _text_name),
              "vae": (VAEEncoder, VAEConfig.from_diffusers, _vae_name),
              "unet": (UNet, UNetConfig.from_diffusers, lambda key, shape: key)}
@@ -123,6 +203,7 @@ def diffusers_parts(folder: Path, variant: str | None = None) -> list[Part]:
         ignored = [k for k in shapes if any(fnmatchcase(k, p) for p in IGNORED[component])]
         names = {k: name_of(k, s) for k, s in shapes.items() if k not in ignored}
         parts.append(Part(WHAT[component], file, build_on_meta(cls, configs[component]), names, shapes, ignored))
+    _check_context(folder, parts)
     return parts
 
 
@@ -172,27 +253,33 @@ def single_file_parts(path: Path) -> tuple[list[Part], list[str]]:
     """Text encoder, VAE encoder and U-Net of an LDM single file (sizes from the tensor shapes), and the
     file keys that are neither translated nor ignored (an error for loading, a finding for inspection)."""
     shapes, metadata = read_header(path)
-    prefixes = {"U-Net": ldm.UNET, "VAE": ldm.VAE, "text encoder": f"{ldm.TEXT}text_model."}
-    absent = [f"{what} ({prefix}…)" for what, prefix in prefixes.items()
+    prefixes = {"U-Net": (ldm.UNET,), "VAE": (ldm.VAE,), "text encoder": (f"{ldm.TEXT}text_model.", openclip.PREFIX)}
+    absent = [f"{what} ({' or '.join(p + '…' for p in prefix)})" for what, prefix in prefixes.items()
               if not any(k.startswith(prefix) for k in shapes)]
     if absent:
-        raise UserError(f"{path}: unknown checkpoint layout: no {', '.join(absent)} tensors, so not an SD1.5 "
-                        "single file (an SD2/SDXL file, or a lone component?); give an SD1.5 single file "
+        raise UserError(f"{path}: unknown checkpoint layout: no {', '.join(absent)} tensors, so not an SD1.5 or "
+                        "SD2.x single file (an SDXL file, or a lone component?); give an SD1.5/SD2.x single file "
                         f"or a diffusers folder ({DOWNLOAD})")
     try:
         unet_cfg, vae_cfg, text_cfg = ldm.infer_configs(shapes, metadata)
     except KeyError as e:
         raise UserError(f"{path}: tensor {e.args[0]} missing, so the architecture sizes cannot be read; the file "
-                        "is incomplete or not SD1.5: download it again") from None
+                        "is incomplete or not SD1.5/SD2.x: download it again") from None
     names, unknown = ldm.from_ldm(shapes, unet_cfg, vae_cfg)
-    parts = [Part(WHAT[c], path, build_on_meta(cls, cfg), names[c], shapes) for c, cls, cfg in
-             (("text_encoder", CLIPTextModel, text_cfg), ("vae", VAEEncoder, vae_cfg), ("unet", UNet, unet_cfg))]
+    sd2_text = ldm.is_openclip(shapes)  # OpenCLIP's names, filled as they are and split afterwards
+    parts = [Part(WHAT["text_encoder"], path, build_on_meta(openclip.OpenCLIPTextWeights if sd2_text else CLIPTextModel,
+                                                            text_cfg), names["text_encoder"], shapes,
+                  finish=openclip.to_clip_text if sd2_text else None)]
+    parts += [Part(WHAT[c], path, build_on_meta(cls, cfg), names[c], shapes)
+              for c, cls, cfg in (("vae", VAEEncoder, vae_cfg), ("unet", UNet, unet_cfg))]
+    unused = set(openclip.ignored(shapes, text_cfg.num_hidden_layers)) if sd2_text else set()
     for key in shapes:
-        if ldm.is_ignored(key):
+        if ldm.is_ignored(key) or key in unused:
             part_of(parts, key).ignored.append(key)
+    _check_context(path, parts)
     return parts, unknown
 
 
 def part_of(parts: list[Part], key: str) -> Part:
     """The network a single-file key belongs to, by prefix; the rest (EMA copy, DDPM schedule) goes with the U-Net."""
-    return parts[0] if key.startswith(ldm.TEXT) else parts[1] if key.startswith(ldm.VAE) else parts[2]
+    return parts[0] if key.startswith((ldm.TEXT, openclip.PREFIX)) else parts[1] if key.startswith(ldm.VAE) else parts[2]

@@ -40,27 +40,31 @@ class CLIPAttention(nn.Module):
 
 class CLIPMLP(nn.Module):
     """fc1 -> QuickGELU -> fc2. QuickGELU x·σ(1.702x) is what OpenAI trained CLIP with
-    (config.json `hidden_act: "quick_gelu"`); 1.702 makes σ(1.702x) approximate the normal CDF."""
+    (config.json `hidden_act: "quick_gelu"`); 1.702 makes σ(1.702x) approximate the normal CDF.
+    SD2.x's OpenCLIP ViT-H text tower was trained with the exact GELU instead (`hidden_act: "gelu"`)."""
 
-    def __init__(self, width: int, mlp_width: int):
+    def __init__(self, width: int, mlp_width: int, act: str = "quick_gelu"):
         super().__init__()
+        if act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"hidden_act {act!r}: CLIP text towers use quick_gelu (OpenAI) or gelu (OpenCLIP)")
+        self.act = act
         self.fc1 = nn.Linear(width, mlp_width)
         self.fc2 = nn.Linear(mlp_width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
-        return self.fc2(h * torch.sigmoid(1.702 * h))
+        return self.fc2(h * torch.sigmoid(1.702 * h) if self.act == "quick_gelu" else F.gelu(h))
 
 
 class CLIPEncoderLayer(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_width: int, eps: float):
+    def __init__(self, width: int, heads: int, mlp_width: int, eps: float, act: str = "quick_gelu"):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(width, eps=eps)
         self.self_attn = CLIPAttention(width, heads)
         self.layer_norm2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = CLIPMLP(width, mlp_width)
+        self.mlp = CLIPMLP(width, mlp_width, act)
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x), causal=causal)
@@ -70,9 +74,9 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPEncoder(nn.Module):
     """The stack of `layers` blocks; `causal=True` for the text tower, False for the vision tower."""
 
-    def __init__(self, width: int, heads: int, mlp_width: int, layers: int, eps: float):
+    def __init__(self, width: int, heads: int, mlp_width: int, layers: int, eps: float, act: str = "quick_gelu"):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(width, heads, mlp_width, eps) for _ in range(layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(width, heads, mlp_width, eps, act) for _ in range(layers))
 
     def forward(self, x: torch.Tensor, causal: bool = False, weights=RESIDENT) -> torch.Tensor:
         for layer in self.layers:
@@ -99,7 +103,7 @@ class CLIPTextTransformer(nn.Module):
         super().__init__()
         self.embeddings = CLIPTextEmbeddings(cfg)
         self.encoder = CLIPEncoder(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size,
-                                   cfg.num_hidden_layers, cfg.layer_norm_eps)
+                                   cfg.num_hidden_layers, cfg.layer_norm_eps, cfg.hidden_act)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, weights=RESIDENT) -> torch.Tensor:
@@ -111,10 +115,12 @@ class CLIPTextTransformer(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    """SD1.5's text encoder: token ids (B, 77) -> last hidden state (B, 77, hidden_size).
+    """SD1.5's / SD2.x's text encoder: token ids (B, 77) -> last hidden state (B, 77, hidden_size).
+    (SD2.x's folders store the OpenCLIP tower without its last layer: its output is the original's
+    penultimate layer followed by the final LayerNorm, docs/sd2.md §1.)
 
-    No padding mask: SD1.5 pads with EOS and attends to the padding (the causal mask alone), and the
-    U-Net's cross-attention reads all 77 positions. No pooling and no projection either: those belong
+    No padding mask: SD1.5 pads with EOS (SD2.x with "!") and attends to the padding (the causal mask
+    alone), and the U-Net's cross-attention reads all 77 positions. No pooling and no projection either: those belong
     to CLIPModel, used only by the class filter.
     """
 

@@ -9,8 +9,8 @@ holds the decoder too; it is never built, and since files are memory-mapped its 
 huggingface_hub does the transfer, so its environment applies: HF_HOME / HF_HUB_CACHE (where the
 cache is), HF_HUB_OFFLINE=1 (no network: cached files only), HF_ENDPOINT, HF_TOKEN. Without --dir the
 files go into the hub cache, where other tools find them too; the commands then take the printed
-folder, or for SD1.5 the repo id itself (`--weights stable-diffusion-v1-5/stable-diffusion-v1-5`),
-which `cached` resolves from the cache without touching the network.
+folder, or for Stable Diffusion the repo id itself (`--weights stable-diffusion-v1-5/stable-diffusion-v1-5`,
+`--weights stabilityai/stable-diffusion-2-1-base`, ...), which `cached` resolves from the cache without touching the network.
 """
 
 from __future__ import annotations
@@ -31,12 +31,24 @@ class Repo:
     files: tuple[str, ...]  # the files minidiffseg reads; "{v}" is the variant infix ("" or ".fp16")
 
 
+SD2_FILES = ("unet/config.json", "unet/diffusion_pytorch_model{v}.safetensors",
+             "vae/config.json", "vae/diffusion_pytorch_model{v}.safetensors",
+             "text_encoder/config.json", "text_encoder/model{v}.safetensors",
+             "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
+             "scheduler/scheduler_config.json")
 REPOS = {
     "sd15": Repo("Stable Diffusion 1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5", "stable-diffusion-v1-5",
                  ("unet/config.json", "unet/diffusion_pytorch_model{v}.safetensors",
                   "vae/config.json", "vae/diffusion_pytorch_model{v}.safetensors",
                   "text_encoder/config.json", "text_encoder/model{v}.safetensors",
                   "tokenizer/vocab.json", "tokenizer/merges.txt")),
+    # SD2.x (docs/sd2.md §2): same layout, plus the two small files that say what SD2 differs in beyond the
+    # config.json files: the tokenizer's padding token and the scheduler (noise schedule, prediction type)
+    "sd21-base": Repo("Stable Diffusion 2.1-base (512², ε-prediction)", "stabilityai/stable-diffusion-2-1-base",
+                      "stable-diffusion-2-1-base", SD2_FILES),
+    "sd21": Repo("Stable Diffusion 2.1 (768², v-prediction)", "stabilityai/stable-diffusion-2-1",
+                 "stable-diffusion-2-1", SD2_FILES),
+    "sd-turbo": Repo("SD-Turbo (distilled from SD2.1, 512²)", "stabilityai/sd-turbo", "sd-turbo", SD2_FILES),
     # the filter's models (minidiffseg.filter): the hub has them in float32 only
     "clip": Repo("CLIP ViT-L/14", "openai/clip-vit-large-patch14", "clip-vit-large-patch14",
                  ("config.json", "model.safetensors", "vocab.json", "merges.txt")),
@@ -44,6 +56,7 @@ REPOS = {
                  ("config.json", "model.safetensors", "vocab.txt")),
 }
 VARIANTS = {"fp16": ".fp16", "fp32": ""}
+STABLE_DIFFUSION = ("sd15", "sd21-base", "sd21", "sd-turbo")  # what `--weights <hub id>` may name
 
 # SHA-256 of official files, as published with them (hub LFS pointers at stable-diffusion-v1-5 revision
 # 451f4fe16113bff5a5d2269ed5ad43b0592e9a14; the single file's hash is also the one the AUTOMATIC1111 web UI
@@ -138,6 +151,11 @@ def _print_sizes(repo: Repo, wanted: list[str], dir: Path | None) -> bool:
         raise UserError(f"{repo.repo_id} needs {gb(todo)} but only {gb(free)} is free at {there}: free some space or "
                         "choose another --dir")
     return True
+
+
+def what_for(repo_id: str) -> str | None:
+    """The REPOS key of a Stable Diffusion hub id (e.g. "stabilityai/stable-diffusion-2-1-base" -> "sd21-base")."""
+    return next((w for w in STABLE_DIFFUSION if REPOS[w].repo_id == repo_id), None)
 
 
 def cached(what: str) -> Path:

@@ -1,4 +1,5 @@
-"""The single-file ("original LDM") SD1.5 layout, e.g. `v1-5-pruned-emaonly.safetensors` (docs/design.md §4):
+"""The single-file ("original LDM") SD1.5 layout, e.g. `v1-5-pruned-emaonly.safetensors` (docs/design.md §4),
+and SD2.x's (`v2-1_512-ema-pruned.safetensors`: the same U-Net and VAE names, OpenCLIP's text tower, docs/sd2.md §3):
 name rules between our (diffusers/transformers) parameter names and the LDM ones, the keys such a
 file holds that we never build, and the architecture sizes read back from its tensor shapes.
 
@@ -27,6 +28,7 @@ from fnmatch import fnmatchcase
 
 import torch
 
+from . import openclip
 from .config import CLIPTextConfig, UNetConfig, VAEConfig
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
@@ -52,10 +54,13 @@ IGNORED = (
 )
 
 # config fields that no tensor shape tells; a file may carry them in its safetensors metadata as
-# "minidiffseg.<component>.<field>": JSON (write_tiny_single_file does). Real files don't: SD1.5 values.
-NOT_IN_SHAPES = {"unet": ("num_heads", "norm_num_groups", "norm_eps", "freq_shift", "flip_sin_to_cos"),
+# "minidiffseg.<component>.<field>": JSON (write_tiny_single_file does). Real files don't: the values of the
+# original LDM configs (SD1.5: v1-inference.yaml; SD2.x, told apart by its linear projections: v2-inference.yaml).
+NOT_IN_SHAPES = {"unet": ("num_heads", "norm_num_groups", "norm_eps", "freq_shift", "flip_sin_to_cos",
+                          "upcast_attention", "sample_size"),
                  "vae": ("norm_num_groups", "scaling_factor"),
-                 "text_encoder": ("num_attention_heads", "layer_norm_eps", "projection_dim")}
+                 "text_encoder": ("num_attention_heads", "layer_norm_eps", "projection_dim", "hidden_act")}
+HEAD_CHANNELS = 64  # v2-inference.yaml: num_head_channels 64, so an SD2.x level of C channels has C/64 heads
 
 
 def unet_rules(levels: int, layers: int) -> dict[str, str]:
@@ -126,6 +131,12 @@ def is_ignored(key: str) -> bool:
     return any(fnmatchcase(key, pattern) for pattern in IGNORED)
 
 
+def is_openclip(keys) -> bool:
+    """Whether a file's text tower is OpenCLIP's (SD2.x) rather than OpenAI's CLIP (SD1.5): OpenCLIP's token
+    table and no OpenAI tower (a stray OpenCLIP key in an SD1.5 file is an unexpected key, not a layout)."""
+    return f"{openclip.PREFIX}token_embedding.weight" in keys and not any(k.startswith(TEXT) for k in keys)
+
+
 def _count(keys, pattern: str) -> int:
     """How many distinct indices fill the `(\\d+)` of `pattern` among `keys`."""
     rx = re.compile(pattern)
@@ -136,35 +147,43 @@ def _with_metadata(cfg, component: str, metadata: dict[str, str] | None):
     metadata = metadata or {}
     given = {f: json.loads(metadata[f"minidiffseg.{component}.{f}"])
              for f in NOT_IN_SHAPES[component] if f"minidiffseg.{component}.{f}" in metadata}
-    return replace(cfg, **given)
+    return replace(cfg, **{f: tuple(v) if isinstance(v, list) else v for f, v in given.items()})
 
 
 def infer_configs(shapes: dict[str, tuple], metadata: dict[str, str] | None = None
                   ) -> tuple[UNetConfig, VAEConfig, CLIPTextConfig]:
     """Architecture sizes of an LDM single file from its tensor shapes (key -> shape). Fields no shape
-    tells (`NOT_IN_SHAPES`) come from the file's metadata if present, else the SD1.5 values.
+    tells (`NOT_IN_SHAPES`) come from the file's metadata if present, else the values of the original
+    config of the layout: SD1.5's, or SD2.x's when the transformers' proj_in is linear (64-channel heads;
+    attention in float32, as the original SD2.x code computes it by default). The text tower is OpenAI's
+    CLIP (SD1.5) or OpenCLIP's (SD2.x, minidiffseg.sd.openclip), whichever the file holds.
     Raises KeyError naming the first key it needs that the file lacks."""
     u, e = UNET, f"{VAE}encoder."
     levels = 1 + _count(shapes, rf"{re.escape(u)}input_blocks\.(\d+)\.0\.op\.weight$")
     layers = _count(shapes, rf"{re.escape(u)}input_blocks\.(\d+)\.") // levels - 1  # levels·(L+1) blocks
+    channels = tuple(shapes[f"{u}input_blocks.{1 + i * (layers + 1)}.0.out_layers.3.weight"][0] for i in range(levels))
+    linear = len(shapes[f"{u}input_blocks.1.1.proj_in.weight"]) == 2  # SD2.x: [C, C]; SD1.5: 1×1 conv [C, C, 1, 1]
     unet = UNetConfig(
         in_channels=shapes[f"{u}input_blocks.0.0.weight"][1], out_channels=shapes[f"{u}out.2.weight"][0],
-        block_out_channels=tuple(shapes[f"{u}input_blocks.{1 + i * (layers + 1)}.0.out_layers.3.weight"][0]
-                                 for i in range(levels)),
-        layers_per_block=layers,
-        cross_attention_dim=shapes[f"{u}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"][1])
+        block_out_channels=channels, layers_per_block=layers,
+        cross_attention_dim=shapes[f"{u}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"][1],
+        **(dict(use_linear_projection=True, num_heads=tuple(c // HEAD_CHANNELS for c in channels),
+                upcast_attention=True) if linear else {}))
     vae_levels = _count(shapes, rf"{re.escape(e)}down\.(\d+)\.")
     vae = VAEConfig(
         in_channels=shapes[f"{e}conv_in.weight"][1], latent_channels=shapes[f"{VAE}quant_conv.weight"][0] // 2,
         block_out_channels=tuple(shapes[f"{e}down.{i}.block.0.conv1.weight"][0] for i in range(vae_levels)),
         layers_per_block=_count(shapes, rf"{re.escape(e)}down\.0\.block\.(\d+)\."))
     t = f"{TEXT}text_model."
-    vocab, width = shapes[f"{t}embeddings.token_embedding.weight"]
-    text = CLIPTextConfig(
-        vocab_size=vocab, hidden_size=width,
-        intermediate_size=shapes[f"{t}encoder.layers.0.mlp.fc1.weight"][0],
-        num_hidden_layers=_count(shapes, rf"{re.escape(t)}encoder\.layers\.(\d+)\."),
-        max_position_embeddings=shapes[f"{t}embeddings.position_embedding.weight"][0])
+    if not is_openclip(shapes):
+        vocab, width = shapes[f"{t}embeddings.token_embedding.weight"]
+        text = CLIPTextConfig(
+            vocab_size=vocab, hidden_size=width,
+            intermediate_size=shapes[f"{t}encoder.layers.0.mlp.fc1.weight"][0],
+            num_hidden_layers=_count(shapes, rf"{re.escape(t)}encoder\.layers\.(\d+)\."),
+            max_position_embeddings=shapes[f"{t}embeddings.position_embedding.weight"][0])
+    else:
+        text = openclip.infer_text_config(shapes)
     return (_with_metadata(unet, "unet", metadata), _with_metadata(vae, "vae", metadata),
             _with_metadata(text, "text_encoder", metadata))
 
@@ -177,14 +196,18 @@ def config_metadata(unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig) -> d
 
 def from_ldm(keys, unet: UNetConfig, vae: VAEConfig) -> tuple[dict[str, dict[str, str]], list[str]]:
     """Sort the keys of an LDM file: ({"unet"|"vae"|"text_encoder": {file key: our name}}, keys that
-    are neither translated nor ignored)."""
+    are neither translated nor ignored). An OpenCLIP text tower (SD2.x) keeps OpenCLIP's names, which are
+    those of minidiffseg.sd.openclip.OpenCLIPTextWeights; its unused keys are ignored by name."""
+    openclip_text = is_openclip(keys)
     rules = {"unet": unet_rules(len(unet.block_out_channels), unet.layers_per_block),
-             "vae": vae_rules(len(vae.block_out_channels), vae.layers_per_block), "text_encoder": TEXT_RULES}
+             "vae": vae_rules(len(vae.block_out_channels), vae.layers_per_block),
+             "text_encoder": {"": openclip.PREFIX} if openclip_text else TEXT_RULES}
     inverse = {c: {ldm: ours for ours, ldm in r.items()} for c, r in rules.items()}
     names: dict[str, dict[str, str]] = {c: {} for c in rules}
     unknown = []
+    unused = set(openclip.ignored(keys, openclip.layers_used(keys))) if openclip_text else set()
     for key in keys:
-        if is_ignored(key):
+        if is_ignored(key) or key in unused:
             continue
         for component, table in inverse.items():
             if (name := rename(key, table)) is not None:

@@ -4,7 +4,10 @@ The BPE itself runs in the `tokenizers` library; this file only assembles CLIP's
 
     text ─NFC, runs of whitespace → " ", lower-case─► CLIP's split regex ─► bytes → printable chars
          ─► BPE with "</w>" glued to the last char of every word ─► ids
-    row  = [<|startoftext|>] + ids[:75] + [<|endoftext|>] + [<|endoftext|>] * pad   (77 ids)
+    row  = [<|startoftext|>] + ids[:75] + [<|endoftext|>] + [pad] * n   (77 ids)
+
+The padding token is <|endoftext|> in SD1.5 and "!" (id 0) in SD2.x, whose OpenCLIP tokenizer pads with
+zeros: the folder's special_tokens_map.json says which (docs/sd2.md §2).
 
 openai/CLIP also runs `ftfy.fix_text` and `html.unescape` before this; ftfy is not a dependency,
 so (like transformers' CLIPTokenizer) we keep only the parts of its clean-up that need no ftfy:
@@ -42,10 +45,11 @@ def byte_chars() -> list[str]:
 class CLIPTokenizer:
     max_length = 77  # CLIP's context length (CLIPTextConfig.max_position_embeddings)
 
-    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]):
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str = EOS):
         self.vocab = vocab  # token string -> id, as in vocab.json
         self.merges = merges  # in priority order, as in merges.txt
         self.bos_id, self.eos_id = vocab[BOS], vocab[EOS]
+        self.pad_token, self.pad_id = pad_token, vocab[pad_token]  # SD1.5: EOS (49407); SD2.x: "!" (0)
         self.id_to_token = {i: t for t, i in vocab.items()}
         tok = Tokenizer(BPE(vocab, merges, end_of_word_suffix="</w>"))
         tok.normalizer = normalizers.Sequence(
@@ -78,8 +82,16 @@ class CLIPTokenizer:
         return cls(vocab, merges)
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "CLIPTokenizer":
-        return cls.from_files(Path(path) / "vocab.json", Path(path) / "merges.txt")
+    def from_dir(cls, path: str | Path, default_pad: str = EOS) -> "CLIPTokenizer":
+        """A `tokenizer/` folder. The padding token is the one its special_tokens_map.json (or else its
+        tokenizer_config.json) names, else `default_pad`. SD2.x's folders name "!" in special_tokens_map.json
+        but "<|endoftext|>" in tokenizer_config.json; transformers lets the former win, and so do we."""
+        tok = cls.from_files(Path(path) / "vocab.json", Path(path) / "merges.txt")
+        pad = stated_pad_token(Path(path)) or default_pad
+        if pad not in tok.vocab:
+            raise UserError(f"{path}: padding token {pad!r} is not in vocab.json: the tokenizer files are broken; "
+                            "download the folder again")
+        return tok if pad == EOS else cls(tok.vocab, tok.merges, pad)
 
     @classmethod
     def from_bpe_gz(cls, path: str | Path) -> "CLIPTokenizer":
@@ -117,13 +129,14 @@ class CLIPTokenizer:
         return self._tok.encode(text).tokens
 
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
-        """(B, 77) int64 rows as SD1.5 feeds its text encoder: BOS, at most 75 ids, EOS, EOS padding."""
+        """(B, 77) int64 rows as SD feeds its text encoder: BOS, at most 75 ids, EOS, padding (EOS in SD1.5,
+        "!" in SD2.x)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         room = self.max_length - 2  # BOS and EOS always fit: longer prompts lose their tail
-        rows = torch.full((len(texts), self.max_length), self.eos_id, dtype=torch.long)  # (B, 77)
+        rows = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)  # (B, 77)
         for row, enc in zip(rows, self._tok.encode_batch(texts)):
             ids = enc.ids[:room]
-            row[: len(ids) + 1] = torch.tensor([self.bos_id] + ids)
+            row[: len(ids) + 2] = torch.tensor([self.bos_id] + ids + [self.eos_id])
         return rows
 
     def check_fits(self, text: str, what: str = "prompt") -> None:
@@ -164,3 +177,21 @@ class CLIPTokenizer:
                             "words, not substrings): put the class name itself in the prompt")
         first = found[-1] + 1  # +1: BOS sits at index 0 of the row
         return list(range(first, first + len(target)))
+
+
+def stated_pad_token(folder: Path) -> str | None:
+    """The padding token a tokenizer folder names: special_tokens_map.json first (transformers lets it
+    override tokenizer_config.json), then tokenizer_config.json; None if neither names one."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            pad = json.loads(path.read_text(encoding="utf-8")).get("pad_token")
+        except (ValueError, AttributeError):
+            raise UserError(f"{path}: not valid JSON; download the tokenizer folder again") from None
+        if isinstance(pad, dict):  # {"content": "!", "lstrip": false, ...}
+            pad = pad.get("content")
+        if isinstance(pad, str):
+            return pad
+    return None

@@ -1,5 +1,5 @@
-"""The SD1.5 U-Net (docs/design.md §3) with diffusers' parameter names, so the official
-`unet/diffusion_pytorch_model.safetensors` loads with `load_state_dict(strict=True)`.
+"""The SD1.5 / SD2.x U-Net (docs/design.md §3, docs/sd2.md §1) with diffusers' parameter names, so the
+official `unet/diffusion_pytorch_model.safetensors` loads with `load_state_dict(strict=True)`.
 
 Layout for block_out_channels (320, 640, 1280, 1280), layers_per_block 2:
   down_blocks.0-2  CrossAttnDownBlock2D: 2 × (resnet, transformer), then a stride-2 conv
@@ -7,7 +7,8 @@ Layout for block_out_channels (320, 640, 1280, 1280), layers_per_block 2:
   mid_block        resnet, transformer, resnet
   up_blocks.0      UpBlock2D: 3 resnets, nearest ×2 + conv
   up_blocks.1-3    CrossAttnUpBlock2D: 3 × (resnet, transformer), then ×2 (not after the last)
-Every transformer has attn1 (self) and attn2 (cross): 16 of each; 8 heads everywhere.
+Every transformer has attn1 (self) and attn2 (cross): 16 of each; SD1.5: 8 heads everywhere; SD2.x:
+heads of 64 channels (5, 10, 20, 20 per level), Linear proj_in/proj_out, context width 1024.
 """
 
 from __future__ import annotations
@@ -90,12 +91,12 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, context_dim: int):
+    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)  # eps 1e-5
-        self.attn1 = Attention(dim, heads)
+        self.attn1 = Attention(dim, heads, upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, context_dim)
+        self.attn2 = Attention(dim, heads, context_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -106,21 +107,37 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2DModel(nn.Module):
-    """GroupNorm (eps 1e-6) → 1×1 conv in → one transformer block over the HW tokens → 1×1 conv out, + residual."""
+    """GroupNorm (eps 1e-6) → 1×1 conv in → one transformer block over the HW tokens → 1×1 conv out, + residual.
+    SD2.x (`linear`): proj_in/proj_out are Linear layers applied to the tokens instead (the same map; the
+    checkpoint stores [C, C] instead of [C, C, 1, 1])."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int, groups: int):
+    def __init__(self, dim: int, heads: int, context_dim: int, groups: int, linear: bool = False,
+                 upcast: bool = False):
         super().__init__()
+        self.linear = linear
         self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
-        self.proj_in = nn.Conv2d(dim, dim, 1)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(dim, heads, context_dim)])
-        self.proj_out = nn.Conv2d(dim, dim, 1)
+        self.proj_in = nn.Linear(dim, dim) if linear else nn.Conv2d(dim, dim, 1)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(dim, heads, context_dim, upcast)])
+        self.proj_out = nn.Linear(dim, dim) if linear else nn.Conv2d(dim, dim, 1)
 
     def forward(self, x, context, store):
         b, c, h, w = x.shape
-        t = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C)
+        if self.linear:  # SD2.x: tokens first, then Linear
+            t = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c))  # (B, HW, C)
+        else:
+            t = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C)
         for block in self.transformer_blocks:
             t = block(t, context, store)
+        if self.linear:
+            return x + self.proj_out(t).reshape(-1, h, w, c).permute(0, 3, 1, 2)
         return x + self.proj_out(t.reshape(-1, h, w, c).permute(0, 3, 1, 2))  # B grows at attn2 (UNet.forward)
+
+
+def transformer(ch: int, cfg: UNetConfig, level: int) -> Transformer2DModel:
+    """The Transformer2DModel of block level `level` (0 = the first down block): its head count, and
+    SD2.x's linear projections and float32 attention where the config says so."""
+    return Transformer2DModel(ch, cfg.heads(level), cfg.cross_attention_dim, cfg.norm_num_groups,
+                              linear=cfg.use_linear_projection, upcast=cfg.upcast_attention)
 
 
 class Downsample2D(nn.Module):
@@ -144,12 +161,11 @@ class Upsample2D(nn.Module):
 class DownBlock(nn.Module):
     """CrossAttnDownBlock2D (with `attentions`) or DownBlock2D (without)."""
 
-    def __init__(self, cin: int, cout: int, cfg: UNetConfig, attention: bool, downsample: bool):
+    def __init__(self, cin: int, cout: int, cfg: UNetConfig, attention: bool, downsample: bool, level: int):
         super().__init__()
         n, temb, g = cfg.layers_per_block, cfg.time_embed_dim, cfg.norm_num_groups
         self.resnets = nn.ModuleList([ResnetBlock2D(cin if i == 0 else cout, cout, temb, g, cfg.norm_eps) for i in range(n)])
-        self.attentions = nn.ModuleList(
-            [Transformer2DModel(cout, cfg.num_heads, cfg.cross_attention_dim, g) for _ in range(n)] if attention else [])
+        self.attentions = nn.ModuleList([transformer(cout, cfg, level) for _ in range(n)] if attention else [])
         self.downsamplers = nn.ModuleList([Downsample2D(cout)] if downsample else [])
 
     def forward(self, x, temb, context, store, skips: list, weights=RESIDENT):
@@ -170,15 +186,14 @@ class DownBlock(nn.Module):
 class UpBlock(nn.Module):
     """CrossAttnUpBlock2D or UpBlock2D: layers_per_block+1 resnets, each eating one skip tensor."""
 
-    def __init__(self, cin: int, cout: int, prev: int, cfg: UNetConfig, attention: bool, upsample: bool):
+    def __init__(self, cin: int, cout: int, prev: int, cfg: UNetConfig, attention: bool, upsample: bool, level: int):
         super().__init__()
         n, temb, g = cfg.layers_per_block + 1, cfg.time_embed_dim, cfg.norm_num_groups
         # resnet i sees (previous output | skip); the last skip comes from the level above (cin channels)
         self.resnets = nn.ModuleList([
             ResnetBlock2D((prev if i == 0 else cout) + (cin if i == n - 1 else cout), cout, temb, g, cfg.norm_eps)
             for i in range(n)])
-        self.attentions = nn.ModuleList(
-            [Transformer2DModel(cout, cfg.num_heads, cfg.cross_attention_dim, g) for _ in range(n)] if attention else [])
+        self.attentions = nn.ModuleList([transformer(cout, cfg, level) for _ in range(n)] if attention else [])
         self.upsamplers = nn.ModuleList([Upsample2D(cout)] if upsample else [])
 
     def forward(self, x, temb, context, store, skips: list, weights=RESIDENT):
@@ -202,7 +217,7 @@ class MidBlock(nn.Module):
         super().__init__()
         g = cfg.norm_num_groups
         self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, cfg.time_embed_dim, g, cfg.norm_eps) for _ in range(2)])
-        self.attentions = nn.ModuleList([Transformer2DModel(ch, cfg.num_heads, cfg.cross_attention_dim, g)])
+        self.attentions = nn.ModuleList([transformer(ch, cfg, len(cfg.block_out_channels) - 1)])  # the deepest level's
 
     def forward(self, x, temb, context, store, weights=RESIDENT):
         with weights.block(self.resnets[0]):
@@ -223,12 +238,13 @@ class UNet(nn.Module):
         self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
         # SD1.5: cross-attention in every level but the deepest (down) / the first (up)
         self.down_blocks = nn.ModuleList([
-            DownBlock(ch[max(i - 1, 0)], ch[i], cfg, attention=i < levels - 1, downsample=i < levels - 1)
+            DownBlock(ch[max(i - 1, 0)], ch[i], cfg, attention=i < levels - 1, downsample=i < levels - 1, level=i)
             for i in range(levels)])
         self.mid_block = MidBlock(ch[-1], cfg)
         rev = ch[::-1]
         self.up_blocks = nn.ModuleList([
-            UpBlock(rev[min(i + 1, levels - 1)], rev[i], rev[max(i - 1, 0)], cfg, attention=i > 0, upsample=i < levels - 1)
+            UpBlock(rev[min(i + 1, levels - 1)], rev[i], rev[max(i - 1, 0)], cfg, attention=i > 0, upsample=i < levels - 1,
+                    level=levels - 1 - i)
             for i in range(levels)])
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)

@@ -1,0 +1,173 @@
+"""The OpenCLIP text tower as SD2.x's original single files store it (docs/sd2.md §3), and the rules that
+turn it into our CLIPTextModel (transformers' names, the layout of the SD2.x diffusers folders).
+
+An SD2.x single file (v2-1_512-ema-pruned.safetensors, ...) holds the whole OpenCLIP ViT-H/14 text tower
+under `cond_stage_model.model.`, in OpenCLIP's names: 24 `transformer.resblocks.N` with a fused
+query/key/value projection `attn.in_proj_weight` [3C, C] (+ `in_proj_bias` [3C]), `ln_1`, `ln_2`,
+`mlp.c_fc`, `mlp.c_proj`; `token_embedding.weight`, `positional_embedding` [77, C] (a bare tensor),
+`ln_final`; and CLIP's contrastive head `text_projection`, `logit_scale`. SD2.x conditions on the
+*penultimate* layer followed by `ln_final` (stablediffusion's FrozenOpenCLIPEmbedder, layer
+"penultimate"): the last resblock and the contrastive head are never used, and the diffusers folders
+store exactly the first 23 layers. So from a file with L resblocks we build L-1 layers and ignore the
+last one by name.
+
+A name is not enough to translate the fused projection: its rows [0:C], [C:2C], [2C:3C] are q_proj,
+k_proj and v_proj. So the file is first loaded, strictly and under its own names, into
+`OpenCLIPTextWeights` (a module with OpenCLIP's names and shapes and no forward), and `to_clip_text`
+then hands its tensors to a CLIPTextModel: renamed by prefix rules generated per layer, the fused
+projections split into three views (no copy).
+
+    ours (text_model.…)                              OpenCLIP (under cond_stage_model.model.)
+    embeddings.token_embedding.weight                token_embedding.weight
+    embeddings.position_embedding.weight             positional_embedding
+    encoder.layers.i.layer_norm1 / layer_norm2       transformer.resblocks.i.ln_1 / ln_2
+    encoder.layers.i.self_attn.{q,k,v}_proj          transformer.resblocks.i.attn.in_proj_{weight,bias} rows
+    encoder.layers.i.self_attn.out_proj              transformer.resblocks.i.attn.out_proj
+    encoder.layers.i.mlp.fc1 / fc2                   transformer.resblocks.i.mlp.c_fc / c_proj
+    final_layer_norm                                 ln_final
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .clip import CLIPTextModel
+from .config import CLIPTextConfig
+from . import ldm  # ldm.rename; ldm imports this module too (both use the other only at call time)
+
+PREFIX = "cond_stage_model.model."
+HEAD_WIDTH = 64  # OpenCLIP's text towers use 64-channel heads: ViT-H/14's is 1024 wide with 16 heads
+LAYER = {"layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.", "self_attn.out_proj.": "attn.out_proj.",
+         "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj."}  # inside layer i: ours -> OpenCLIP
+FUSED = ("q_proj", "k_proj", "v_proj")  # the row blocks of attn.in_proj_weight / in_proj_bias, in order
+POSITIONS = ("text_model.embeddings.position_embedding.weight", "positional_embedding")
+# keys of the file's text tower that SD2.x never uses (besides the last resblock, see `ignored`)
+UNUSED = ("text_projection", "logit_scale", "attn_mask")  # CLIP's contrastive head; a causal-mask buffer if saved
+
+
+def rules(layers: int) -> dict[str, str]:
+    """Prefix pairs ours -> OpenCLIP (without PREFIX) for `layers` layers; the fused q/k/v and the
+    position table (a bare tensor, no prefix to match) are handled by name in `from_openclip`."""
+    out = {"text_model.embeddings.token_embedding.": "token_embedding.", "text_model.final_layer_norm.": "ln_final."}
+    for i in range(layers):
+        out.update({f"text_model.encoder.layers.{i}.{a}": f"transformer.resblocks.{i}.{b}" for a, b in LAYER.items()})
+    return out
+
+
+def from_openclip(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """OpenCLIP text-tower tensors (names without PREFIX) -> our CLIPTextModel's names; the fused
+    projections split into q/k/v (views). Raises KeyError naming a tensor no rule covers."""
+    inverse = {b: a for a, b in rules(layers).items()}
+    out = {}
+    for key, t in state.items():
+        fused = re.fullmatch(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", key)
+        if key == POSITIONS[1]:
+            out[POSITIONS[0]] = t
+        elif fused:
+            i, leaf = fused.groups()
+            for proj, rows in zip(FUSED, t.chunk(3)):  # [3C, ...] -> 3 × [C, ...]
+                out[f"text_model.encoder.layers.{i}.self_attn.{proj}.{leaf}"] = rows
+        elif (name := ldm.rename(key, inverse)) is not None:
+            out[name] = t
+        else:
+            raise KeyError(f"no rule for the OpenCLIP tensor {key!r}")
+    return out
+
+
+def to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our CLIPTextModel's tensors -> OpenCLIP's names (without PREFIX), q/k/v fused: the inverse of
+    `from_openclip`, for writing test files."""
+    layers = len({m.group(1) for k in state if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))})
+    table = rules(layers)
+    out = {}
+    for key, t in state.items():
+        proj = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.(weight|bias)", key)
+        if key == POSITIONS[0]:
+            out[POSITIONS[1]] = t
+        elif proj:
+            i, _, leaf = proj.groups()
+            if proj.group(2) == "q_proj":
+                parts = [state[f"text_model.encoder.layers.{i}.self_attn.{p}.{leaf}"] for p in FUSED]
+                out[f"transformer.resblocks.{i}.attn.in_proj_{leaf}"] = torch.cat(parts)
+        elif (name := ldm.rename(key, table)) is not None:
+            out[name] = t
+        else:
+            raise KeyError(f"no OpenCLIP name for {key!r}: not a CLIP text-tower parameter")
+    return out
+
+
+class ResidualAttentionBlock(nn.Module):
+    """One OpenCLIP text layer's parameters, under OpenCLIP's names (nn.MultiheadAttention is what holds
+    `in_proj_weight`, `in_proj_bias` and `out_proj` there). Never run: see OpenCLIPTextWeights."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.ModuleDict({"c_fc": nn.Linear(width, mlp_width), "c_proj": nn.Linear(mlp_width, width)})
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size)
+            for _ in range(cfg.num_hidden_layers))
+
+
+class OpenCLIPTextWeights(nn.Module):
+    """The parameters SD2.x uses of an OpenCLIP text tower, with the file's names and shapes: what
+    `load_strict` fills from a single file (every check under the names the user's file has). It has
+    no forward: `to_clip_text` turns it into the CLIPTextModel that runs."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.max_position_embeddings, cfg.hidden_size))
+        self.transformer = Transformer(cfg)
+        self.ln_final = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+def to_clip_text(weights: OpenCLIPTextWeights) -> CLIPTextModel:
+    """The loaded OpenCLIP tensors as our CLIPTextModel (same tensors, renamed; q/k/v are views of the
+    fused projection), in eval mode without gradients."""
+    if getattr(weights, "weights", None) is not None:  # a streaming loader attached a weight source
+        raise UserError("the text encoder of an SD2.x single file cannot be streamed (its fused q/k/v projections "
+                        "are split when loaded): load it without streaming, or use the diffusers folder")
+    state = from_openclip(weights.state_dict(), weights.cfg.num_hidden_layers)
+    with torch.device("meta"):
+        model = CLIPTextModel(weights.cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def ignored(keys, layers: int) -> list[str]:
+    """The file's text-tower keys SD2.x never uses: the resblocks from `layers` on (the last one of
+    24 in SD2.x: the text encoder is its penultimate layer) and the contrastive head."""
+    last = re.compile(rf"{re.escape(PREFIX)}transformer\.resblocks\.(\d+)\.")
+    return [k for k in keys if k in {PREFIX + u for u in UNUSED}
+            or ((m := last.match(k)) is not None and int(m.group(1)) >= layers)]
+
+
+def layers_used(keys) -> int:
+    """How many layers SD2.x uses of the text tower in a file's `keys`: all resblocks but the last."""
+    rx = re.compile(rf"{re.escape(PREFIX)}transformer\.resblocks\.(\d+)\.")
+    return len({m.group(1) for k in keys if (m := rx.match(k))}) - 1
+
+
+def infer_text_config(shapes: dict[str, tuple]) -> CLIPTextConfig:
+    """The text tower's sizes from an SD2.x single file's tensor shapes. What shapes don't tell is OpenCLIP
+    ViT-H/14's: 64-channel heads, GELU, LayerNorm eps 1e-5 (ldm.infer_configs lets a file's metadata say
+    otherwise). One layer fewer than the file holds (the penultimate layer, see the module docstring).
+    Raises KeyError naming the first key it needs that the file lacks."""
+    vocab, width = shapes[f"{PREFIX}token_embedding.weight"]
+    return CLIPTextConfig(
+        vocab_size=vocab, hidden_size=width, intermediate_size=shapes[f"{PREFIX}transformer.resblocks.0.mlp.c_fc.weight"][0],
+        num_hidden_layers=layers_used(shapes), num_attention_heads=max(width // HEAD_WIDTH, 1),
+        max_position_embeddings=shapes[f"{PREFIX}positional_embedding"][0], hidden_act="gelu")
