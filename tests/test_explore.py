@@ -399,3 +399,63 @@ def test_memory_does_not_grow_over_20_runs(server, image):
     after = rss_anon_mb()
     print(f"RssAnon after 10 warm-up runs {before:.1f} MB, after 20 more {after:.1f} MB ({after - before:+.1f} MB)")
     assert after - before < 24, f"RssAnon grew by {after - before:.1f} MB over 20 runs"
+
+
+# ---- a real browser: headless Chromium drives the page -------------------------------------------
+
+
+def rendered(page, element_id: str) -> Image.Image:
+    """The picture the browser shows in the Gradio image `element_id`: loaded (naturalWidth > 0) and fetched."""
+    img = page.locator(f"#{element_id} img").first
+    img.wait_for(state="visible", timeout=30_000)
+    page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=img.element_handle(), timeout=30_000)
+    return Image.open(io.BytesIO(page.request.get(img.get_attribute("src")).body())).convert("RGB")
+
+
+def not_blank(im: Image.Image) -> bool:
+    from PIL import ImageStat
+
+    return max(ImageStat.Stat(im).stddev) > 10  # a flat picture has 0; these maps span dark to bright
+
+
+def test_in_a_real_browser(server, image, tmp_path):
+    """Chromium loads the page, uploads an image, runs, picks a token, clicks a pixel; the pictures the page
+    then shows are present and not blank, and a bad upload shows its message. Screenshot: tmp_path."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        missing("the browser test needs Chromium: apt-get install chromium (Debian's package)")
+    sync_api = require("playwright.sync_api", "pip install playwright (it drives the system chromium; no "
+                       "browser download needed)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=BROWSER_ARGS)  # a fresh profile each launch
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(server)
+            page.locator("#image-file input[type=file]").set_input_files(str(image))
+            page.locator("#classes textarea, #classes input").first.fill("cat, sofa")
+            page.click("#run")
+            overlay = rendered(page, "overlay")
+            assert overlay.size == (150, 100) and not_blank(overlay)
+            before = rendered(page, "cross")
+            page.click("#token input")  # a token other than the class word (whose map is the class map)
+            page.get_by_role("option", name="2: photograph", exact=True).click()
+            page.get_by_text("2: photograph · fused A").wait_for(timeout=30_000)
+            after = rendered(page, "cross")
+            assert not_blank(after) and after.tobytes() != before.tobytes()
+            target = page.locator("#click img")
+            box = target.bounding_box()  # click the centre of latent cell (row 12, col 4) of the 16×16 grid
+            target.click(position={"x": box["width"] * 4.5 / 16, "y": box["height"] * 12.5 / 16})
+            page.get_by_text("→ latent cell (row 12, col 4)").wait_for(timeout=30_000)
+            for name in ("click", "s-row", "a-map", "m-map"):
+                assert not_blank(rendered(page, name)), f"{name} is blank"
+            page.screenshot(path=str(tmp_path / "explore.png"), full_page=True)
+            bad = tmp_path / "notimage.png"
+            bad.write_bytes(b"not an image at all")
+            page.click("#image-file button[aria-label='Clear']")
+            page.locator("#image-file input[type=file]").set_input_files(str(bad))
+            page.locator("[data-testid=toast-text]", has_text="notimage.png: not a readable image").wait_for(timeout=30_000)
+            page.wait_for_timeout(500)  # the message slides in
+            page.screenshot(path=str(tmp_path / "explore-error.png"), full_page=False)
+        finally:
+            browser.close()
+    print(f"screenshots: {tmp_path / 'explore.png'}, {tmp_path / 'explore-error.png'}")

@@ -242,6 +242,12 @@ def build_app(seg: Segmenter, title: str = ""):
             return ""
         return "\n".join(seg.template.format(c.strip()) for c in (classes or "").split(",") if c.strip())
 
+    def picture_box(caption: str, elem_id: str, **kw):
+        """An output picture under a caption (Gradio's own label would sit over the picture's corner)."""
+        with gr.Column(min_width=200):
+            gr.Markdown(caption)
+            return gr.Image(show_label=False, interactive=False, format="png", elem_id=elem_id, **kw)
+
     with gr.Blocks(title="minidiffseg explore", delete_cache=(600, 3600)) as app:
         state = gr.State(None)
         gr.Markdown(f"## minidiffseg explore\n{title}  \nDiffSegmenter's attention, one run at a time: the U-Net "
@@ -267,12 +273,13 @@ def build_app(seg: Segmenter, title: str = ""):
             with gr.Column(scale=2):
                 summary = gr.Markdown()
                 with gr.Row():
-                    overlay = gr.Image(label="Mask overlay", interactive=False, format="png", elem_id="overlay")
+                    overlay = picture_box("**Mask overlay** (legend: class, area)", "overlay")
                     with gr.Column():
                         area = gr.Dataframe(headers=["class", "area %"], label="Area per class", interactive=False)
                         downloads = gr.File(label="Downloads (as `segment` writes them)", file_count="multiple",
                                             interactive=False)
-                gallery = gr.Gallery(label="Score maps per class", columns=4, height=220, format="png")
+                gallery = gr.Gallery(label="Score maps per class (M upsampled, min-max)", columns=4, height=240,
+                                     object_fit="contain", format="png")
         gr.Markdown("### Cross-attention: any token of any prompt")
         with gr.Row():
             row = gr.Dropdown(label="Prompt row", choices=[], elem_id="row")
@@ -280,8 +287,7 @@ def build_app(seg: Segmenter, title: str = ""):
             view = gr.Dropdown(label="Layer / level / fused", choices=[], elem_id="view")
             blend = gr.Checkbox(label="over the image", value=True)
         with gr.Row():
-            cross = gr.Image(label="Cross-attention map", interactive=False, format="png", elem_id="cross",
-                             height=DISPLAY)
+            cross = picture_box("**Cross-attention map** (dark → bright: this map's min → max)", "cross")
             cross_info = gr.Markdown()
         gr.Markdown("### Self-attention at a pixel (click the image) and M = S·A")
         with gr.Row():
@@ -290,10 +296,10 @@ def build_app(seg: Segmenter, title: str = ""):
             x = gr.Number(label="x (image pixels)", precision=0)
             y = gr.Number(label="y (image pixels)", precision=0)
         with gr.Row():
-            clicked = gr.Image(label="Click a pixel", interactive=False, format="png", elem_id="click")
-            s_map = gr.Image(label="S row at the pixel", interactive=False, format="png", elem_id="s-row")
-            a_map = gr.Image(label="A: the token's fused map", interactive=False, format="png", elem_id="a-map")
-            m_map = gr.Image(label="M = S·A", interactive=False, format="png", elem_id="m-map")
+            clicked = picture_box("**Click a pixel** (its latent cell outlined)", "click")
+            s_map = picture_box("**S row**: where that pixel attends", "s-row")
+            a_map = picture_box("**A**: the token's fused cross-attention", "a-map")
+            m_map = picture_box("**M = S·A**: the refined map", "m-map")
         self_info = gr.Markdown()
 
         self_out = [clicked, s_map, a_map, m_map, self_info]
@@ -352,8 +358,9 @@ def marked(image: Image.Image, x: float, y: float, grid: tuple[int, int]) -> Ima
     gx, gy = min(int(px / cw), w - 1), min(int(py / ch), h - 1)
     draw = ImageDraw.Draw(out)
     draw.rectangle((gx * cw, gy * ch, (gx + 1) * cw, (gy + 1) * ch), outline=(0, 255, 255), width=2)
-    draw.line((px - 8, py, px + 8, py), fill=(255, 0, 0), width=2)
-    draw.line((px, py - 8, px, py + 8), fill=(255, 0, 0), width=2)
+    for colour, width in (((255, 255, 255), 5), ((255, 0, 0), 2)):  # a red cross, outlined in white
+        draw.line((px - 10, py, px + 10, py), fill=colour, width=width)
+        draw.line((px, py - 10, px, py + 10), fill=colour, width=width)
     return out
 
 
