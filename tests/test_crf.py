@@ -210,3 +210,103 @@ def test_parse_presets_and_overrides():
     assert parse("clip-es") == PRESETS["clip-es"]
     p = parse("densecrf, iterations=3, appear_rgb=20")
     assert (p.iterations, p.appear_rgb, p.appear_xy) == (3, 20.0, 80)
+
+
+# ------------------------------------------------------------------------ the commands (tiny model)
+
+def test_segment_crf_writes_the_pseudo_label(tiny_sd_dir, tmp_path, capsys):
+    from assets import sample_image_paths
+    from safetensors import safe_open
+
+    from minidiffseg.cli import main
+    from minidiffseg.image import load_image
+    from minidiffseg.method.segmenter import Segmenter
+
+    img = sample_image_paths()[1]  # chelsea.png, 451×300
+    out = tmp_path / "out"
+    code = main(["segment", str(img), "--classes", "cat,dog", "--weights", str(tiny_sd_dir), "--out", str(out),
+                 "--resolution", "128", "--crf", "densecrf", "--ignore-below", "0.9"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    png = Image.open(out / "chelsea_mask.png")
+    assert png.mode == "P" and png.size == (451, 300)
+    with safe_open(str(out / "chelsea_scores.safetensors"), "pt") as f:
+        mask, meta = f.get_tensor("mask"), f.metadata()
+    assert meta["crf"].startswith("densecrf (iterations=5") and "< 0.9 are 255" in meta["crf"]
+    assert torch.equal(torch.from_numpy(np.array(png)), mask)
+    # the same as the library path: the segmenter's scores and τ through pseudo_labels
+    r = Segmenter.from_pretrained(tiny_sd_dir, resolution=128)(img, ["cat", "dog"], seed=0)
+    _, want = pseudo_labels(load_image(img), r.scores, r.tau, PRESETS["densecrf"], 0.9)
+    assert torch.equal(want.to(torch.uint8), mask)
+    assert not torch.equal(mask, r.mask.to(torch.uint8))  # the CRF (or the ignore label) changed something
+
+
+def test_eval_save_masks_with_crf_and_ignore(tiny_sd_dir, tmp_path, capsys):
+    import json
+
+    from test_eval_cli import cli
+    from test_eval_datasets import write_dataset
+
+    from minidiffseg.evaluation.datasets import open_dataset
+    from minidiffseg.evaluation.runner import result_path
+    from minidiffseg.method.decision import upsample_scores
+
+    names = write_dataset(tmp_path / "data", "voc", [(15, 7), (12, 15)])
+    common = ("eval", "--dataset", "voc", "--root", tmp_path / "data", "--weights", tiny_sd_dir, "--device", "cpu",
+              "--resolution", "128", "--out", tmp_path / "ev", "--tau", "0.4", "--save-masks")
+    rc, err = cli(capsys, *common, "--crf", "--ignore-below", "0.95")
+    assert rc == 0, err
+    s = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert s["crf"].startswith("clip-es (iterations=10") and "255 where the top probability < 0.95" in s["crf"]
+    assert "- dense CRF: clip-es" in (tmp_path / "ev" / "report.md").read_text()
+    ds = open_dataset("voc", tmp_path / "data")
+    for sample, name in zip(ds.samples, names):
+        png = Image.open(tmp_path / "ev" / "masks" / f"{name}.png")  # the image's name, .png
+        assert png.mode == "P" and png.getpalette()[3:6] == [128, 0, 0]  # VOC colours
+        with np.load(result_path(tmp_path / "ev", sample)) as r:
+            classes, refined = r["classes"], r["refined"]
+        gt = ds.label(sample)
+        labels, mask = pseudo_labels(ds.image(sample), upsample_scores(torch.from_numpy(refined), gt.shape), 0.4,
+                                     PRESETS["clip-es"], 0.95)
+        want = np.where(mask.numpy() == IGNORE, IGNORE, np.concatenate([[0], classes])[labels.numpy()])
+        assert (np.array(png) == want).all()
+    # again without the CRF, same --out: nothing is segmented again, the report says the CRF was off
+    rc, err = cli(capsys, *common)
+    assert rc == 0, err
+    s2 = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert s2["crf"] == "off" and s2["run"]["segmented_now"] == 0
+    assert "- dense CRF: off" in (tmp_path / "ev" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--crf", "nonsense"], "preset 'nonsense' is unknown"),
+    (["--crf", "clip-es,appear_xy=0"], "kernel width appear_xy"),
+    (["--crf", "clip-es,smooth_xy=-1"], "kernel width smooth_xy"),
+    (["--crf", "clip-es,iterations=0"], "iterations 0"),
+    (["--crf", "clip-es,iterations=1000"], "iterations 1000"),
+    (["--ignore-below", "0"], "--ignore-below 0"),
+    (["--ignore-below", "1.5"], "--ignore-below 1.5"),
+])
+def test_bad_crf_options_are_one_line(tiny_sd_dir, tmp_path, capsys, extra, message):
+    from assets import sample_image_paths
+    from test_eval_cli import cli, eval_args
+    from test_eval_datasets import write_dataset
+
+    from minidiffseg.cli import main
+
+    code = main(["segment", str(sample_image_paths()[0]), "--classes", "cat", "--weights", str(tiny_sd_dir),
+                 "--out", str(tmp_path / "seg"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    write_dataset(tmp_path / "data", "voc")
+    code, err = cli(capsys, *eval_args(tmp_path, "--save-masks", *extra))
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_eval_ignore_below_needs_save_masks(tmp_path, capsys):
+    from test_eval_cli import cli, eval_args
+    from test_eval_datasets import write_dataset
+
+    write_dataset(tmp_path / "data", "voc")
+    code, err = cli(capsys, *eval_args(tmp_path, "--ignore-below", "0.9"))
+    assert code == 2 and "add --save-masks" in err and len(err.splitlines()) == 1, err

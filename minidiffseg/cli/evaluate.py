@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from ..evaluation.datasets import Dataset, open_dataset
 from ..evaluation.metrics import mean_iou
 from ..evaluation.report import summarize, write_report
 from ..evaluation.runner import Ranks, run
+from ..method import crf
 
 OFFICIAL_TAUS = "0.30:0.74:0.01"  # the official code's τ range (docs/design.md §5, known defects)
 
@@ -41,8 +43,15 @@ def register(subparsers) -> None:
     e.add_argument("--sweep", nargs="?", const=OFFICIAL_TAUS, metavar="A:B:STEP",
                    help=f"also print the oracle mIoU over τ in A..B (inclusive; default {OFFICIAL_TAUS})")
     e.add_argument("--save-masks", action="store_true",
-                   help="write the predicted masks (evaluation indices) to OUT/masks/*.png, "
+                   help="write the predicted masks (evaluation indices, VOC palette) to OUT/masks/*.png, "
                         "e.g. pseudo-labels of a training split with --labels gt")
+    e.add_argument("--crf", nargs="?", const=crf.DEFAULT_PRESET, metavar="PRESET[,KEY=VALUE...]",
+                   help=f"refine the predictions with a dense CRF before scoring and saving: "
+                        f"{', '.join(crf.PRESETS)} (default {crf.DEFAULT_PRESET}), optionally with overrides, "
+                        "e.g. clip-es,iterations=5 (docs/crf.md)")
+    e.add_argument("--ignore-below", type=float, metavar="P",
+                   help="with --save-masks: pixels whose top probability (after the CRF, if on) is below P "
+                        "are 255 in the masks, the ignore label of training pipelines")
     e.set_defaults(func=run_eval)
 
     c = subparsers.add_parser("calibrate", help="choose τ on a split that is not reported",
@@ -109,8 +118,10 @@ def _grid(spec: str) -> list[float]:
 def _loader(args, ds: Dataset, device, dtype):
     def load():
         from ..method.segmenter import Segmenter
-        return Segmenter.from_pretrained(args.weights, device=device, dtype=dtype,
-                                         template=ds.vocab.template, resolution=args.resolution)
+        seg = Segmenter.from_pretrained(args.weights, device=device, dtype=dtype,
+                                        template=ds.vocab.template, resolution=args.resolution)
+        print(f"minidiffseg: {seg.sd.name} from {args.weights}, at {seg.resolution}²", file=sys.stderr)
+        return seg
     return load
 
 
@@ -152,21 +163,29 @@ def run_eval(args) -> int:
     ds = _dataset(args)
     tau, tau_source = _tau(args, ds)
     sweep = _grid(args.sweep) if args.sweep else []
+    crf_params = crf.parse(args.crf) if args.crf is not None else None
+    crf.check_ignore_below(args.ignore_below)
+    if args.ignore_below is not None and not args.save_masks:
+        raise UserError("--ignore-below marks pixels in the saved masks: add --save-masks")
+    crf_used = (crf.describe(crf_params) if crf_params else "off") + \
+        (f"; saved masks: {crf.IGNORE} where the top probability < {args.ignore_below}"
+         if args.ignore_below is not None else "")
     find, labels = _candidates(args, ds, device, dtype)
     settings = _settings(args, ds, labels, dtype)
     ranks = Ranks(device)
     try:
         res = run(_loader(args, ds, device, dtype), ds, args.out, find, taus=[tau] + sweep,
-                  seed=args.seed, settings=settings, masks=args.save_masks, ranks=ranks)
+                  seed=args.seed, settings=settings, masks=args.save_masks, ranks=ranks, crf=crf_params,
+                  ignore_below=args.ignore_below)
     finally:
         ranks.close()
     if ranks.rank == 0:
         summary = summarize(ds, res["conf"][0], tau=tau, tau_source=tau_source, settings=settings,
                             segmented=res["segmented"], seconds=res["seconds"], world=ranks.world,
-                            sweep=(sweep, res["conf"][1:]) if sweep else None)
+                            sweep=(sweep, res["conf"][1:]) if sweep else None, crf=crf_used)
         write_report(args.out, summary)
         miou = "nan" if summary["miou"] is None else f"{100 * summary['miou']:.2f}"
-        print(f"{ds.kind} {ds.split}: mIoU {miou} over {len(ds.samples)} images (τ {tau}); "
+        print(f"{ds.kind} {ds.split}: mIoU {miou} over {len(ds.samples)} images (τ {tau}, CRF {args.crf or 'off'}); "
               f"report: {Path(args.out) / 'report.md'}")
         if sweep:
             o = summary["oracle_sweep"]

@@ -5,6 +5,7 @@ Figures 3 and 5, for studying the architecture)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -16,6 +17,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..files import remove_stale_temporaries, writable_dir, write_atomic
+from ..method import crf
 from ..method.prompts import TEMPLATES, check_classes
 from .options import add_model_args, device_of, dtype_of
 from ..method.segmenter import Segmenter, SegmentationResult
@@ -33,6 +35,11 @@ def register(subparsers) -> None:
     p.add_argument("--skip-existing", action="store_true", help="skip images whose outputs are complete (resume)")
     p.add_argument("--low-memory", action="store_true", help="bound memory for small machines: one class per U-Net "
                    "call (as --class-batch 1); slower when there are many classes")
+    p.add_argument("--crf", nargs="?", const=crf.DEFAULT_PRESET, metavar="PRESET[,KEY=VALUE...]",
+                   help=f"refine the mask with a dense CRF: {', '.join(crf.PRESETS)} (default {crf.DEFAULT_PRESET}), "
+                   "optionally with overrides, e.g. clip-es,iterations=5 (docs/crf.md)")
+    p.add_argument("--ignore-below", type=float, metavar="P", help="mask pixels whose top probability (after the "
+                   "CRF, if on) is below P as 255, the ignore label of training pipelines")
     p.set_defaults(func=run_segment)
 
     m = subparsers.add_parser("maps", help="PNG grid of attention maps per layer, level, fused and refined")
@@ -60,7 +67,8 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--joint", action="store_true", help="one prompt naming all classes, one U-Net row (C× cheaper)")
     p.add_argument("--template", help="prompt template with {} for the class (default: the vocabulary's, "
                    "else 'a photograph of {}')")
-    p.add_argument("--resolution", type=int, default=512, help="square side the image is stretched to (÷64)")
+    p.add_argument("--resolution", type=int, help="square side the image is stretched to (÷64; default: the size the "
+                   "model was trained at, 512, or 768 for SD2.x 768-v)")
     p.add_argument("--posterior", choices=["sample", "mean"], default="sample",
                    help="the VAE posterior's sample (official) or its mean (deterministic)")
     p.add_argument("--class-batch", type=int, help="at most N classes per U-Net call (bounds memory)")
@@ -87,10 +95,12 @@ def _segmenter(args) -> Segmenter:
 
         template = resolve_vocabulary(args.vocabulary).template  # "a photography of {}" for Context/COCO
     device = device_of(args)
-    return Segmenter.from_pretrained(args.weights, device=device, dtype=dtype_of(args, device),
-                                     resolution=args.resolution, template=template or TEMPLATES["photograph"],
-                                     joint=args.joint, class_batch=1 if getattr(args, "low_memory", False)
-                                     else args.class_batch, timesteps=timesteps, tokens=args.tokens)
+    seg = Segmenter.from_pretrained(args.weights, device=device, dtype=dtype_of(args, device),
+                                    resolution=args.resolution, template=template or TEMPLATES["photograph"],
+                                    joint=args.joint, class_batch=1 if getattr(args, "low_memory", False)
+                                    else args.class_batch, timesteps=timesteps, tokens=args.tokens)
+    print(f"minidiffseg: {seg.sd.name} from {args.weights}, at {seg.resolution}²", file=sys.stderr)
+    return seg
 
 
 class ClassSource:
@@ -150,18 +160,24 @@ def outputs(out: Path, stem: str) -> Path:
     return out / f"{stem}_scores.safetensors"
 
 
-def write_result(out: Path, stem: str, image, r: SegmentationResult) -> None:
+def write_result(out: Path, stem: str, image, r: SegmentationResult, mask: torch.Tensor | None = None,
+                 crf_used: str | None = None) -> None:
+    """`mask` replaces r.mask in STEM_mask.png and the scores file (a CRF's pseudo-label, with 255 where
+    unsure); `crf_used` is recorded in the scores file's metadata."""
     from ..image import load_image
     from ..viz import heatmap, mask_image, overlay
 
-    write_atomic(out / f"{stem}_mask.png", lambda p: mask_image(r.mask).save(p, format="PNG"))
+    mask = r.mask if mask is None else mask
+    write_atomic(out / f"{stem}_mask.png", lambda p: mask_image(mask).save(p, format="PNG"))
     write_atomic(out / f"{stem}_overlay.png",
                  lambda p: overlay(load_image(image), r.mask, r.classes, area=r.area()).save(p, format="PNG"))
     for i, name in enumerate(r.classes, 1):
         write_atomic(out / f"{stem}_heat_{i}_{_safe(name)}.png", lambda p: heatmap(r.scores[i - 1]).save(p, format="PNG"))
     meta = {"classes": json.dumps(r.classes), "prompts": json.dumps(r.prompts), "tau": str(r.tau)}
+    if crf_used is not None:
+        meta["crf"] = crf_used
     tensors = {"scores": r.scores.half().contiguous(), "fused": r.fused.contiguous(), "refined": r.refined.contiguous(),
-               "mask": r.mask.to(torch.uint8).contiguous()}
+               "mask": mask.to(torch.uint8).contiguous()}
     write_atomic(outputs(out, stem), save(tensors, metadata=meta))  # bytes: a full disk raises OSError, not a panic
 
 
@@ -177,6 +193,11 @@ def run_segment(args) -> int:
     remove_stale_temporaries(out)  # half-written files of a killed earlier run
     if args.classes is not None:
         check_classes(args.classes.split(","))  # fail before loading any weights
+    crf_params = crf.parse(args.crf) if args.crf is not None else None
+    crf.check_ignore_below(args.ignore_below)
+    refine = crf_params is not None or args.ignore_below is not None
+    crf_used = (crf.describe(crf_params) if crf_params else "off") + \
+        (f"; pixels with top probability < {args.ignore_below} are {crf.IGNORE}" if args.ignore_below is not None else "")
     todo = [p for p in images if not (args.skip_existing and outputs(out, p.stem).is_file())]
     if len(todo) < len(images):
         print(f"minidiffseg: {len(images) - len(todo)} image(s) already done in {out}, skipped", file=sys.stderr)
@@ -189,7 +210,14 @@ def run_segment(args) -> int:
         try:
             classes, captions = source(path)
             r = seg(path, classes, captions=captions, seed=args.seed, tau=args.tau, posterior=args.posterior)
-            write_result(out, path.stem, path, r)
+            mask = None
+            if refine:  # the CRF's labels become r.mask (overlay, areas); `mask` adds the ignore label
+                from ..image import load_image
+
+                labels, mask = crf.pseudo_labels(load_image(path), r.scores, r.tau, crf_params, args.ignore_below,
+                                                 seg.device)
+                r = dataclasses.replace(r, mask=labels)
+            write_result(out, path.stem, path, r, mask, crf_used if refine else None)
         except UserError as e:
             if len(todo) == 1:
                 raise  # one image: its error is the one line

@@ -23,14 +23,15 @@ def _num(x: float) -> float | None:
 
 def summarize(ds: Dataset, conf: np.ndarray, *, tau: float | None, tau_source: str, settings: dict,
               segmented: int, seconds: float, world: int,
-              sweep: tuple[list[float], np.ndarray] | None = None) -> dict:
-    """conf: (n, n) confusion matrix of the reported τ; sweep: (taus, (T, n, n) matrices)."""
+              sweep: tuple[list[float], np.ndarray] | None = None, crf: str = "off") -> dict:
+    """conf: (n, n) confusion matrix of the reported τ; sweep: (taus, (T, n, n) matrices);
+    crf: whether the reported predictions were CRF-refined, and how (docs/crf.md §7)."""
     k, vocab = len(ds.vocab), ds.vocab
     ious, accs = iou(conf), class_accuracy(conf)
     summary = {
         "dataset": ds.kind, "split": ds.split, "root": str(ds.root), "images": len(ds.samples),
         "miou": _num(mean_iou(conf, k)), "pixel_accuracy": _num(pixel_accuracy(conf)),
-        "tau": {"value": tau, "source": tau_source},
+        "tau": {"value": tau, "source": tau_source}, "crf": crf,
         "classes": [{"index": i, "name": vocab.classes[i],
                      "prompt": vocab.prompt_names[i] if i >= vocab.first_thing else None,
                      "iou": _num(ious[i]), "accuracy": _num(accs[i]), "pixels": int(conf[i].sum())}
@@ -62,7 +63,8 @@ def markdown(s: dict) -> str:
              f"- images: {s['images']} ({s['root']}), segmented in this run: {run['segmented_now']} "
              f"on {run['processes']} process(es), {speed} images/s",
              f"- pixel accuracy: {_pct(s['pixel_accuracy'])}",
-             f"- background τ: {tau} — {s['tau']['source']}"]
+             f"- background τ: {tau} — {s['tau']['source']}",
+             f"- dense CRF: {s.get('crf', 'off')}"]
     lines += [f"- {k}: {v}" for k, v in s["settings"].items()]
     lines += ["", "| # | class | prompt | IoU | acc | GT pixels |", "|---:|---|---|---:|---:|---:|"]
     lines += [f"| {c['index']} | {c['name']} | {c['prompt'] or '– (τ)'} | {_pct(c['iou'])} | "

@@ -30,7 +30,9 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..files import write_atomic
+from ..method.crf import IGNORE, CRFParams, pseudo_labels
 from ..method.decision import decide, upsample_scores
+from ..viz import voc_palette
 from .candidates import Candidates
 from .datasets import Dataset, Sample
 from .metrics import confusion
@@ -166,9 +168,12 @@ def num_outcomes(ds: Dataset) -> int:
 
 
 def score(ds: Dataset, samples: list[Sample], out: Path, taus: Sequence[float | None],
-          masks: bool = False, progress: bool = True) -> np.ndarray:
+          masks: bool = False, progress: bool = True, crf: CRFParams | None = None,
+          ignore_below: float | None = None, device: str | torch.device = "cpu") -> np.ndarray:
     """Pass 2 over `samples`: (T, n, n) int64 confusion matrices, one per τ in `taus`. With
-    `masks` the predictions for taus[0] are written to OUT/masks/<image>.png (pseudo-labels)."""
+    `masks` the predictions for taus[0] are written to OUT/masks/<image>.png (pseudo-labels, VOC
+    palette). `crf` refines the predictions for taus[0] with the dense CRF (on `device`) and
+    `ignore_below` marks their unsure pixels IGNORE in the masks (docs/crf.md §7)."""
     n = num_outcomes(ds)
     conf = np.zeros((len(taus), n, n), dtype=np.int64)
     for s in tqdm(samples, desc=f"score {ds.kind}", unit="img", file=sys.stderr, disable=not progress):
@@ -176,21 +181,33 @@ def score(ds: Dataset, samples: list[Sample], out: Path, taus: Sequence[float | 
         gt = ds.label(s)  # (H, W)
         scores = upsample_scores(torch.from_numpy(refined), gt.shape) if len(classes) else None
         for t, tau in enumerate(taus):
-            pred = predict(ds, classes, scores, gt.shape, tau)
+            pred = mask = predict(ds, classes, scores, gt.shape, tau)
+            if t == 0 and (crf is not None or ignore_below is not None) and len(classes):
+                labels, unsure = pseudo_labels(ds.image(s), scores, tau if ds.vocab.background else None, crf,
+                                               ignore_below, device)
+                lut = np.concatenate([[0], classes]) if ds.vocab.background else classes
+                pred = lut[labels.numpy()]
+                mask = np.where(unsure.numpy() == IGNORE, IGNORE, pred)
             conf[t] += confusion(gt, pred, n)
             if masks and t == 0:
-                write_mask(out / "masks" / f"{s.name}.png", pred)
+                write_mask(out / "masks" / f"{s.name}.png", mask)
     return conf
 
 
 def write_mask(path: Path, pred: np.ndarray) -> None:
-    write_atomic(path, lambda tmp: Image.fromarray(pred.astype(np.uint8), mode="L").save(tmp, format="PNG"))
+    """Evaluation indices (and IGNORE) as a palettised PNG with the VOC colours: training labels as-is."""
+    def save(tmp: Path) -> None:
+        im = Image.fromarray(pred.astype(np.uint8), mode="L")
+        im.putpalette(voc_palette())  # mode P, the same indices
+        im.save(tmp, format="PNG")
+
+    write_atomic(path, save)
 
 
 def run(load_model: Callable[[], SegmenterLike], ds: Dataset, out: str | Path,
         candidates: Candidates, *, taus: Sequence[float | None], seed: int = 0,
         settings: dict | None = None, masks: bool = False, ranks: Ranks | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, crf: CRFParams | None = None, ignore_below: float | None = None) -> dict:
     """Both passes on this rank's shard, summed over ranks. Returns {"conf": (T, n, n) int64,
     "segmented": images segmented now (all ranks), "seconds": slowest rank's segmenting time}.
     `load_model` is called only when this rank has images left to segment."""
@@ -202,7 +219,7 @@ def run(load_model: Callable[[], SegmenterLike], ds: Dataset, out: str | Path,
         check_settings(out, settings or {}, ranks)
         if any(not result_path(out, s).is_file() for s in shard):
             done, seconds = segment(load_model(), ds, shard, out, candidates, seed, show)
-        conf = score(ds, shard, out, taus, masks, show)
+        conf = score(ds, shard, out, taus, masks, show, crf, ignore_below, ranks.device)
     except UserError as e:
         error = e
     ranks.agree(error)

@@ -187,12 +187,20 @@ class DenseCRF:
         return q.T.reshape(-1, self.height, self.width)
 
 
+def check_ignore_below(p: float | None) -> None:
+    """The --ignore-below threshold: a probability in (0, 1], or None (no ignore label)."""
+    if p is not None and not 0 < p <= 1:
+        raise UserError(f"--ignore-below {p}: give a probability in (0, 1] (pixels whose top probability is below "
+                        f"it become {IGNORE})")
+
+
 def pseudo_labels(image, scores: torch.Tensor, tau: float | None, crf: CRFParams | None = None,
                   ignore_below: float | None = None,
                   device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores (C, H, W) + τ -> (labels, mask), both (H, W) int64 in 0..K-1 (0 = background when τ is given):
     labels the argmax of the CRF's marginals (of `probabilities` without a CRF); mask the same with
     IGNORE where the top probability is below `ignore_below`."""
+    check_ignore_below(ignore_below)
     probs = probabilities(scores, tau)
     if crf is not None:
         probs = DenseCRF(image, crf, device=device or scores.device)(probs)
