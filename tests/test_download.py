@@ -142,7 +142,9 @@ def test_repo_without_a_wanted_file(hub, tmp_path, capsys, monkeypatch):
 # ---- the real huggingface_hub, no network needed (subprocesses: its settings are read at import) ----
 
 def minidiffseg(tmp_path: Path, *argv, **env) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    """`minidiffseg ARGV` in a child with its own HF_HOME, no HF_* settings and no proxy (a proxy would answer
+    for the unreachable endpoint); stdout and stderr are kept for the assertions' messages."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and not k.lower().endswith("_proxy")}
     environ.update(PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                    HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1", **env)
     return subprocess.run([sys.executable, "-m", "minidiffseg", *map(str, argv)], capture_output=True, text=True,

@@ -4,14 +4,14 @@ resumes to the identical summary segmenting each image once; torchrun with 2 pro
 gives the identical confusion matrix to one process.
 
 Run as a script, this file is the subprocess those tests start:
-    python tests/test_eval_runner.py KIND ROOT OUT LOG [SLEEP]   (also under torchrun)
+    python tests/test_eval_runner.py KIND ROOT OUT LOG [lossy | hang:N]   (also under torchrun)
+hang:N: the N-th image is logged, then the segmenter waits for ever (the test kills it): no timing involved.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -41,16 +41,18 @@ class Perfect:
     """Knows every image's ground truth: refined = the one-hot class maps at the image size, so
     upsampling is the identity and argmax over [τ, maps] returns the label."""
 
-    def __init__(self, ds, log: Path | None = None, sleep: float = 0.0):
-        self.vocab, self.log, self.sleep = ds.vocab, log, sleep
+    def __init__(self, ds, log: Path | None = None, hang_at: int | None = None):
+        self.vocab, self.log, self.hang_at, self.calls = ds.vocab, log, hang_at, 0
         self.truth = {ds.image(s).tobytes(): (s.name, ds.label(s)) for s in ds.samples}
 
     def __call__(self, image, classes, *, seed):
         name, gt = self.truth[image.tobytes()]
+        self.calls += 1
         if self.log:
             with open(self.log, "a") as f:
                 f.write(f"{os.environ.get('RANK', 0)} {name}\n")
-        time.sleep(self.sleep)
+        while self.calls == self.hang_at:
+            time.sleep(1)  # until the test kills this process
         maps = [torch.from_numpy(gt == self.vocab.index(c)).float() for c in classes]
         return SimpleNamespace(refined=torch.stack(maps))  # (C, H, W)
 
@@ -98,7 +100,7 @@ def test_constant_segmenter_scores_the_hand_computed_value(tmp_path, kind):
     else:
         # background everywhere: IoU_bg = 880/(880+120+160), five classes present at IoU 0
         expected = BG_PX / (BG_PX + A_PX + B_PX) / 6
-    assert abs(miou - expected) < 1e-6, (miou, expected)
+    assert miou == round(expected, 6), (miou, expected)  # the summary rounds to 6 decimals
 
 
 def test_tau_sweep_and_pseudo_label_masks(tmp_path):
@@ -130,8 +132,8 @@ def test_a_missing_result_or_bad_label_fails_with_the_image_name(tmp_path):
 
 
 def _script(*args, torchrun=False) -> list[str]:
-    if torchrun:
-        return [shutil.which("torchrun"), "--standalone", "--nproc_per_node", "2", __file__, *args]
+    if torchrun:  # this Python's torchrun, whatever `torchrun` on PATH is
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__, *args]
     return [sys.executable, __file__, *args]
 
 
@@ -143,18 +145,26 @@ def test_killed_run_resumes_to_the_identical_summary(tmp_path):
     pairs = [(1 + i % 20, 1 + (i * 7) % 20) for i in range(12)]
     pairs = [(a, b if b != a else 1 + b % 20) for a, b in pairs]
     write_dataset(tmp_path / "data", "voc", pairs)
-    out, log1, log2 = tmp_path / "out", tmp_path / "log1", tmp_path / "log2"
-    proc = subprocess.Popen(_script("voc", str(tmp_path / "data"), str(out), str(log1), "0.25"),
-                            env=_env(), stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and (not log1.exists() or len(log1.read_text().split("\n")) < 5):
+    out, log1, log2, err = tmp_path / "out", tmp_path / "log1", tmp_path / "log2", tmp_path / "stderr"
+    with open(err, "w") as f:  # the child's output, for the failure messages
+        proc = subprocess.Popen(_script("voc", str(tmp_path / "data"), str(out), str(log1), "hang:5"), env=_env(),
+                                stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600  # only a hung child gets here; the fifth image comes in seconds
+
+    def logged() -> list[str]:
+        return [line.split()[1] for line in log1.read_text().splitlines()] if log1.exists() else []
+
+    while len(logged()) < 5 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    assert len(logged()) == 5 and proc.poll() is None, f"exit code {proc.poll()}, {logged()}:\n{err.read_text()}"
+    proc.send_signal(signal.SIGKILL)  # while the fifth image is being segmented
     proc.wait()
     done = {p.stem for p in (out / "results").glob("*.npz")}
-    assert 3 <= len(done) < 12, done  # killed mid-way
-    subprocess.run(_script("voc", str(tmp_path / "data"), str(out), str(log2)), env=_env(), check=True,
-                   stderr=subprocess.DEVNULL)
+    assert done == set(logged()[:4]), (sorted(done), logged(), err.read_text())
+    with open(err, "w") as f:
+        rerun = subprocess.run(_script("voc", str(tmp_path / "data"), str(out), str(log2)), env=_env(), stdout=f,
+                               stderr=subprocess.STDOUT)
+    assert rerun.returncode == 0, err.read_text()
     second = [line.split()[1] for line in log2.read_text().splitlines()]
     assert len(second) == len(set(second)) and set(second) == {f"2007_{i:06d}" for i in range(12)} - done
 
@@ -166,14 +176,14 @@ def test_killed_run_resumes_to_the_identical_summary(tmp_path):
         json.loads(json.dumps({k: v for k, v in whole.items() if k != "run"}))
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_torchrun_two_processes_give_the_single_process_confusion(tmp_path):
     pairs = [(1 + i % 20, 1 + (i + 5) % 20) for i in range(7)]  # odd count: shards of 4 and 3
     write_dataset(tmp_path / "data", "voc", pairs)
     # a "perfect" segmenter would give a diagonal matrix for any sharding: use a lossy one
     out, log = tmp_path / "out", tmp_path / "log"
-    subprocess.run(_script("voc", str(tmp_path / "data"), str(out), str(log), "lossy", torchrun=True),
-                   env=_env(), check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=120)
+    r = subprocess.run(_script("voc", str(tmp_path / "data"), str(out), str(log), "lossy", torchrun=True),
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"torchrun exit code {r.returncode}:\n{r.stdout}\n{r.stderr}"
     by_rank = {}
     for line in log.read_text().splitlines():
         rank, name = line.split()
@@ -198,7 +208,8 @@ class Lossy(Perfect):
 def main(kind, root, out, log, option=None):
     ds = open_dataset(kind, root)
     lossy = option == "lossy"
-    model = (Lossy if lossy else Perfect)(ds, Path(log), 0.0 if lossy or option is None else float(option))
+    hang_at = int(option.removeprefix("hang:")) if option and option.startswith("hang:") else None
+    model = (Lossy if lossy else Perfect)(ds, Path(log), hang_at)
     ranks = Ranks()
     try:
         res = run(lambda: model, ds, out, from_ground_truth(ds), taus=[TAU], ranks=ranks,

@@ -1,6 +1,12 @@
 """Interrupting a multi-image `segment` run (issue 7): Ctrl-C (SIGINT) or a kill (SIGKILL) in the middle
 leaves only complete output files — each is written under a temporary name and renamed — and a rerun
-with --skip-existing does the remaining images and leaves the finished ones alone."""
+with --skip-existing does the remaining images and leaves the finished ones alone.
+
+Deterministic on a busy machine: the child is `minidiffseg segment` with one test hook (CHILD below) that
+writes the second image's third output under its temporary name, writes a marker file and waits; the
+test interrupts it once the marker is there. So exactly one image is finished, the second is half
+written with a temporary file on disk, and the third never started.
+"""
 
 import os
 import signal
@@ -14,20 +20,55 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import tiny_sd  # noqa: E402  (needs diffusers and transformers: assets.require)
-
 REPO = Path(__file__).resolve().parents[1]
-IMAGES = 8
+IMAGES = 3
 CLASSES = ["cat", "dog"]
 OUTPUTS = ["mask.png", "overlay.png", "heat_1_cat.png", "heat_2_dog.png", "scores.safetensors"]  # per image
+STOP_AT = len(OUTPUTS) + 3  # the 8th file written: image 2's third output (heat_1_cat.png)
+
+CHILD = r"""
+import sys, time
+from pathlib import Path
+
+import minidiffseg.cli.segment as segment
+from minidiffseg.cli import main
+
+marker, stop_at = Path(sys.argv[1]), int(sys.argv[2])
+real, calls = segment.write_atomic, []
 
 
-def segment(images: list[Path], out: Path, weights: Path, *extra) -> subprocess.Popen:
+def write_atomic(path, data):
+    # the stop_at-th output is written under its temporary name, the marker names it, then the run waits
+    calls.append(path)
+    if len(calls) != stop_at:
+        return real(path, data)
+
+    def write_then_wait(tmp):
+        data(tmp) if callable(data) else Path(tmp).write_bytes(data)
+        marker.write_text(str(tmp))
+        while True:
+            time.sleep(1)  # until the test's signal
+
+    return real(path, write_then_wait)
+
+
+segment.write_atomic = write_atomic
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def segment(images: list[Path], out: Path, weights: Path, *extra, marker: Path | None = None,
+            log: Path) -> subprocess.Popen:
+    """`minidiffseg segment` in a child process (with the waiting hook when `marker` is given); its stdout and
+    stderr go to `log`, kept for the failure messages."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-m", "minidiffseg", "segment", *map(str, images), "--classes",
-                             ",".join(CLASSES), "--weights", str(weights), "--out", str(out), "--resolution", "64",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=default_sigint)
+    argv = ["segment", *map(str, images), "--classes", ",".join(CLASSES), "--weights", str(weights),
+            "--out", str(out), "--resolution", "64", *extra]
+    command = [sys.executable, "-c", CHILD, str(marker), str(STOP_AT)] if marker else [sys.executable, "-m",
+                                                                                     "minidiffseg"]
+    with open(log, "w") as f:
+        return subprocess.Popen(command + argv, stdout=f, stderr=subprocess.STDOUT, text=True, env=env,
+                                preexec_fn=default_sigint)
 
 
 def default_sigint() -> None:
@@ -41,12 +82,13 @@ def done(out: Path) -> set[str]:
     return {p.name.removesuffix("_scores.safetensors") for p in out.glob("*_scores.safetensors")}
 
 
-def check_complete(out: Path, leftovers_allowed: bool) -> None:
+def check_complete(out: Path) -> list[str]:
     """Every visible file decodes completely; a finished image (scores file present) has all its outputs;
-    temporary files are hidden `.NAME.PID.tmp` names, and only a SIGKILL may leave them."""
+    returns the hidden temporary files (`.NAME.PID.tmp`)."""
+    hidden = []
     for path in out.iterdir():
         if path.name.startswith("."):
-            assert leftovers_allowed and path.name.endswith(".tmp"), f"unexpected hidden file {path.name}"
+            hidden.append(path.name)
             continue
         assert not path.name.endswith(".tmp"), path.name
         if path.suffix == ".png":
@@ -57,6 +99,7 @@ def check_complete(out: Path, leftovers_allowed: bool) -> None:
     for stem in done(out):
         for name in OUTPUTS:
             assert (out / f"{stem}_{name}").is_file(), f"{stem} is marked done but {name} is missing"
+    return sorted(hidden)
 
 
 @pytest.fixture(scope="module")
@@ -73,30 +116,37 @@ def images(tmp_path_factory) -> list[Path]:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_interrupted_run_keeps_complete_files_and_resumes(sig, images, tiny_sd_dir, tmp_path):
-    out = tmp_path / "out"
-    proc = segment(images, out, tiny_sd_dir)
-    deadline = time.monotonic() + 240
-    while not (out.is_dir() and done(out)) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert proc.poll() is None, f"the run ended before it could be interrupted:\n{proc.communicate()[1]}"
+    out, marker, log = tmp_path / "out", tmp_path / "waiting", tmp_path / "run.log"
+    proc = segment(images, out, tiny_sd_dir, marker=marker, log=log)
+    deadline = time.monotonic() + 600  # only a hung child gets here; the marker normally comes in seconds
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists() and proc.poll() is None, \
+        f"the run did not reach its 8th output (exit code {proc.poll()}):\n{log.read_text()}"
+    tmp = Path(marker.read_text())
+    assert tmp.parent == out and tmp.name.startswith(".img01_heat_1_cat.png.") and tmp.is_file(), tmp
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    err = log.read_text()
     if sig == signal.SIGINT:
         assert proc.returncode == 130, err
         assert "Traceback" not in err and err.strip().splitlines()[-1] == \
             "minidiffseg: interrupted; completed outputs are kept, rerun to resume", err
     else:
-        assert proc.returncode == -signal.SIGKILL
-    check_complete(out, leftovers_allowed=sig == signal.SIGKILL)
-    finished = done(out)
-    assert 0 < len(finished) < IMAGES, f"{len(finished)} images finished: interrupt earlier or add images"
-    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name.split("_")[0] in finished}
+        assert proc.returncode == -signal.SIGKILL, err
+    hidden = check_complete(out)
+    # Ctrl-C removes the half-written file; a kill leaves it (the next run removes it)
+    assert hidden == ([] if sig == signal.SIGINT else [tmp.name]), hidden
+    assert done(out) == {"img00"}, f"finished: {sorted(done(out))}\n{err}"
+    assert sorted(p.name for p in out.glob("img01_*")) == ["img01_mask.png", "img01_overlay.png"]
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("img00_*")}
 
-    rerun = segment(images, out, tiny_sd_dir, "--skip-existing")
-    _, err = rerun.communicate(timeout=300)
+    rerun = segment(images, out, tiny_sd_dir, "--skip-existing", log=tmp_path / "rerun.log")
+    rerun.wait(timeout=600)
+    err = (tmp_path / "rerun.log").read_text()
     assert rerun.returncode == 0, err
-    assert f"minidiffseg: {len(finished)} image(s) already done in {out}, skipped" in err, err
-    check_complete(out, leftovers_allowed=False)  # the rerun removed the killed run's temporaries
+    assert f"minidiffseg: 1 image(s) already done in {out}, skipped" in err, err
+    assert check_complete(out) == [], "the rerun removes the killed run's temporary file"
     assert done(out) == {p.stem for p in images}
     after = {name: (out / name).stat().st_mtime_ns for name in before}
-    assert after == before, "finished images were written again"
+    assert after == before, "the finished image was written again"
