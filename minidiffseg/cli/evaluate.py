@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,10 +117,8 @@ def _grid(spec: str) -> list[float]:
 def _loader(args, ds: Dataset, device, dtype):
     def load():
         from ..method.segmenter import Segmenter
-        seg = Segmenter.from_pretrained(args.weights, device=device, dtype=dtype,
-                                        template=ds.vocab.template, resolution=args.resolution)
-        print(f"minidiffseg: {seg.sd.name} from {args.weights}, at {seg.resolution}²", file=sys.stderr)
-        return seg
+        return Segmenter.from_pretrained(args.weights, device=device, dtype=dtype,
+                                         template=ds.vocab.template, resolution=args.resolution)
     return load
 
 

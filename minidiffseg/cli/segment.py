@@ -67,8 +67,7 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--joint", action="store_true", help="one prompt naming all classes, one U-Net row (C× cheaper)")
     p.add_argument("--template", help="prompt template with {} for the class (default: the vocabulary's, "
                    "else 'a photograph of {}')")
-    p.add_argument("--resolution", type=int, help="square side the image is stretched to (÷64; default: the size the "
-                   "model was trained at, 512, or 768 for SD2.x 768-v)")
+    p.add_argument("--resolution", type=int, default=512, help="square side the image is stretched to (÷64)")
     p.add_argument("--posterior", choices=["sample", "mean"], default="sample",
                    help="the VAE posterior's sample (official) or its mean (deterministic)")
     p.add_argument("--class-batch", type=int, help="at most N classes per U-Net call (bounds memory)")
@@ -95,12 +94,10 @@ def _segmenter(args) -> Segmenter:
 
         template = resolve_vocabulary(args.vocabulary).template  # "a photography of {}" for Context/COCO
     device = device_of(args)
-    seg = Segmenter.from_pretrained(args.weights, device=device, dtype=dtype_of(args, device),
-                                    resolution=args.resolution, template=template or TEMPLATES["photograph"],
-                                    joint=args.joint, class_batch=1 if getattr(args, "low_memory", False)
-                                    else args.class_batch, timesteps=timesteps, tokens=args.tokens)
-    print(f"minidiffseg: {seg.sd.name} from {args.weights}, at {seg.resolution}²", file=sys.stderr)
-    return seg
+    return Segmenter.from_pretrained(args.weights, device=device, dtype=dtype_of(args, device),
+                                     resolution=args.resolution, template=template or TEMPLATES["photograph"],
+                                     joint=args.joint, class_batch=1 if getattr(args, "low_memory", False)
+                                     else args.class_batch, timesteps=timesteps, tokens=args.tokens)
 
 
 class ClassSource:
