@@ -8,10 +8,10 @@ implementation runs in a fresh process on the same synthetic unary (smooth rando
 the median wall time of `--repeats` runs of the whole CRF (building the kernels + the preset's
 mean-field iterations), and the peak resident memory the CRF adds: VmHWM at the end minus VmRSS once
 the inputs are made, after a warm-up run on a 50×40 crop (so that code pages touched on first use are
-not counted) and a reset of VmHWM (/proc/self/clear_refs; Linux). Ours runs at each `--threads` count (0: torch's default); the reference
-is single-threaded. The marginals Q of both are compared: max |ΔQ| and the share of equal labels.
-Prints a table and writes it with the commit measured to --out. Needs the test extra (pydensecrf2,
-scikit-image).
+not counted) and a reset of VmHWM (/proc/self/clear_refs; Linux). Ours runs at each `--threads` count
+(0: torch's default); the reference is single-threaded. The marginals Q of both are compared: max |ΔQ|
+and the share of equal labels. Prints a table and writes it with the commit measured to --out. Needs
+the test extra (pydensecrf2, scikit-image).
 """
 
 from __future__ import annotations
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                     q = ours[0][1]
                     row = [name, k, preset, f"{statistics.median(ref['times']):.2f}"]
                     row += [f"{statistics.median(o['times']):.2f}" for o, _ in ours]
-                    row += [f"{ref['peak_added'] / 2 ** 20:.0f}", f"{max(o['peak_added'] for o, _ in ours) / 2 ** 20:.0f}",
+                    mib = max(o["peak_added"] for o, _ in ours) / 2 ** 20
+                    row += [f"{ref['peak_added'] / 2 ** 20:.0f}", f"{mib:.0f}",
                             f"{np.abs(q - q_ref).max():.1e}", f"{100 * (q.argmax(0) == q_ref.argmax(0)).mean():.3f}%"]
                     rows.append(row)
                     print(" | ".join(map(str, row)), flush=True)
@@ -149,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
     note = [f"# Dense CRF: ours vs pydensecrf at {w}×{h}", "",
             f"- code: commit {source_revision()}; command: `python -m bench.crf {' '.join(argv or sys.argv[1:])}`",
-            f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, device {args.device}; "
-            f"load average (1/5/15 min) {load_before} before, {load_average()} after",
+            f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, device "
+            f"{args.device}; load average (1/5/15 min) {load_before} before, {load_average()} after",
             f"- time: median of {args.repeats} runs of the whole CRF (kernels + mean field), each implementation "
             "in a fresh process; memory: peak RSS the CRF adds to the process",
             "- synthetic unary (smooth random logits, softmax); dQ and labels: ours (first thread count) vs the "

@@ -110,7 +110,8 @@ def test_parity_with_pydensecrf(name, preset):
     err = np.abs(ours - ref).max()
     agree = (ours.argmax(0) == ref.argmax(0)).mean()
     changed = (ref.argmax(0) != probs.argmax(0).numpy()).mean()
-    print(f"{name} {preset}: max |ΔQ| {err:.2e}, labels agree {100 * agree:.3f}% (the CRF changed {100 * changed:.1f}%)")
+    print(f"{name} {preset}: max |ΔQ| {err:.2e}, labels agree {100 * agree:.3f}% "
+          f"(the CRF changed {100 * changed:.1f}%)")
     assert err < 2.5e-4, f"max |ΔQ| {err:.2e}"
     assert agree >= 0.9999, f"labels agree on {100 * agree:.3f}%"
 

@@ -124,7 +124,7 @@ def rgb_array(image) -> torch.Tensor:
     """PIL image or (H, W, 3) uint8 tensor/array -> (H, W, 3) uint8 tensor."""
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
-    x = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+    x = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image))
     if x.ndim != 3 or x.shape[2] != 3 or x.dtype != torch.uint8:
         raise ValueError(f"image: expected (H, W, 3) uint8, got {tuple(x.shape)} {x.dtype}")
     return x
@@ -145,10 +145,12 @@ class DenseCRF:
                                 torch.arange(self.width, dtype=torch.float32, device=device), indexing="ij")
         xy = torch.stack([xs.flatten(), ys.flatten()], 1)  # (N, 2)
         rgb = img.to(device).reshape(-1, 3).float()  # (N, 3)
-        f32 = lambda v: torch.tensor(v, dtype=torch.float32, device=device)  # widths rounded as C floats
+        def width(v: float) -> torch.Tensor:  # a C float, as the reference receives it
+            return torch.tensor(v, dtype=torch.float32, device=device)
+
         self.kernels = []  # (weight, lattice, norm (N, 1)); smoothness first, as the reference's users add it
-        for w, feats in ((params.smooth_w, xy / f32(params.smooth_xy)),
-                         (params.appear_w, torch.cat([xy / f32(params.appear_xy), rgb / f32(params.appear_rgb)], 1))):
+        appearance = torch.cat([xy / width(params.appear_xy), rgb / width(params.appear_rgb)], 1)  # (N, 5)
+        for w, feats in ((params.smooth_w, xy / width(params.smooth_xy)), (params.appear_w, appearance)):
             if w == 0:
                 continue
             try:
@@ -176,13 +178,13 @@ class DenseCRF:
         return out
 
     @torch.no_grad()
-    def __call__(self, probs: torch.Tensor, iterations: int | None = None) -> torch.Tensor:
+    def __call__(self, probs: torch.Tensor) -> torch.Tensor:
         """(K, H, W) label probabilities -> (K, H, W) mean-field marginals Q after the iterations."""
         if tuple(probs.shape[1:]) != (self.height, self.width):
             raise ValueError(f"probabilities {tuple(probs.shape)} do not match the image {self.height}x{self.width}")
         u = self.unary(probs)
         q = torch.softmax(-u, 1)
-        for _ in range(self.params.iterations if iterations is None else iterations):
+        for _ in range(self.params.iterations):
             q = torch.softmax(-u + self.message(q), 1)
         return q.T.reshape(-1, self.height, self.width)
 
@@ -197,9 +199,9 @@ def check_ignore_below(p: float | None) -> None:
 def pseudo_labels(image, scores: torch.Tensor, tau: float | None, crf: CRFParams | None = None,
                   ignore_below: float | None = None,
                   device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores (C, H, W) + τ -> (labels, mask), both (H, W) int64 in 0..K-1 (0 = background when τ is given):
-    labels the argmax of the CRF's marginals (of `probabilities` without a CRF); mask the same with
-    IGNORE where the top probability is below `ignore_below`."""
+    """Scores (C, H, W) + τ -> (labels, mask), both (H, W) int64 on the CPU: labels in 0..K-1 (0 = background
+    when τ is given), the argmax of the CRF's marginals (of `probabilities` without a CRF); mask the same
+    with IGNORE where the top probability is below `ignore_below`."""
     check_ignore_below(ignore_below)
     probs = probabilities(scores, tau)
     if crf is not None:
