@@ -459,3 +459,96 @@ def test_in_a_real_browser(server, image, tmp_path):
         finally:
             browser.close()
     print(f"screenshots: {tmp_path / 'explore.png'}, {tmp_path / 'explore-error.png'}")
+
+
+# ---- the command's one-line errors and what it says ----------------------------------------------
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("minidiffseg: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_explore_without_the_extra_says_how_to_install_it(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises ImportError
+    assert main(["explore", "--weights", str(tmp_path)]) == 2
+    assert EXPLORE_EXTRA in one_error_line(capsys)
+
+
+def test_explore_with_bad_weights_or_a_used_port_is_one_line(capsys, tmp_path, tiny_sd_dir):
+    require("gradio", EXPLORE_EXTRA)
+    assert main(["explore", "--weights", str(tmp_path / "absent")]) == 2
+    assert "absent" in one_error_line(capsys)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["explore", "--weights", str(tiny_sd_dir), "--port", str(port)]) == 2
+        assert f"--port {port} on 127.0.0.1 cannot be used" in one_error_line(capsys)
+    assert main(["explore", "--weights", str(tiny_sd_dir), "--port", "70000"]) == 2
+    assert "1..65535" in one_error_line(capsys)
+    assert main(["explore", "--weights", str(tiny_sd_dir), "--host", "nowhere.invalid"]) == 2
+    assert "--host nowhere.invalid is not an address of this machine" in one_error_line(capsys)
+
+
+def test_explore_says_when_it_listens_beyond_this_machine(monkeypatch, capsys, tiny_sd_dir):
+    gr = require("gradio", EXPLORE_EXTRA)
+    import minidiffseg.cli.explore as command
+
+    served = []
+    monkeypatch.setattr(command, "launch", lambda app, host, port: served.append(host) or f"http://{host}:{port}/")
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)
+    port = str(free_port())
+    assert main(["explore", "--weights", str(tiny_sd_dir), "--resolution", "64", "--port", port]) == 0
+    err = capsys.readouterr().err
+    assert served == ["127.0.0.1"] and "warning" not in err and f"http://127.0.0.1:{port}/" in err
+    assert main(["explore", "--weights", str(tiny_sd_dir), "--resolution", "64", "--host", "0.0.0.0"]) == 0
+    err = capsys.readouterr().err
+    assert served[-1] == "0.0.0.0" and "minidiffseg: warning: listening on 0.0.0.0, not only 127.0.0.1" in err
+
+
+def outside_addresses() -> list[str]:
+    """This machine's IPv4 address on its default route, if it has one (no packet is sent)."""
+    found = set()
+    for target in ("192.0.2.1", "10.255.255.255"):  # TEST-NET-1 (RFC 5737), a private address: never contacted
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect((target, 9))  # a UDP "connect" only picks the outgoing interface
+            except OSError:
+                continue
+            found.add(s.getsockname()[0])
+    return sorted(a for a in found if not a.startswith("127.") and a != "0.0.0.0")
+
+
+def test_the_command_serves_the_page_on_127_0_0_1_only(tiny_sd_dir, tmp_path):
+    """`python -m minidiffseg explore` for real: its URL, the page served there, not on another address of
+    this machine, and Ctrl-C ends it with exit code 0."""
+    require("gradio", EXPLORE_EXTRA)
+    import signal
+    import urllib.request
+
+    port = free_port()
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    proc = subprocess.Popen([sys.executable, "-m", "minidiffseg", "explore", "--weights", str(tiny_sd_dir),
+                             "--resolution", "64", "--port", str(port)], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = []
+        for line in proc.stderr:  # until the command says where it serves
+            lines.append(line)
+            if line.startswith("minidiffseg explore: "):
+                break
+        assert lines and lines[-1].startswith(f"minidiffseg explore: http://127.0.0.1:{port}/"), "".join(lines)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as page:
+            assert page.status == 200 and b"minidiffseg explore" in page.read()
+        for address in outside_addresses():  # another address of this machine: nothing listens there
+            with socket.socket() as s, pytest.raises(OSError):
+                s.settimeout(5)
+                s.connect((address, port))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

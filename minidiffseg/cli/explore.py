@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..errors import UserError
-from ..image import load_image
+from ..image import SAMPLE_PHOTO, load_image  # the sample: a CC0 cat photo (minidiffseg/data/README.md)
 from ..method.explore import MAX_CLASSES, Exploration
 from ..method.segmenter import Segmenter
 from ..viz import heatmap
@@ -33,7 +33,6 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 DISPLAY = 384  # px: the longer side of the map pictures (cells drawn as blocks, so 16² and 64² grids both show)
 MAX_UPLOAD = "50mb"  # a photo is a few MB; the model reads 512×512 anyway
 MAX_CLASS_TEXT = 1000  # characters in the class box: 16 classes of long names fit easily
-SAMPLE_PHOTO = Path(__file__).resolve().parents[1] / "data" / "chelsea.jpg"  # CC0, minidiffseg/data/README.md
 
 
 def register(subparsers) -> None:
@@ -43,7 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                    "only; 0.0.0.0 shares the page with the network)")
     p.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
-    p.add_argument("--resolution", type=int, default=512, help="square side the image is stretched to (÷64)")
+    p.add_argument("--resolution", type=int, help="square side the image is stretched to (÷64; default: the "
+                   "segmenter's, the size the model was trained at)")
     p.set_defaults(func=run_explore)
 
 
@@ -57,34 +57,46 @@ def gradio():
     return gr
 
 
-def check_port(host: str, port: int) -> None:
-    """A one-line error now, rather than Gradio's, when `port` is taken (or not a port)."""
-    if not 0 < port < 65536:
+def check_address(host: str, port: int | None) -> None:
+    """One-line errors now, rather than the web server's, for a --host that is not an address of this machine
+    and a --port that is taken (or not a port)."""
+    if port is not None and not 0 < port < 65536:
         raise UserError(f"--port {port}: give a port in 1..65535")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            s.bind((host, port))
+        with socket.socket(family) as s:
+            s.bind((host, 0))
     except OSError as e:
-        raise UserError(f"--port {port} on {host} cannot be used ({e.strerror or e}): another program listens "
-                        "there; give another --port or leave it out to take a free one") from None
+        raise UserError(f"--host {host} is not an address of this machine ({e.strerror or e}): use 127.0.0.1 "
+                        "(this machine only) or 0.0.0.0 (every network)") from None
+    if port is not None:
+        try:
+            with socket.socket(family) as s:
+                s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"--port {port} on {host} cannot be used ({e.strerror or e}): another program listens "
+                            "there; give another --port or leave it out to take a free one") from None
 
 
 def run_explore(args) -> int:
     gradio()  # fail before loading any weights
-    if args.port is not None:
-        check_port(args.host, args.port)
+    check_address(args.host, args.port)
     device = device_of(args)
-    seg = Segmenter.from_pretrained(args.weights, device=device, dtype=dtype_of(args, device),
-                                    resolution=args.resolution)
-    app = build_app(seg, title=f"{args.weights} · {seg.device.type} · {str(seg.dtype).replace('torch.', '')} · "
-                    f"{args.resolution}²")
+    options = {} if args.resolution is None else {"resolution": args.resolution}
+    seg = Segmenter.from_pretrained(args.weights, device=device, dtype=dtype_of(args, device), **options)
+    app = build_app(seg, title=f"weights {args.weights} · {seg.device.type} · {str(seg.dtype).replace('torch.', '')} "
+                    f"· images stretched to {seg.resolution}²")
     if args.host not in LOCAL_HOSTS:
         print(f"minidiffseg: warning: listening on {args.host}, not only 127.0.0.1: anyone who can reach this "
               "machine can use the page and run the model", file=sys.stderr)
     try:
-        url = launch(app, args.host, args.port)
+        try:
+            url = launch(app, args.host, args.port)
+        except OSError as e:  # no free port from 7860 on
+            raise UserError(f"cannot serve on {args.host}{'' if args.port is None else f':{args.port}'}: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         print(f"minidiffseg explore: {url} (Ctrl-C stops)", file=sys.stderr)
-        app.block_thread()
+        app.block_thread()  # until Ctrl-C
     except KeyboardInterrupt:
         pass
     finally:
