@@ -19,6 +19,7 @@ import subprocess
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -27,7 +28,9 @@ from safetensors.torch import load_file, save_file
 
 from minidiffseg.sd import ldm
 from minidiffseg.cli import main
+from minidiffseg.image import load_image, pixels
 from minidiffseg.sd import load_sd15
+from reference_decode import reference_rgb
 
 import tiny_sd  # noqa: E402  (needs diffusers and transformers: assets.require)
 
@@ -265,7 +268,8 @@ def _truncated_jpeg(path: Path) -> Path:
 
 
 def _sixteen_bit(path: Path) -> Path:
-    x = (torch.arange(48 * 64, dtype=torch.int32) * 21).reshape(48, 64)  # 0..64491
+    # 1000..30999: neither clipping at 255, nor dropping the low byte, nor forgetting the offset passes the check
+    x = (1000 + torch.arange(48 * 64, dtype=torch.int32) * 13 % 30000).reshape(48, 64)
     return _save(Image.frombytes("I;16", (64, 48), x.to(torch.int16).numpy().tobytes()), path)
 
 
@@ -305,6 +309,43 @@ def test_images(case, tiny_sd_dir, tmp_path, capsys):
     with Image.open(out / "x_mask.png") as mask:
         assert mask.size == expected, f"mask {mask.size}, image shown as {expected}"
     assert load_file(out / "x_scores.safetensors")["scores"].shape == (2, expected[1], expected[0])
+
+
+DECODED = ["CMYK", "16-bit PNG", "palette with transparency", "1x1", "animated GIF", "EXIF-rotated",
+           "greyscale with alpha"]
+
+
+@pytest.mark.parametrize("case", DECODED)
+def test_decoded_pixels(case, tmp_path):
+    """The pixels the segmenter sees (load_image) equal a conversion of the file's stored values worked out
+    independently (tests/reference_decode.py)."""
+    path = IMAGES[case][0](tmp_path / "x")
+    want, tolerance = reference_rgb(path)
+    got = pixels(load_image(path)).numpy()
+    assert got.shape == want.shape, f"decoded {got.shape}, expected {want.shape}"
+    err = np.abs(got.astype(int) - want.astype(int)).max()
+    assert err <= tolerance, f"{case}: max difference {err} levels (allowed {tolerance})"
+    assert want.std() > 10, "the test image must not be flat"
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_the_right_way(orientation, tmp_path):
+    """Every EXIF orientation tag on an image whose corners differ: the image shown is the stored one
+    turned/mirrored as the tag says (a turn the wrong way round gives other pixels)."""
+    x = torch.zeros(48, 64, 3, dtype=torch.uint8)
+    x[:8, :16] = torch.tensor([255, 0, 0], dtype=torch.uint8)  # stored top-left: red
+    x[:8, -16:] = torch.tensor([0, 255, 0], dtype=torch.uint8)  # top-right: green
+    x[-8:, :16] = torch.tensor([0, 0, 255], dtype=torch.uint8)  # bottom-left: blue
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _save(Image.fromarray(x.numpy()), tmp_path / "o.png", exif=exif)
+    want, _ = reference_rgb(path)
+    got = pixels(load_image(path)).numpy()
+    assert np.array_equal(got, want), f"orientation {orientation}: shown {got.shape}, corners " \
+        f"{[got[i, j].tolist() for i, j in ((0, 0), (0, -1), (-1, 0), (-1, -1))]}"
+    # 6 = "turn 90° clockwise to show": the stored top-left (red) is shown top-right, bottom-left (blue) top-left
+    if orientation == 6:
+        assert got.shape == (64, 48, 3) and got[0, -1].tolist() == [255, 0, 0] and got[0, 0].tolist() == [0, 0, 255]
 
 
 # ---- class lists ---------------------------------------------------------------------------------

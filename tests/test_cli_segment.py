@@ -1,5 +1,6 @@
 """`minidiffseg segment` and `minidiffseg maps` through the CLI on the tiny model."""
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -7,6 +8,7 @@ from safetensors import safe_open
 from assets import sample_image_paths
 from minidiffseg.cli import main
 from minidiffseg.method.segmenter import Segmenter
+from minidiffseg.viz import heatmap
 
 
 def run(capsys, *argv):
@@ -67,6 +69,21 @@ def test_maps_grid(tiny_sd_dir, tmp_path, capsys):
     im = Image.open(out)
     # 3 rows (classes) × (16 layers + 4 level means + fused + refined + scores) columns of 96+4 px
     assert im.size == (110 + 23 * 100, 30 + 3 * 100)
+    # the content: column 20 ("fused A") of each class's row shows that class's fused map A, as the API computes
+    # it with the same settings, min-max scaled, colour-mapped and enlarged ×6 (16² latent -> 96² cell)
+    r = Segmenter.from_pretrained(tiny_sd_dir, resolution=128)(sample_image_paths()[0], ["cat", "dog", "person"],
+                                                               seed=0)
+    assert r.fused.shape == (3, 16, 16) and not torch.equal(r.fused[0], r.fused[1])
+    pixels = np.asarray(im.convert("RGB"))
+    for row, m in enumerate(r.fused):
+        x, y = 110 + 20 * 100, 30 + row * 100
+        cell = pixels[y:y + 96, x:x + 96]
+        assert np.array_equal(cell, np.asarray(heatmap(m).resize((96, 96), Image.NEAREST))), f"row {row}"
+        # independently of viz: latent pixel (i, j) fills the 6×6 block at (6i, 6j); the map's maximum has the
+        # colour ramp's top colour, its minimum the bottom one
+        for at, colour in ((m.argmax(), [252, 255, 164]), (m.argmin(), [0, 0, 4])):
+            i, j = divmod(int(at), 16)
+            assert cell[6 * i:6 * i + 6, 6 * j:6 * j + 6].reshape(-1, 3).tolist() == [colour] * 36, (row, i, j)
 
 
 def test_bad_options_are_one_line(tiny_sd_dir, tmp_path, capsys):

@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 
 from assets import require, sample_image_paths
 from bench.baseline import StoreEveryMap
+from reference_decode import reference_rgb
 from minidiffseg.errors import UserError
+from minidiffseg.image import load_image, pixels
 from minidiffseg.method.prompts import template_prompt, user_prompt
 from minidiffseg.method.segmenter import Segmenter
 
@@ -208,8 +210,12 @@ def _variants(tmp_path):
 
 def test_real_photos_of_many_sizes_and_modes(seg32, tmp_path):
     for path in _variants(tmp_path):
-        im = Image.open(path)
-        w, h = (im.height, im.width) if path.name == "rotated.jpg" else (im.width, im.height)
+        # the pixels the segmenter reads equal an independent conversion of the stored values (CMYK, palette,
+        # grey, alpha, EXIF orientation: tests/reference_decode.py)
+        want, tolerance = reference_rgb(path)
+        err = (pixels(load_image(path)).int() - torch.from_numpy(want).int()).abs().max().item()
+        assert err <= tolerance, f"{path.name}: decoded pixels differ by {err} levels from the stored values"
+        h, w = want.shape[:2]
         r = seg32(path, ["cat", "dog", "person"], seed=0)
         assert r.scores.shape == (3, h, w) and r.mask.shape == (h, w), path.name
         assert r.scores.min() >= 0 and r.scores.max() <= 1 and r.mask.dtype == torch.int64
