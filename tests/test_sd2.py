@@ -21,6 +21,7 @@ from minidiffseg.sd.config import CLIPTextConfig, UNetConfig, VAEConfig
 from minidiffseg.sd.tokenizer import CLIPTokenizer
 from minidiffseg.sd.unet import UNet
 from bench.baseline import StoreEveryMap  # diffusers attention processor keeping every probability map
+from parity import rel_err
 from tiny_sd import diffusers, encoder_state, randomise_, reference_vae, text_state, transformers
 from tiny_sd2 import (SCHEDULER, TINY2, penultimate, reference_text, reference_unet, sd2_single_file_state,
                       tiny_reference2, write_sd2_tokenizer, write_tiny_sd2_diffusers, write_tiny_sd2_single_file)
@@ -40,10 +41,6 @@ SD21_TEXT = {"architectures": ["CLIPTextModel"], "bos_token_id": 0, "eos_token_i
              "projection_dim": 512, "vocab_size": 49408}
 FULL2 = (UNetConfig.from_diffusers(SD21_BASE_UNET), VAEConfig(), CLIPTextConfig.from_transformers(SD21_TEXT))
 RES = 128  # the tiny SD2's sample_size 16 × 8
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def reference_maps(unet) -> dict:
@@ -359,10 +356,25 @@ def test_inspect_weights_knows_both_sd2_layouts(sd2_dir, sd2_file, capsys):
 
     assert main(["inspect-weights", str(sd2_dir)]) == 0
     out = capsys.readouterr().out
-    assert "diffusers" in out and "OK:" in out
+    assert "diffusers SD2.x (128², v-prediction) folder" in out and "OK:" in out, out
     assert main(["inspect-weights", str(sd2_file)]) == 0
     out = capsys.readouterr().out
-    assert "text encoder: 14 tensor(s) ignored by name" in out and "logit_scale" in out, out
+    assert "LDM single file (original layout): SD2.x (single file" in out, out
+    assert "text encoder: 14 tensor(s) ignored by name" in out and "logit_scale" in out, out  # layer 2 + head
+
+
+def test_segment_and_maps_say_which_model_ran(sd2_dir, tmp_path, capsys):
+    from minidiffseg.cli import main
+
+    image = sample_image_paths()[1]
+    assert main(["segment", str(image), "--classes", "cat,sofa", "--weights", str(sd2_dir), "--out",
+                 str(tmp_path / "out"), "--device", "cpu", "--dtype", "fp32"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1] == f"SD2.x (128², v-prediction) at 128²: 1 image(s) segmented into {tmp_path / 'out'}"
+    assert not err and (tmp_path / "out" / f"{image.stem}_scores.safetensors").is_file()
+    assert main(["maps", str(image), "--classes", "cat", "--weights", str(sd2_dir), "--out", str(tmp_path / "m.png"),
+                 "--device", "cpu", "--resolution", "192"]) == 0
+    assert "; SD2.x (128², v-prediction) at 192²" in capsys.readouterr().out and (tmp_path / "m.png").is_file()
 
 
 def test_hub_knows_the_sd2_repos():
@@ -372,22 +384,26 @@ def test_hub_knows_the_sd2_repos():
         assert "tokenizer/special_tokens_map.json" in files and "scheduler/scheduler_config.json" in files
         assert "unet/diffusion_pytorch_model.fp16.safetensors" in files
     assert hub.REPOS["sd-turbo"].repo_id == "stabilityai/sd-turbo"
+    from minidiffseg.cli.download import ALL
+
+    assert ALL == ("sd15", "clip", "blip")  # `--what all` fetches what the default commands use, not every SD2
 
 
 # ---- the method on SD2 -----------------------------------------------------------------------------------
 
 def test_scores_equal_the_official_recipe_on_sd2_in_float64(sd2_dir):
-    """The official recipe of tests/test_segmenter.py, run by diffusers/transformers on the tiny SD2 (its
-    "!" padding, GELU tower, linear projections, per-level heads). diffusers' upcast computes attention in
-    float32 even in a float64 run (ours in float64): measured 2.3e-6, bound 2e-5."""
+    """The official recipe of tests/test_segmenter.py (OfficialRecipe), run by diffusers/transformers on the
+    tiny SD2 (its "!" padding, GELU tower, linear projections, per-level heads). diffusers' upcast computes
+    attention in float32 even in a float64 run (ours in float64): measured 2.3e-6, bound 2e-5."""
     from minidiffseg.method.segmenter import Segmenter
-    from test_segmenter import official_scores
+    from test_segmenter import OfficialRecipe
 
     image = sample_image_paths()[1]
     classes = ["cat", "fire hydrant"]
     noise = torch.randn(1, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(3))
-    seg = Segmenter.from_pretrained(sd2_dir, dtype=torch.float64, resolution=RES)
+    seg = Segmenter.from_pretrained(sd2_dir, dtype=torch.float64)  # at the model's own size, 128²
     ours = seg(image, classes, posterior="mean", noise=noise).scores
-    want = official_scores(sd2_dir, image, classes, noise)
+    want = OfficialRecipe(sd2_dir)(image, classes, noise, res=RES)
     err = (ours - want).abs().max().item()
-    assert ours.shape == want.shape and err <= 2e-5, f"SD2 scores vs official recipe: max abs error {err:.3e}"
+    assert seg.resolution == RES and ours.shape == want.shape and err <= 2e-5, \
+        f"SD2 scores vs official recipe: max abs error {err:.3e}"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..sd.hub import REPOS, VARIANTS, download
+from ..sd.hub import REPOS, STABLE_DIFFUSION, VARIANTS, download
+
+ALL = ("sd15", "clip", "blip")  # --what all: what segment, maps, eval and the class filter use by default
 
 
 def register(subparsers) -> None:
@@ -13,20 +15,22 @@ def register(subparsers) -> None:
                               "--dir they go into the Hugging Face cache (HF_HOME); HF_HUB_OFFLINE=1 uses cached "
                               "files only. See weights/README.md for layouts, sizes, licences and checksums.")
     p.add_argument("--what", choices=[*REPOS, "all"], default="sd15",
-                   help="sd15 (default; segment/maps/eval), clip and blip (the class filter), or all")
+                   help="sd15 (default; segment/maps/eval), sd21-base, sd21 (768², v-prediction) or sd-turbo "
+                        "(Stable Diffusion 2.x, docs/sd2.md), clip and blip (the class filter), or all (sd15, "
+                        "clip and blip)")
     p.add_argument("--variant", choices=list(VARIANTS), default="fp16",
-                   help="SD1.5 files in fp16 (default, 2.1 GB; computed in --dtype) or fp32 (4.3 GB); "
-                        "CLIP and BLIP exist in fp32 only")
+                   help="Stable Diffusion files in fp16 (default; SD1.5 2.1 GB, SD2.x 2.6 GB; computed in --dtype) or "
+                        "fp32 (4.3 GB, 5.2 GB); CLIP and BLIP exist in fp32 only")
     p.add_argument("--dir", help="folder to put the files in (with --what all: one sub-folder per model, "
-                   f"{', '.join(r.folder for r in REPOS.values())}); default: the Hugging Face cache")
+                   f"{', '.join(REPOS[w].folder for w in ALL)}); default: the Hugging Face cache")
     p.set_defaults(func=run_download)
 
 
 def run_download(args) -> int:
-    whats = list(REPOS) if args.what == "all" else [args.what]
+    whats = list(ALL) if args.what == "all" else [args.what]
     for what in whats:
         dir = None if args.dir is None else Path(args.dir) / REPOS[what].folder if len(whats) > 1 else Path(args.dir)
         path = download(what, args.variant, dir)
-        print(f"{REPOS[what].name} is in {path}: pass it as --weights" if what == "sd15" else
+        print(f"{REPOS[what].name} is in {path}: pass it as --weights" if what in STABLE_DIFFUSION else
               f"{REPOS[what].name} is in {path}: pass it as --{what}-weights")
     return 0

@@ -117,8 +117,10 @@ def _grid(spec: str) -> list[float]:
 def _loader(args, ds: Dataset, device, dtype):
     def load():
         from ..method.segmenter import Segmenter
-        return Segmenter.from_pretrained(args.weights, device=device, dtype=dtype,
-                                         template=ds.vocab.template, resolution=args.resolution)
+        seg = Segmenter.from_pretrained(args.weights, device=device, dtype=dtype,
+                                        template=ds.vocab.template, resolution=args.resolution)
+        print(f"{seg.sd.name} from {args.weights}, at {seg.resolution}²")  # stdout: stderr is for errors
+        return seg
     return load
 
 

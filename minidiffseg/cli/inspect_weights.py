@@ -1,6 +1,7 @@
 """`minidiffseg inspect-weights PATH`: what a copy of the weights holds, checked without loading it.
 
-PATH is a diffusers SD1.5 folder, an LDM single file, or a CLIP / BLIP hub folder (the filter's).
+PATH is a diffusers SD1.5/SD2.x folder, an LDM single file (SD1.5's or SD2.x's), or a CLIP / BLIP hub folder
+(the filter's).
 Printed: the detected layout, then per network its file, dtype, parameter count and the keys that
 are missing, unexpected, of the wrong shape or of a non-float dtype — the checks `load_strict` makes,
 here all listed instead of stopping at the first. Models are built on `meta` and the files' headers
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..sd import loading
-from ..sd.checkpoint import WEIGHTS, Part, diffusers_parts, part_of, single_file_parts
+from ..sd.checkpoint import WEIGHTS, Part, diffusers_parts, model_name, part_of, scheduler_config, single_file_parts
 from ..sd.hub import KNOWN_SHA256, gb
 from ..sd.loading import Report, build_on_meta, check_suffix, keys_text, read_header
 
@@ -68,22 +69,23 @@ def run_inspect(args) -> int:
 def detect(path: Path) -> tuple[str, list[Part]]:
     """(layout description, networks) of a checkpoint path; UserError when it is none of the known layouts."""
     if not path.exists():
-        raise UserError(f"{path}: not found; fetch SD1.5 (or the filter's CLIP/BLIP) with `minidiffseg download "
-                        f"--what sd15|clip|blip --dir {path}` (weights/README.md)")
+        raise UserError(f"{path}: not found; fetch SD1.5 (or SD2.x, or the filter's CLIP/BLIP) with `minidiffseg "
+                        f"download --what sd15|sd21-base|sd21|sd-turbo|clip|blip --dir {path}` (weights/README.md)")
     if path.is_file():
         check_suffix(path)
         parts, unknown = single_file_parts(path)
         for key in unknown:  # neither translated nor ignored: reported as unexpected
             part_of(parts, key).names[key] = key
-        return "LDM single file (original Stable Diffusion layout)", parts
+        return f"LDM single file (original layout): {model_name(parts[2].module.cfg, single_file=True)}", parts
     if all((path / c).is_dir() for c in WEIGHTS):
-        return "diffusers SD1.5 folder", diffusers_parts(path)
+        parts = diffusers_parts(path)
+        return f"diffusers {model_name(parts[2].module.cfg, scheduler_config(path))} folder", parts
     config = path / "config.json"
     kind = json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
     if kind in ("clip", "blip"):
         return f"{kind.upper()} hub folder (the class filter's)", [_hub_folder(path, kind)]
-    raise UserError(f"{path}: unknown layout: neither a diffusers SD1.5 folder (unet/, vae/, text_encoder/) nor a CLIP "
-                    "or BLIP folder (config.json + model.safetensors) nor a .safetensors file")
+    raise UserError(f"{path}: unknown layout: neither a diffusers SD1.5/SD2.x folder (unet/, vae/, text_encoder/) nor "
+                    "a CLIP or BLIP folder (config.json + model.safetensors) nor a .safetensors file")
 
 
 def _hub_folder(folder: Path, kind: str) -> Part:

@@ -67,7 +67,8 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--joint", action="store_true", help="one prompt naming all classes, one U-Net row (C× cheaper)")
     p.add_argument("--template", help="prompt template with {} for the class (default: the vocabulary's, "
                    "else 'a photograph of {}')")
-    p.add_argument("--resolution", type=int, default=512, help="square side the image is stretched to (÷64)")
+    p.add_argument("--resolution", type=int, help="square side the image is stretched to (÷64; default: the size the "
+                   "model was trained at, 512, or 768 for SD2.x 768-v)")
     p.add_argument("--posterior", choices=["sample", "mean"], default="sample",
                    help="the VAE posterior's sample (official) or its mean (deterministic)")
     p.add_argument("--class-batch", type=int, help="at most N classes per U-Net call (bounds memory)")
@@ -94,10 +95,11 @@ def _segmenter(args) -> Segmenter:
 
         template = resolve_vocabulary(args.vocabulary).template  # "a photography of {}" for Context/COCO
     device = device_of(args)
-    return Segmenter.from_pretrained(args.weights, device=device, dtype=dtype_of(args, device),
-                                     resolution=args.resolution, template=template or TEMPLATES["photograph"],
-                                     joint=args.joint, class_batch=1 if getattr(args, "low_memory", False)
-                                     else args.class_batch, timesteps=timesteps, tokens=args.tokens)
+    seg = Segmenter.from_pretrained(args.weights, device=device, dtype=dtype_of(args, device),
+                                    resolution=args.resolution, template=template or TEMPLATES["photograph"],
+                                    joint=args.joint, class_batch=1 if getattr(args, "low_memory", False)
+                                    else args.class_batch, timesteps=timesteps, tokens=args.tokens)
+    return seg
 
 
 class ClassSource:
@@ -223,6 +225,7 @@ def run_segment(args) -> int:
             continue
         found = ", ".join(f"{k} {100 * v:.1f}%" for k, v in sorted(r.area().items(), key=lambda kv: -kv[1]) if v > 0)
         tqdm.write(f"{path.name}: {found}")
+    print(f"{seg.sd.name} at {seg.resolution}²: {len(todo) - len(failed)} image(s) segmented into {out}")
     if failed:
         print(f"minidiffseg: error: {len(failed)} of {len(todo)} image(s) failed (listed above); the others were "
               f"written to {out}", file=sys.stderr)
@@ -257,5 +260,5 @@ def run_maps(args) -> int:
         rows.append((c, cols))
     write_atomic(out, lambda p: grid(rows).save(p, format="PNG"))
     print(f"{out}: {len(names)} cross-attention layers, {len(r.levels)} levels, fused and refined maps for "
-          f"{len(r.classes)} class(es)")
+          f"{len(r.classes)} class(es); {seg.sd.name} at {seg.resolution}²")
     return 0

@@ -87,9 +87,10 @@ def cpu_dtype(dtype: torch.dtype, device: str | torch.device) -> torch.dtype:
 
 
 class Segmenter:
-    """Holds the SD1.5 models and the method's settings; `seg(image, classes)` segments one image.
+    """Holds the SD1.5 (or SD2.x) models and the method's settings; `seg(image, classes)` segments one image.
 
-    resolution:    side of the square the image is stretched to (multiple of 64; official 512)
+    resolution:    side of the square the image is stretched to (multiple of 64; official 512); None:
+                   the size the model was trained at, `sd.resolution` (512; 768 for SD2.x 768-v)
     timesteps:     noise levels whose attention is averaged (official: (100,); paper Table 5 also
                    tries (1, 50, 100, 150))
     template:      prompt template with '{}' (TEMPLATES: "a photograph of {}" VOC, "a photography of {}")
@@ -105,10 +106,12 @@ class Segmenter:
 
     default_tau = DEFAULT_TAU
 
-    def __init__(self, sd, *, resolution: int = 512, timesteps: tuple[int, ...] = (TIMESTEP,),
+    def __init__(self, sd, *, resolution: int | None = None, timesteps: tuple[int, ...] = (TIMESTEP,),
                  template: str = TEMPLATES["photograph"], level_weights: dict[int, float] = DEFAULT_LEVEL_WEIGHTS,
                  self_levels: tuple[int, ...] = (1,), tokens: str = "last", class_weight: float = CLASS_WEIGHT,
                  ing_token: bool = True, joint: bool = False, class_batch: int | None = None):
+        if resolution is None:
+            resolution = getattr(sd, "resolution", 512)  # the model's training size (512 for stand-in models)
         if resolution % 64 or resolution <= 0:
             raise UserError(f"resolution {resolution} must be a positive multiple of 64 (SD1.5's VAE ×8 and U-Net ×8)")
         self.sd = sd
@@ -130,10 +133,10 @@ class Segmenter:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, **options) -> "Segmenter":
-        """Load SD1.5 from `path` (minidiffseg.sd.load_sd15) and keep `options` (see the class docstring)."""
-        from ..sd import load_sd15
+        """Load SD1.5 or SD2.x from `path` (minidiffseg.sd.load_sd) and keep `options` (see the class docstring)."""
+        from ..sd import load_sd
 
-        return cls(load_sd15(path, device=device, dtype=cpu_dtype(dtype, device)), **options)
+        return cls(load_sd(path, device=device, dtype=cpu_dtype(dtype, device)), **options)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Segmenter":
         """Move the networks to `device` and/or `dtype` (float16 on CPU computes in bfloat16); returns self."""

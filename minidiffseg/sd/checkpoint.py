@@ -84,8 +84,8 @@ def load_sd(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
               variant: str | None = None, tokenizer: str | Path | CLIPTokenizer | None = None,
               stream: bool = False) -> SD15:
     """SD1.5 or SD2.x from a diffusers folder or a single LDM .safetensors file, in `dtype` on `device`, in eval
-    mode without gradients; `.name` says which (decided from the files, docs/sd2.md §2). `variant`: None prefers the fp32 files of a diffusers folder and falls back
-    to the `.fp16` ones; "fp16" takes only those. `tokenizer`: a folder with vocab.json + merges.txt or
+    mode without gradients; `.name` says which (decided from the files, docs/sd2.md §2). `variant`: None
+    prefers the fp32 files of a diffusers folder and falls back to the `.fp16` ones; "fp16" takes only those. `tokenizer`: a folder with vocab.json + merges.txt or
     a built CLIPTokenizer, instead of the checkpoint's own tokenizer/ folder. `path` may also be a hub id
     of hub.STABLE_DIFFUSION (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5): its copy in the Hugging Face
     cache (`minidiffseg download`).
@@ -112,7 +112,7 @@ def load_sd(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     text_encoder, vae, unet = (load(p.module, p.file, p.names, dtype, device, p.what) for p in parts)
     if parts[0].finish is not None:  # an SD2.x single file: the text tower was filled under OpenCLIP's names
         text_encoder = parts[0].finish(text_encoder)
-    scheduler = _scheduler_config(path) if path.is_dir() else None
+    scheduler = scheduler_config(path) if path.is_dir() else None
     return StableDiffusion(tok, text_encoder, vae, unet, _schedule(scheduler, path),
                            model_name(unet.cfg, scheduler, single_file=not path.is_dir()))
 
@@ -146,7 +146,7 @@ def model_name(unet: UNetConfig, scheduler: dict | None = None, single_file: boo
     return f"SD2.x{'-base' if size == 512 else ''} ({size}², {prediction})"
 
 
-def _scheduler_config(folder: Path) -> dict | None:
+def scheduler_config(folder: Path) -> dict | None:
     """scheduler/scheduler_config.json of a diffusers folder, if it has one (SD1.5 downloads don't)."""
     path = folder / "scheduler" / "scheduler_config.json"
     if not path.is_file():
@@ -282,4 +282,5 @@ def single_file_parts(path: Path) -> tuple[list[Part], list[str]]:
 
 def part_of(parts: list[Part], key: str) -> Part:
     """The network a single-file key belongs to, by prefix; the rest (EMA copy, DDPM schedule) goes with the U-Net."""
-    return parts[0] if key.startswith((ldm.TEXT, openclip.PREFIX)) else parts[1] if key.startswith(ldm.VAE) else parts[2]
+    text = (ldm.TEXT, openclip.PREFIX)  # SD1.5's and SD2.x's text towers
+    return parts[0] if key.startswith(text) else parts[1] if key.startswith(ldm.VAE) else parts[2]

@@ -10,7 +10,8 @@ huggingface_hub does the transfer, so its environment applies: HF_HOME / HF_HUB_
 cache is), HF_HUB_OFFLINE=1 (no network: cached files only), HF_ENDPOINT, HF_TOKEN. Without --dir the
 files go into the hub cache, where other tools find them too; the commands then take the printed
 folder, or for Stable Diffusion the repo id itself (`--weights stable-diffusion-v1-5/stable-diffusion-v1-5`,
-`--weights stabilityai/stable-diffusion-2-1-base`, ...), which `cached` resolves from the cache without touching the network.
+`--weights stabilityai/stable-diffusion-2-1-base`, ...), which `cached` resolves from the cache without
+touching the network.
 """
 
 from __future__ import annotations

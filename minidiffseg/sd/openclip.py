@@ -85,7 +85,7 @@ def to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     table = rules(layers)
     out = {}
     for key, t in state.items():
-        proj = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.(weight|bias)", key)
+        proj = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv]_proj)\.(weight|bias)", key)
         if key == POSITIONS[0]:
             out[POSITIONS[1]] = t
         elif proj:
@@ -168,6 +168,7 @@ def infer_text_config(shapes: dict[str, tuple]) -> CLIPTextConfig:
     Raises KeyError naming the first key it needs that the file lacks."""
     vocab, width = shapes[f"{PREFIX}token_embedding.weight"]
     return CLIPTextConfig(
-        vocab_size=vocab, hidden_size=width, intermediate_size=shapes[f"{PREFIX}transformer.resblocks.0.mlp.c_fc.weight"][0],
+        vocab_size=vocab, hidden_size=width,
+        intermediate_size=shapes[f"{PREFIX}transformer.resblocks.0.mlp.c_fc.weight"][0],
         num_hidden_layers=layers_used(shapes), num_attention_heads=max(width // HEAD_WIDTH, 1),
         max_position_embeddings=shapes[f"{PREFIX}positional_embedding"][0], hidden_act="gelu")
