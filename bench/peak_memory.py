@@ -8,7 +8,7 @@ with C classes, then the process reads its own peak resident set size, VmHWM in 
 after the imports is printed too, so what the run itself adds is visible. Each dtype runs with the
 defaults and with --low-memory.
 
-Without --weights, full-size random weights are written once (tests/tiny_sd.py write_random_diffusers,
+Without --weights, full-size random weights are written once (bench/weights.py write_random_diffusers,
 needs diffusers + transformers) to bench/.cache/peak-memory-sd15: the diffusers layout with the .fp16
 files the hub serves and `minidiffseg download` fetches by default (~2.1 GB). Random weights take the
 same memory and time as the real ones.
@@ -40,8 +40,7 @@ print(json.dumps({"rc": rc, "imports": imports, "peak": peak(), "seconds": time.
 
 def random_weights() -> Path:
     if not (CACHE / "complete").is_file():
-        sys.path.insert(0, str(REPO / "tests"))
-        from tiny_sd import write_random_diffusers  # needs diffusers + transformers (pip install -e ".[test]")
+        from bench.weights import write_random_diffusers  # needs diffusers + transformers (pip install -e ".[bench]")
 
         print(f"writing full-size random SD1.5 (fp16 files, ~2.1 GB) to {CACHE} ...", file=sys.stderr)
         write_random_diffusers(CACHE)

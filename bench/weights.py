@@ -3,7 +3,9 @@
 A full-size network with random weights costs exactly the compute of the real one (same shapes, same
 kernels); only the outputs are meaningless. The folder is written once by the reference libraries'
 own `save_pretrained` (default initialisation, fp32 files) and reused: a `complete` marker is written
-last, so an interrupted write is redone.
+last, so an interrupted write is redone. `write_random_diffusers` writes the .fp16 files the hub serves,
+tensor by tensor without building the models (bench/peak_memory.py). The reference builders here are
+also the tests' (tests/tiny_sd.py re-exports them; bench imports nothing from tests/).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from minidiffseg.sd.config import CLIPTextConfig, UNetConfig, VAEConfig
 from minidiffseg.errors import UserError
@@ -78,6 +81,13 @@ def reference_text_config(cfg: CLIPTextConfig):
         projection_dim=cfg.projection_dim, hidden_act="quick_gelu")
 
 
+def text_state(text) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel's parameters under our (and the official files') names: `text_model.…`
+    (transformers >= 5 drops that prefix in its own state dict)."""
+    return {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in text.state_dict().items()
+            if not k.endswith("position_ids")}
+
+
 def random_sd15(cache: Path, tiny: bool = False, seed: int = 0) -> Path:
     """The diffusers SD1.5 folder with random weights under `cache` (written on first use)."""
     folder = Path(cache) / ("sd15-random-tiny" if tiny else "sd15-random")
@@ -98,3 +108,35 @@ def random_sd15(cache: Path, tiny: bool = False, seed: int = 0) -> Path:
     CLIPTokenizer.from_bpe_gz(bpe_path()).save(folder / "tokenizer")
     (folder / MARKER).write_text("written by bench/weights.py: random weights, for timing only\n")
     return folder
+
+
+def write_random_diffusers(dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float16,
+                           variant: str | None = "fp16",
+                           configs: tuple = (UNetConfig(), VAEConfig(), CLIPTextConfig())) -> Path:
+    """Random weights in the official diffusers layout, full size by default, as the hub files have
+    them: the U-Net, the whole VAE (decoder included), the text tower under `text_model.` with its
+    int64 position_ids buffer. Tensors are drawn from the reference models' key/shape inventory
+    (built on meta), one at a time, so no model is ever materialised."""
+    import transformers
+
+    dir = Path(dir)
+    g = torch.Generator().manual_seed(seed)
+    suffix = f".{variant}" if variant else ""
+    unet_cfg, vae_cfg, text_cfg = configs
+    with torch.device("meta"):
+        unet, vae = reference_unet(unet_cfg), reference_vae(vae_cfg)
+        text = transformers.CLIPTextModel(reference_text_config(text_cfg))
+    for name, model, file in (("unet", unet, "diffusion_pytorch_model"), ("vae", vae, "diffusion_pytorch_model"),
+                              ("text_encoder", text, "model")):
+        if name == "text_encoder":
+            model.config.save_pretrained(dir / name)
+            state = text_state(model)
+        else:
+            model.save_config(dir / name)
+            state = model.state_dict()
+        tensors = {k: torch.randn(v.shape, generator=g, dtype=dtype) * 0.02 for k, v in state.items()}
+        if name == "text_encoder":
+            tensors["text_model.embeddings.position_ids"] = torch.arange(text_cfg.max_position_embeddings)[None]
+        save_file(tensors, dir / name / f"{file}{suffix}.safetensors", metadata={"format": "pt"})
+    CLIPTokenizer.from_bpe_gz(bpe_path()).save(dir / "tokenizer")
+    return dir

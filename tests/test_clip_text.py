@@ -6,6 +6,7 @@ import torch
 
 from minidiffseg.sd.clip import CLIPTextModel
 from minidiffseg.sd.config import CLIPTextConfig
+from parity import errors
 from tiny_sd import reference_text_config, text_state, transformers  # transformers: the reference CLIP
 
 BOS, EOS = 49406, 49407  # CLIP's special tokens (docs/design.md §3)
@@ -33,13 +34,6 @@ def prompts(batch: int = 3) -> torch.Tensor:
         n = 3 + 7 * b
         ids[b, 1:1 + n] = torch.randint(0, BOS, (n,), generator=g)
     return ids
-
-
-def errors(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """max abs error, and max abs error relative to the reference's largest magnitude"""
-    ours, ref = ours.double(), ref.double()
-    abs_err = (ours - ref).abs().max().item()
-    return abs_err, abs_err / ref.abs().max().item()
 
 
 def test_matches_transformers_fp32():

@@ -12,6 +12,7 @@ from assets import bert_vocab_path, require
 from minidiffseg.errors import UserError
 from minidiffseg.filter.blip import (BlipConfig, BlipForConditionalGeneration, Captioner, blip_preprocess)
 from minidiffseg.filter.wordpiece import WordPieceTokenizer
+from parity import errors
 
 transformers = require("transformers")  # the reference BLIP (test-only)
 
@@ -50,11 +51,6 @@ def models(tmp_path_factory):
 
 def pixels(seed: int = 0) -> torch.Tensor:
     return torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
-
-
-def errors(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    abs_err = (ours.double() - ref.double()).abs().max().item()
-    return abs_err, abs_err / ref.double().abs().max().item()
 
 
 def test_logits_match_transformers(models):

@@ -12,6 +12,7 @@ from minidiffseg.errors import UserError
 from minidiffseg.filter.clip_model import CLIPConfig, CLIPModel, ZeroShotCLIP, clip_preprocess
 from minidiffseg.filter.filters import ClipFilter, keep_near_best
 from minidiffseg.vocabularies import get_vocabulary
+from parity import errors
 
 transformers = require("transformers")  # the reference CLIP (test-only)
 
@@ -45,11 +46,6 @@ def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip")
     ref = save_tiny_clip(folder)
     return ref, CLIPModel.from_pretrained(folder), folder
-
-
-def errors(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    abs_err = (ours.double() - ref.double()).abs().max().item()
-    return abs_err, abs_err / ref.double().abs().max().item()
 
 
 def test_embeddings_and_logits_match_transformers(models):

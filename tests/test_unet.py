@@ -9,11 +9,8 @@ from minidiffseg.sd.config import UNetConfig
 from minidiffseg.sd.unet import FeedForward, UNet
 
 from bench.baseline import StoreEveryMap  # diffusers attention processor keeping every probability map
+from parity import rel_err
 from tiny_sd import randomise_, reference_unet  # diffusers: the reference U-Net
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")

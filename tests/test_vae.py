@@ -9,6 +9,7 @@ from minidiffseg.sd.config import VAEConfig
 from minidiffseg.sd.checkpoint import _vae_name
 from minidiffseg.sd.loading import build_on_meta, load_strict
 from minidiffseg.sd.vae import VAEEncoder
+from parity import errors
 from tiny_sd import encoder_state, reference_vae  # diffusers: the reference VAE
 
 
@@ -32,13 +33,6 @@ def image(batch: int = 2, height: int = 32, width: int = 48) -> torch.Tensor:
     """Pixels in [-1, 1], non-square so that the asymmetric padding is exercised on both axes."""
     g = torch.Generator().manual_seed(1)
     return torch.rand(batch, 3, height, width, generator=g) * 2 - 1
-
-
-def errors(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """max abs error, and max abs error relative to the reference's largest magnitude"""
-    ours, ref = ours.double(), ref.double()
-    abs_err = (ours - ref).abs().max().item()
-    return abs_err, abs_err / ref.abs().max().item()
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str, bound: float = 1e-5):  # fp32: measured ≤ 1.4e-6

@@ -7,8 +7,8 @@ themselves, so the loader is tested on files it did not write (docs/design.md §
 - `write_tiny_single_file(path)`: the same weights (same seed) in the original LDM single-file
   layout via `minidiffseg.sd.ldm.to_ldm`, with the extra keys a real file carries (decoder, EMA
   counters, schedule buffers, position_ids) so that ignoring them by name is exercised.
-- `write_random_diffusers(dir, ...)`: full-size random files in the official diffusers layout,
-  written tensor by tensor without building the models (for the memory measurement).
+- `write_random_diffusers(dir, ...)` (from bench/weights.py): full-size random files in the official
+  diffusers layout, written tensor by tensor without building the models (for the memory measurement).
 
 Import from a test as `from tiny_sd import ...` (pytest puts tests/ on sys.path).
 """
@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import save_file
 
 from assets import require, write_sd15_tokenizer
-from bench.weights import reference_text_config, reference_unet, reference_vae  # noqa: F401  (re-exported)
+from bench.weights import (reference_text_config, reference_unet, reference_vae, text_state,  # noqa: F401
+                           write_random_diffusers)  # (re-exported for the tests)
 from minidiffseg.sd import ldm
 from minidiffseg.sd.config import CLIPTextConfig, UNetConfig, VAEConfig
 from minidiffseg.sd.schedule import NoiseSchedule
@@ -61,13 +62,6 @@ def tiny_reference(seed: int = 0):
 def encoder_state(vae) -> dict[str, torch.Tensor]:
     """What VAEEncoder holds of an AutoencoderKL: `encoder.*` and `quant_conv.*`."""
     return {k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
-
-
-def text_state(text) -> dict[str, torch.Tensor]:
-    """A transformers CLIPTextModel's parameters under our (and the official files') names: `text_model.…`
-    (transformers >= 5 drops that prefix in its own state dict)."""
-    return {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in text.state_dict().items()
-            if not k.endswith("position_ids")}
 
 
 def write_tiny_diffusers(dir: str | Path, seed: int = 0, variant: str | None = None) -> Path:
@@ -109,33 +103,3 @@ def extra_ldm_keys(vae, text_cfg: CLIPTextConfig) -> dict[str, torch.Tensor]:
     extra["model_ema.num_updates"] = torch.tensor(1000, dtype=torch.int32)
     extra[f"{ldm.TEXT}text_model.embeddings.position_ids"] = torch.arange(text_cfg.max_position_embeddings)[None]
     return extra
-
-
-def write_random_diffusers(dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float16,
-                           variant: str | None = "fp16",
-                           configs: tuple = (UNetConfig(), VAEConfig(), CLIPTextConfig())) -> Path:
-    """Random weights in the official diffusers layout, full size by default, as the hub files have
-    them: the U-Net, the whole VAE (decoder included), the text tower under `text_model.` with its
-    int64 position_ids buffer. Tensors are drawn from the reference models' key/shape inventory
-    (built on meta), one at a time, so no model is ever materialised."""
-    dir = Path(dir)
-    g = torch.Generator().manual_seed(seed)
-    suffix = f".{variant}" if variant else ""
-    unet_cfg, vae_cfg, text_cfg = configs
-    with torch.device("meta"):
-        unet, vae = reference_unet(unet_cfg), reference_vae(vae_cfg)
-        text = transformers.CLIPTextModel(reference_text_config(text_cfg))
-    for name, model, file in (("unet", unet, "diffusion_pytorch_model"), ("vae", vae, "diffusion_pytorch_model"),
-                              ("text_encoder", text, "model")):
-        if name == "text_encoder":
-            model.config.save_pretrained(dir / name)
-            state = text_state(model)
-        else:
-            model.save_config(dir / name)
-            state = model.state_dict()
-        tensors = {k: torch.randn(v.shape, generator=g, dtype=dtype) * 0.02 for k, v in state.items()}
-        if name == "text_encoder":
-            tensors["text_model.embeddings.position_ids"] = torch.arange(text_cfg.max_position_embeddings)[None]
-        save_file(tensors, dir / name / f"{file}{suffix}.safetensors", metadata={"format": "pt"})
-    write_sd15_tokenizer(dir / "tokenizer")
-    return dir
