@@ -109,7 +109,7 @@ def launch(app, host: str = "127.0.0.1", port: int | None = None) -> str:
     app.queue(default_concurrency_limit=1)
     allowed = [str(SAMPLE_PHOTO.parent)] if SAMPLE_PHOTO.is_file() else []
     _, url, _ = app.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True,
-                           max_file_size=MAX_UPLOAD, allowed_paths=allowed, footer_links=["api"])
+                           max_file_size=MAX_UPLOAD, allowed_paths=allowed)
     return url or f"http://{host}:{app.server_port}/"
 
 
