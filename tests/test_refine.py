@@ -27,14 +27,14 @@ def test_fused_refinement_equals_naive_in_float64_real_shapes():
         for name, fn in (("sdpa", refine), ("chunked", refine_chunked)):
             got = fn(qk, a)
             err = (got - want).abs().max().item()
-            assert err <= 1e-10, f"{name}, C={c}: max abs error {err:.3e} vs naive S·A"
+            assert err <= 5e-15, f"{name}, C={c}: max abs error {err:.3e} vs naive S·A"  # measured ≤ 5.6e-16
 
 
 def test_refinement_wider_than_head_dim_and_batched():
     qk = random_qk(layers=2, b=2, heads=2, n=256, d=8)
     a = torch.rand(2, 256, 19, dtype=torch.float64)  # 19 maps > head dim 8: sliced
     err = (refine(qk, a) - refine_naive(qk, a)).abs().max().item()
-    assert err <= 1e-10, f"max abs error {err:.3e}"
+    assert err <= 1e-14, f"max abs error {err:.3e}"  # measured 1.3e-15
     # each batch row is refined with its own Q/K
     row1 = refine([(q[1:], k[1:]) for q, k in qk], a[1:])
     assert torch.allclose(refine(qk, a)[1:], row1, atol=1e-12)
@@ -50,7 +50,7 @@ def test_a_layer_shared_by_all_rows_is_applied_once():
     want = refine_naive(repeated, a)
     for name, got in (("fused", refine(qk, a)), ("chunked", refine_chunked(qk, a)), ("naive", refine_naive(qk, a))):
         err = (got - want).abs().max().item()
-        assert err <= 1e-10, f"{name}: max abs error {err:.3e} vs the repeated Q/K"
+        assert err <= 1e-14, f"{name}: max abs error {err:.3e} vs the repeated Q/K"  # measured ≤ 1.4e-15
 
 
 MEASURE = textwrap.dedent("""
