@@ -339,8 +339,10 @@ def render(results: dict) -> str:
     if scaling:
         out += ["", "## Scaling", "", scaling]
     if any(d["job"]["kind"] == "refine" for d in jobs):
+        shape = next(d["job"] for d in jobs if d["job"]["kind"] == "refine")  # SD1.5: 8 heads of 40; SD2.x: 5 of 64
         out += ["", "## Refinement alone", "",
-                "M = S·A for one class (batch 1, 5 layers × 8 heads, head dim 40, random Q/K), fresh process each: "
+                f"M = S·A for one class (batch 1, 5 layers × {shape.get('heads', 8)} heads, head dim "
+                f"{shape.get('head_dim', 40)}, random Q/K), fresh process each: "
                 "fused = SDPA with the maps zero-padded to the head dim (library default), chunked = row blocks of "
                 "1024, naive = S built in full (the official way).", "", refine_table(results)]
     return "\n".join(out) + "\n"

@@ -39,6 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "figures mean nothing)")
     p.add_argument("--weights", help="a diffusers SD1.5 folder with real weights (default: random full-size weights "
                    "written into --cache)")
+    p.add_argument("--model", choices=["sd15", "sd21-base", "sd21"], default="sd15",
+                   help="which random checkpoint: sd15 (default), sd21-base (SD2.1-base, 512²) or sd21 (SD2.1 768-v, "
+                   "measured at its 768²; ours only there, the official recipe's stored maps would need ~17 GiB); "
+                   "results go to NAME-MODEL.md (docs/sd2.md §6)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--warmup", type=int, help="unmeasured runs before measuring (default 1)")
     p.add_argument("--repeats", type=int, help="measured runs, the median is reported (default 3, --quick 1)")
@@ -56,9 +60,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def plan(args, weights: str, device: str) -> list[dict]:
     """The configurations, in the order they run."""
+    from bench.weights import configs
+
     quick = args.quick or args.tiny
     gpu = device == "cuda"
-    res = 128 if args.tiny else 256 if args.quick else 512
+    unet = configs(args.tiny, args.model)[0]
+    res = 128 if args.tiny else 256 if args.quick else unet.sample_size * 8  # the model's size: 512, 768 for 768-v
+    baseline = res <= 512  # at 768² the official recipe keeps 5 × 2 × 5 × 9216² fp32 probabilities (17 GiB)
+    heads = unet.heads(0)  # the refinement's 64² (level-1) self-attention: SD1.5 8 heads of 40, SD2.x 5 of 64
     dtypes = ["fp32"] if quick else (["fp16", "bf16"] if gpu else ["fp32", "bf16"])
     warmup = 1 if args.warmup is None else args.warmup
     repeats = args.repeats or (1 if quick else 3)
@@ -74,12 +83,13 @@ def plan(args, weights: str, device: str) -> list[dict]:
         for r in ((128,) if args.tiny else (256, 512) if quick else (256, 512, 768)):
             for method in ("fused", "chunked", "naive"):
                 jobs.append(dict(common, kind="refine", section="refine", method=method, resolution=r, batch=1,
-                                 maps=1, dtype=dtypes[0]))
+                                 maps=1, dtype=dtypes[0], heads=heads, head_dim=unet.block_out_channels[0] // heads))
     if "headline" in sections:
         for i, dtype in enumerate(dtypes):
             jobs.append(dict(common, kind="ours", section="headline", dtype=dtype, stages=True,
                              profile=i == 0 and not gpu, compile=gpu))
-            jobs.append(dict(common, kind="baseline", section="headline", dtype=dtype, parity=True))
+            if baseline:
+                jobs.append(dict(common, kind="baseline", section="headline", dtype=dtype, parity=True))
     if "scaling" in sections and not quick:
         scaled = dict(common, kind="ours", section="scaling", dtype=dtypes[0], stages=False,
                       repeats=max(1, repeats - 1))
@@ -150,13 +160,15 @@ def main_args(args) -> int:
         if not Path(weights).is_dir():
             raise UserError(f"--weights {weights}: give a diffusers SD1.5 folder (the baseline loads it with diffusers)")
     else:
-        from bench.weights import random_sd15
+        from bench.weights import random_sd
 
-        weights = str(random_sd15(Path(args.cache), tiny=args.tiny))
-        source = ("random tiny SD1.5 (figures mean nothing: checks that the benchmark runs)" if args.tiny else
-                  "random full-size SD1.5 (bench/weights.py): same shapes, kernels and FLOPs as the real weights; "
+        weights = str(random_sd(Path(args.cache), args.model, tiny=args.tiny))
+        model = {"sd15": "SD1.5", "sd21-base": "SD2.1-base", "sd21": "SD2.1 768-v"}[args.model]
+        source = (f"random tiny {model} (figures mean nothing: checks that the benchmark runs)" if args.tiny else
+                  f"random full-size {model} (bench/weights.py): same shapes, kernels and FLOPs as the real weights; "
                   "outputs meaningless")
-    name = args.name or ("tiny" if args.tiny else device + ("-quick" if args.quick else ""))
+    name = args.name or ("tiny" if args.tiny else device + ("-quick" if args.quick else "")) + \
+        ("" if args.model == "sd15" else f"-{args.model}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m bench.run" if sys.argv[0].endswith("run.py") else "minidiffseg", *sys.argv[1:]])

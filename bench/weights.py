@@ -11,7 +11,9 @@ also the tests' (tests/tiny_sd.py re-exports them; bench imports nothing from te
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,10 +28,28 @@ MARKER = "complete"
 BPE_FILE = ("open_clip", "bpe_simple_vocab_16e6.txt.gz")
 
 
-def configs(tiny: bool) -> tuple[UNetConfig, VAEConfig, CLIPTextConfig]:
-    if tiny:
-        return UNetConfig.tiny(), VAEConfig.tiny(), CLIPTextConfig.tiny()
-    return UNetConfig(), VAEConfig(), CLIPTextConfig()
+# SD2.x at full size: the values of the hub's config.json files (stabilityai/stable-diffusion-2-1-base and -2-1;
+# docs/sd2.md §1): 64-channel heads, linear projections, context 1024, the 23-layer GELU OpenCLIP text tower;
+# the 768-v model also trains on 96² latents and computes attention in float32
+SD2_TEXT = CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                          projection_dim=512, hidden_act="gelu")
+SD2_UNET = UNetConfig(num_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True)
+# the same options at tiny sizes (tests/tiny_sd2.py's): per-level heads, linear projections, a GELU tower
+TINY_SD2_TEXT = CLIPTextConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
+                               projection_dim=16, hidden_act="gelu")
+TINY_SD2_UNET = UNetConfig(block_out_channels=(32, 32, 64, 64), num_heads=(2, 2, 4, 4), cross_attention_dim=48,
+                           use_linear_projection=True, norm_num_groups=8, sample_size=16)
+MODELS = {  # name -> (full-size configs, tiny configs, the scheduler's prediction type)
+    "sd15": ((UNetConfig(), VAEConfig(), CLIPTextConfig()), (UNetConfig.tiny(), VAEConfig.tiny(), CLIPTextConfig.tiny()),
+             None),
+    "sd21-base": ((SD2_UNET, VAEConfig(), SD2_TEXT), (TINY_SD2_UNET, VAEConfig.tiny(), TINY_SD2_TEXT), "epsilon"),
+    "sd21": ((replace(SD2_UNET, sample_size=96, upcast_attention=True), VAEConfig(), SD2_TEXT),
+             (replace(TINY_SD2_UNET, upcast_attention=True), VAEConfig.tiny(), TINY_SD2_TEXT), "v_prediction"),
+}
+
+
+def configs(tiny: bool, model: str = "sd15") -> tuple[UNetConfig, VAEConfig, CLIPTextConfig]:
+    return MODELS[model][1 if tiny else 0]
 
 
 def bpe_path() -> Path:
@@ -46,14 +66,16 @@ def reference_unet(cfg: UNetConfig):
     """diffusers' UNet2DConditionModel at `cfg` (default initialisation); also the tests' reference."""
     import diffusers
 
-    n = len(cfg.block_out_channels)  # SD1.5: cross-attention in every level but the deepest
+    n = len(cfg.block_out_channels)  # SD1.5 and SD2.x: cross-attention in every level but the deepest
     return diffusers.UNet2DConditionModel(
-        sample_size=64, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
         block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
-        attention_head_dim=cfg.num_heads, cross_attention_dim=cfg.cross_attention_dim,
-        norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps,
+        # diffusers' `attention_head_dim` is the head count: one (SD1.5) or one per level (SD2.x)
+        attention_head_dim=list(cfg.num_heads) if isinstance(cfg.num_heads, tuple) else cfg.num_heads,
+        cross_attention_dim=cfg.cross_attention_dim, use_linear_projection=cfg.use_linear_projection,
+        upcast_attention=cfg.upcast_attention, norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps,
         flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
 
 
@@ -71,14 +93,14 @@ def reference_vae(cfg: VAEConfig):
 
 
 def reference_text_config(cfg: CLIPTextConfig):
-    """transformers' CLIPTextConfig at `cfg` (SD1.5's QuickGELU tower)."""
+    """transformers' CLIPTextConfig at `cfg` (SD1.5's QuickGELU tower, SD2.x's GELU one)."""
     import transformers
 
     return transformers.CLIPTextConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         max_position_embeddings=cfg.max_position_embeddings, layer_norm_eps=cfg.layer_norm_eps,
-        projection_dim=cfg.projection_dim, hidden_act="quick_gelu")
+        projection_dim=cfg.projection_dim, hidden_act=cfg.hidden_act)
 
 
 def text_state(text) -> dict[str, torch.Tensor]:
@@ -90,22 +112,35 @@ def text_state(text) -> dict[str, torch.Tensor]:
 
 def random_sd15(cache: Path, tiny: bool = False, seed: int = 0) -> Path:
     """The diffusers SD1.5 folder with random weights under `cache` (written on first use)."""
-    folder = Path(cache) / ("sd15-random-tiny" if tiny else "sd15-random")
+    return random_sd(cache, "sd15", tiny, seed)
+
+
+def random_sd(cache: Path, model: str = "sd15", tiny: bool = False, seed: int = 0) -> Path:
+    """The diffusers folder of `model` (MODELS) with random weights under `cache` (written on first use);
+    SD2.x's also holds the two files that say what its config.json files don't: the tokenizer's padding
+    token "!" (special_tokens_map.json) and the scheduler's prediction type."""
+    folder = Path(cache) / (f"{model}-random-tiny" if tiny else f"{model}-random")
     if (folder / MARKER).is_file():
         return folder
     try:
         import diffusers  # noqa: F401  (the reference builders import it)
         import transformers
     except ImportError:
-        raise UserError("writing the random SD1.5 checkpoint needs diffusers and transformers: "
+        raise UserError(f"writing the random {model} checkpoint needs diffusers and transformers: "
                         "pip install -e '.[bench]' transformers") from None
     shutil.rmtree(folder, ignore_errors=True)
-    unet_cfg, vae_cfg, text_cfg = configs(tiny)
+    unet_cfg, vae_cfg, text_cfg = configs(tiny, model)
     torch.manual_seed(seed)
     reference_unet(unet_cfg).save_pretrained(folder / "unet")
     reference_vae(vae_cfg).save_pretrained(folder / "vae")
     transformers.CLIPTextModel(reference_text_config(text_cfg)).save_pretrained(folder / "text_encoder")
     CLIPTokenizer.from_bpe_gz(bpe_path()).save(folder / "tokenizer")
+    if (prediction := MODELS[model][2]) is not None:
+        (folder / "tokenizer" / "special_tokens_map.json").write_text(json.dumps({"pad_token": "!"}))
+        (folder / "scheduler").mkdir()
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+            {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+             "num_train_timesteps": 1000, "prediction_type": prediction}))
     (folder / MARKER).write_text("written by bench/weights.py: random weights, for timing only\n")
     return folder
 

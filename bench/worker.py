@@ -109,7 +109,8 @@ def run_refine(job: dict, clock: measure.Clock, device: torch.device) -> dict:
     fn = {"fused": refine, "chunked": refine_chunked, "naive": refine_naive}[job["method"]]
     dtype, hw = DTYPES[job["dtype"]], (job["resolution"] // 8) ** 2
     g = torch.Generator().manual_seed(0)
-    qk = [tuple(torch.randn(job["batch"], HEADS, hw, HEAD_DIM, generator=g).to(device, dtype) for _ in "qk")
+    heads, dim = job.get("heads", HEADS), job.get("head_dim", HEAD_DIM)  # SD2.x: 5 heads of 64 (docs/sd2.md §1)
+    qk = [tuple(torch.randn(job["batch"], heads, hw, dim, generator=g).to(device, dtype) for _ in "qk")
           for _ in range(SELF_LAYERS)]  # (B, heads, HW, d) per layer
     maps = torch.rand(job["batch"], hw, job["maps"], generator=g).to(device, dtype)  # (B, HW, K)
     with torch.inference_mode():

@@ -20,6 +20,7 @@ from minidiffseg.sd.clip import CLIPTextModel
 from minidiffseg.sd.config import CLIPTextConfig, UNetConfig, VAEConfig
 from minidiffseg.sd.tokenizer import CLIPTokenizer
 from minidiffseg.sd.unet import UNet
+from bench.weights import MODELS
 from bench.baseline import StoreEveryMap  # diffusers attention processor keeping every probability map
 from parity import rel_err
 from tiny_sd import diffusers, encoder_state, randomise_, reference_vae, text_state, transformers
@@ -77,6 +78,7 @@ def test_configs_read_from_the_hub_files():
     assert UNetConfig.from_diffusers({**SD21_BASE_UNET, "upcast_attention": True, "sample_size": 96}).upcast_attention
     assert (text.hidden_size, text.num_attention_heads, text.num_hidden_layers, text.hidden_act) == (1024, 16, 23, "gelu")
     assert UNetConfig.heads(UNetConfig(), 3) == 8  # SD1.5: one count for every level
+    assert FULL2 == MODELS["sd21-base"][0]  # the benchmark's random SD2.1-base has the hub's configs
 
 
 # ---- parity on identical random weights --------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Random-weight SD2.x checkpoints in the official layouts, written by the reference libraries themselves
 (docs/sd2.md §4), reusing tests/tiny_sd.py's helpers.
 
-- `TINY2`: tiny configs with every SD2.x option on: per-level head counts, linear proj_in/proj_out,
-  float32 attention (upcast, as SD2.1 768-v), a GELU text tower, a context width (48) unlike the tiny
-  SD1.5's (32), so that mixing the two is a context-width mismatch.
+- `TINY2` (bench/weights.py's tiny SD2.1): every SD2.x option on: per-level head counts, linear
+  proj_in/proj_out, float32 attention (upcast, as SD2.1 768-v), a GELU text tower, a context width (48)
+  unlike the tiny SD1.5's (32), so that mixing the two is a context-width mismatch.
 - `write_tiny_sd2_diffusers(dir)`: diffusers UNet2DConditionModel / AutoencoderKL and transformers
   CLIPTextModel saved with `save_pretrained`, the tokenizer folder with SD2.x's special_tokens_map.json
   (pad "!") and tokenizer_config.json (pad "<|endoftext|>", as the hub has them), and the scheduler config.
@@ -24,16 +24,12 @@ import torch
 from safetensors.torch import save_file
 
 from assets import write_sd15_tokenizer
+from bench.weights import MODELS, reference_text_config, reference_unet  # noqa: F401  (reference_unet re-exported)
 from minidiffseg.sd import ldm, openclip
-from minidiffseg.sd.config import CLIPTextConfig, UNetConfig, VAEConfig
-from tiny_sd import (diffusers, encoder_state, extra_ldm_keys, randomise_, reference_text_config, reference_vae,
-                     text_state, transformers)
+from minidiffseg.sd.config import CLIPTextConfig
+from tiny_sd import diffusers, encoder_state, extra_ldm_keys, randomise_, reference_vae, text_state, transformers  # noqa: F401
 
-TINY2 = (UNetConfig(block_out_channels=(32, 32, 64, 64), num_heads=(2, 2, 4, 4), cross_attention_dim=48,
-                    use_linear_projection=True, upcast_attention=True, sample_size=16, norm_num_groups=8),
-         VAEConfig.tiny(),
-         CLIPTextConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
-                        projection_dim=16, hidden_act="gelu"))
+TINY2 = MODELS["sd21"][1]  # tiny sizes, SD2.1 768-v's options (upcast included); its sample_size 16 is 128²
 # SD2.x's 768-v scheduler config as the hub has it (stabilityai/stable-diffusion-2-1 scheduler_config.json)
 SCHEDULER = {"_class_name": "DDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
              "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
@@ -41,25 +37,9 @@ SCHEDULER = {"_class_name": "DDIMScheduler", "beta_end": 0.012, "beta_schedule":
 SPECIAL = {"content": "", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
 
 
-def reference_unet(cfg: UNetConfig):
-    """diffusers' UNet2DConditionModel with SD2.x's options (its `attention_head_dim` is the head count)."""
-    n = len(cfg.block_out_channels)
-    return diffusers.UNet2DConditionModel(
-        sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
-        attention_head_dim=list(cfg.num_heads) if isinstance(cfg.num_heads, tuple) else cfg.num_heads,
-        cross_attention_dim=cfg.cross_attention_dim, use_linear_projection=cfg.use_linear_projection,
-        upcast_attention=cfg.upcast_attention, norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps,
-        flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
-
-
 def reference_text(cfg: CLIPTextConfig):
-    """transformers' CLIPTextModel at `cfg`, its activation included (tiny_sd's config is QuickGELU's)."""
-    config = reference_text_config(cfg)
-    config.hidden_act = cfg.hidden_act
-    return transformers.CLIPTextModel(config)
+    """transformers' CLIPTextModel at `cfg`, its activation included."""
+    return transformers.CLIPTextModel(reference_text_config(cfg))
 
 
 def tiny_reference2(seed: int = 0, text_layers: int = 0):
