@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from assets import require
 from minidiffseg.errors import UserError
 from minidiffseg.method.crf import IGNORE, MAX_ITERATIONS, PRESETS, CRFParams, DenseCRF, parse, probabilities, \
     pseudo_labels
@@ -26,7 +27,7 @@ PHOTOS = ["astronaut", "chelsea"]
 
 def photo(name: str, size: tuple[int, int]) -> np.ndarray:
     """A scikit-image sample photo resized to (W, H): (H, W, 3) uint8, writable and contiguous."""
-    data = pytest.importorskip("skimage.data")
+    data = require("skimage.data")
     return np.array(Image.fromarray(getattr(data, name)()).resize(size, Image.BILINEAR))
 
 
@@ -82,7 +83,7 @@ def test_lattice_keys_overflow_is_a_user_error():
 # ---------------------------------------------------------------------- parity with the C++ reference
 
 def reference_q(img: np.ndarray, probs: torch.Tensor, p: CRFParams) -> np.ndarray:
-    dcrf = pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 (the test extra) not installed")
+    dcrf = require("pydensecrf.densecrf")  # pydensecrf2, the test extra
     from pydensecrf.utils import unary_from_labels
 
     k, h, w = probs.shape
