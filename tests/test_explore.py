@@ -100,7 +100,8 @@ def test_token_maps_are_the_recorded_probabilities(explored):
             assert torch.equal(ex.cross(row, ex.k + t, name), probs[row, :, t].reshape(h, w))
         # each layer's token maps are softmax rows over the 77 tokens: they sum to 1 at every pixel
         total = sum(ex.cross(row, ex.k + t, name) for t in range(77))
-        assert (total - 1).abs().max() < 1e-9, f"{name}: Σ_t token maps deviates from 1 by {(total - 1).abs().max():.2e}"
+        err = (total - 1).abs().max().item()
+        assert err < 1e-9, f"{name}: Σ_t token maps deviates from 1 by {err:.2e}"
         # the class map ("cat": its last and only token, selected with weight 1) is token 4's map: two
         # recording paths of the store (the projection on the selection, and the whole probabilities); the
         # class maps are the segmentation's, in float32 as Segmenter returns them
@@ -270,7 +271,7 @@ def test_the_page_runs_and_every_view_shows_the_stored_run(server, seg32, image,
     out = run_page(client, image)
     assert len(calls) == 1
     overlay, area, gallery, downloads = out[:4]
-    assert "cat" in out[4] and "sofa" in out[4]
+    assert "cat" in out[4] and "sofa" in out[4], out[4]
     assert abs(sum(share for _, share in area["data"]) - 100) < 0.05 and [c for c, _ in area["data"]] == [
         "background", "cat", "sofa"]
     assert [g["caption"] for g in gallery] == ["cat: score map", "sofa: score map"]
@@ -280,41 +281,41 @@ def test_the_page_runs_and_every_view_shows_the_stored_run(server, seg32, image,
     write_result(tmp_path, "shapes", image, want)
     names = sorted(Path(d["path"]).name for d in downloads)
     assert names == ["shapes_mask.png", "shapes_scores.safetensors"]
-    mask, scores = sorted(Path(d["path"]) for d in downloads)
-    assert mask.read_bytes() == (tmp_path / mask.name).read_bytes()
-    assert same_scores_file(scores, tmp_path / scores.name)
-    assert pixels(overlay) == pixels(tmp_path / "shapes_overlay.png")
+    mask, scores = sorted((Path(d["path"]) for d in downloads), key=lambda p: p.name)  # (cache folders: random)
+    assert mask.read_bytes() == (tmp_path / mask.name).read_bytes(), "mask file"
+    assert same_scores_file(scores, tmp_path / scores.name), "scores file"
+    assert pixels(overlay) == pixels(tmp_path / "shapes_overlay.png"), "overlay"
     # the views the page shows are the Exploration's maps (the same run, recomputed here)
     ex = Exploration.run(seg32, image, CLASSES, seed=0)
     calls.clear()
     cross, self_maps = out[8], out[12:16]
-    assert same_picture(cross, picture(ex.image, ex.cross(0, 0, "fused"), True))
+    assert same_picture(cross, picture(ex.image, ex.cross(0, 0, "fused"), True)), "Run's cross-attention picture"
     assert tuple(out[17:]) == (75, 50)  # the first pixel shown: the image's centre
     gy, gx = ex.pixel(75, 50)
-    assert same_picture(self_maps[1], picture(ex.image, ex.self_attention(0, gy, gx), False, (gy, gx)))
+    assert same_picture(self_maps[1], picture(ex.image, ex.self_attention(0, gy, gx), False, (gy, gx))), "Run's S row"
     layer = sorted(ex.layers)[3]
     for row, column, view in ((0, 5, "fused"), (1, 2, "2"), (1, 6, layer), (0, 0, "8")):
         got = client.predict(row, column, view, False, "mean", "mean", 30, 80, api_name="/cross")
         assert same_picture(got[0], picture(ex.image, ex.cross(row, column, view), False)), (row, column, view)
         gy, gx = ex.pixel(30, 80)
-        assert same_picture(got[3], picture(ex.image, ex.self_attention(row, gy, gx), False, (gy, gx)))
-        assert same_picture(got[4], picture(ex.image, ex.cross(row, column, "fused"), False))
-        assert same_picture(got[5], picture(ex.image, ex.refined_map(row, column), False))
+        assert same_picture(got[3], picture(ex.image, ex.self_attention(row, gy, gx), False, (gy, gx))), "S row"
+        assert same_picture(got[4], picture(ex.image, ex.cross(row, column, "fused"), False)), "A"
+        assert same_picture(got[5], picture(ex.image, ex.refined_map(row, column), False)), "M"
     # one self-attention layer and head at another pixel
     name = ex.self_layers[2]
     got = client.predict(1, 0, name, "3", 140, 5, api_name="/self_attention")
     gy, gx = ex.pixel(140, 5)
-    assert same_picture(got[1], picture(ex.image, ex.self_attention(1, gy, gx, name, 3), False, (gy, gx)))
-    assert f"row {gy}, col {gx}" in got[4] and "sum 1.0000" in got[4]
+    assert same_picture(got[1], picture(ex.image, ex.self_attention(1, gy, gx, name, 3), False, (gy, gx))), "S head 3"
+    assert f"row {gy}, col {gx}" in got[4] and "sum 1.0000" in got[4], got[4]
     # another prompt row lists its own tokens
     got = client.predict(1, "fused", True, "mean", "mean", 30, 80, api_name="/row")
-    assert ["sofa (class map)", 0] in got[0]["choices"] and ["4: sofa", 5] in got[0]["choices"]
+    assert ["sofa (class map)", 0] in got[0]["choices"] and ["4: sofa", 5] in got[0]["choices"], got[0]
     # τ changes the mask and the files, not the run
     got = client.predict(0.9, upload(image), api_name="/tau")
     write_result(tmp_path, "shapes", image, ex.segmentation(0.9))
     mask = next(d for d in got[3] if d["path"].endswith("_mask.png"))
-    assert Path(mask["path"]).read_bytes() == (tmp_path / "shapes_mask.png").read_bytes()
-    assert "τ = 0.90" in got[4]
+    assert Path(mask["path"]).read_bytes() == (tmp_path / "shapes_mask.png").read_bytes(), "mask at τ 0.9"
+    assert "τ = 0.90" in got[4], got[4]
     assert calls == [], f"{len(calls)} U-Net call(s) for views"
 
 
@@ -520,7 +521,8 @@ def test_in_a_real_browser(server, image, tmp_path):
             bad.write_bytes(b"not an image at all")
             page.click("#image-file button[aria-label='Clear']")
             page.locator("#image-file input[type=file]").set_input_files(str(bad))
-            page.locator("[data-testid=toast-text]", has_text="notimage.png: not a readable image").wait_for(timeout=30_000)
+            message = page.locator("[data-testid=toast-text]", has_text="notimage.png: not a readable image")
+            message.wait_for(timeout=30_000)
             page.wait_for_timeout(500)  # the message slides in
             page.screenshot(path=str(tmp_path / "explore-error.png"), full_page=False)
         finally:

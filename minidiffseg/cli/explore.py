@@ -26,7 +26,7 @@ from ..method.explore import MAX_CLASSES, Exploration
 from ..method.segmenter import Segmenter
 from ..viz import heatmap
 from .options import add_model_args, device_of, dtype_of
-from .segment import _safe, write_result
+from .segment import _safe, outputs, write_result
 
 INSTALL = 'pip install "minidiffseg[explore]"'
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -164,34 +164,37 @@ def build_app(seg: Segmenter, title: str = ""):
                              progress=lambda f, what: progress(f, desc=what))
         folder = Path(files.name) / (request.session_hash or "session")
         stem = _safe(Path(path).stem)
-        return (ex, *result_outputs(ex, tau, folder, stem), *row_outputs(ex, 0), *cross_outputs(ex, 0, 0, "fused", True),
-                gr.update(choices=self_layer_choices(ex), value="mean"),
-                gr.update(choices=[("mean", "mean")] + [(str(h), str(h)) for h in range(ex.heads())], value="mean"),
-                *self_outputs(ex, 0, 0, ex.image.width // 2, ex.image.height // 2, "mean", "mean"),
-                ex.image.width // 2, ex.image.height // 2)
+        x, y = ex.image.width // 2, ex.image.height // 2  # the first pixel shown: the centre
+        heads = [("mean", "mean")] + [(str(h), str(h)) for h in range(ex.heads())]
+        return (ex, *result_outputs(ex, tau, folder, stem), *row_outputs(ex, 0),
+                *cross_outputs(ex, 0, 0, "fused", True), gr.update(choices=self_layer_choices(ex), value="mean"),
+                gr.update(choices=heads, value="mean"), *self_outputs(ex, 0, 0, x, y, "mean", "mean"), x, y)
 
     def result_outputs(ex: Exploration, tau, folder: Path, stem: str):
         r = ex.segmentation(tau)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        write_result(folder, stem, ex.image, r)  # the files `segment` writes, byte for byte
+        write_result(folder, stem, ex.image, r)  # the files `segment` writes, by its own writer
         area = [[name, round(100 * share, 2)] for name, share in r.area().items()]
         heat = sorted(folder.glob(f"{stem}_heat_*.png"), key=lambda p: int(p.name[len(stem) + 6:].split("_")[0]))
         gallery = [(str(p), f"{c}: score map") for p, c in zip(heat, r.classes)]
+        prompts = "; ".join(f"`{p}`" for p in r.prompts)
         return (str(folder / f"{stem}_overlay.png"), area, gallery,
-                [str(folder / f"{stem}_mask.png"), str(folder / f"{stem}_scores.safetensors")],
-                f"**{len(r.classes)} class(es)**, τ = {r.tau:.2f}; prompts: " + "; ".join(f"`{p}`" for p in r.prompts))
+                [str(folder / f"{stem}_mask.png"), str(outputs(folder, stem))],
+                f"**{len(r.classes)} class(es)**, τ = {r.tau:.2f}; prompts: {prompts}")
 
     @page_errors
     def retau(ex, tau, path, request: gr.Request):
-        ex = need(ex)
+        if ex is None:  # τ moved before any run: nothing to redo
+            return (gr.update(),) * 5
         folder = Path(files.name) / (request.session_hash or "session")
         return result_outputs(ex, tau, folder, _safe(Path(path).stem) if path else "image")
 
     def row_outputs(ex: Exploration, row: int):
         rows = [(f"row {i}: {r.text}", i) for i, r in enumerate(ex.rows)]
+        layers = sorted(ex.layers, key=lambda n: (ex.level_of[n], n))
         views = ([("fused A (all levels)", "fused")] + [(f"level 1/{lvl} mean", str(lvl)) for lvl in sorted(ex.levels)]
-                 + [(f"{_short(n)} (1/{ex.level_of[n]})", n) for n in sorted(ex.layers, key=lambda n: (ex.level_of[n], n))])
+                 + [(f"{_short(n)} (1/{ex.level_of[n]})", n) for n in layers])
         return (gr.update(choices=rows, value=row), gr.update(choices=ex.columns(row), value=ex.columns(row)[0][1]),
                 gr.update(choices=views, value="fused"))
 
@@ -207,9 +210,9 @@ def build_app(seg: Segmenter, title: str = ""):
         m = ex.cross(row, int(column), view)
         label = next(name for name, c in ex.columns(row) if c == int(column))
         h, w = m.shape
-        what = ("fused A (levels weighted " + ", ".join(f"1/{lvl}: {wt}" for lvl, wt in seg.level_weights.items()) + ")"
-                if view == "fused" else f"level 1/{view}: mean of its layers" if str(view).isdigit()
-                else f"layer {view}")
+        weights = ", ".join(f"1/{lvl}: {wt}" for lvl, wt in seg.level_weights.items())
+        what = (f"fused A (levels weighted {weights})" if view == "fused"
+                else f"level 1/{view}: mean of its layers" if str(view).isdigit() else f"layer {view}")
         return (picture(ex.image, m, blend), f"`{label}` · {what} · {h}×{w}, heads averaged · min "
                 f"{m.min().item():.3g}, max {m.max().item():.3g} (colours: min → max of this map)")
 
@@ -230,7 +233,8 @@ def build_app(seg: Segmenter, title: str = ""):
         h, w = ex.size
         text = (f"pixel (x {int(x)}, y {int(y)}) → latent cell (row {gy}, col {gx}) of {h}×{w}; S row: "
                 f"{'mean of the refinement layers' if layer == 'mean' else layer}, head {head}; "
-                f"sum {s.sum().item():.4f}, max {s.max().item():.3g}; M at the cell = (S·A)(p) = {m[gy, gx].item():.4g}")
+                f"sum {s.sum().item():.4f}, max {s.max().item():.3g}; "
+                f"M at the cell = (S·A)(p) = {m[gy, gx].item():.4g}")
         return (marked(ex.image, float(x), float(y), ex.size), picture(ex.image, s, False, (gy, gx)),
                 picture(ex.image, a, False), picture(ex.image, m, False), text)
 
@@ -317,12 +321,14 @@ def build_app(seg: Segmenter, title: str = ""):
         self_out = [clicked, s_map, a_map, m_map, self_info]
         file.upload(preview, file, shown, api_name="preview")
         if SAMPLE_PHOTO.is_file():
-            sample.click(lambda: (str(SAMPLE_PHOTO), preview(str(SAMPLE_PHOTO))), None, [file, shown], api_name="sample")
+            sample.click(lambda: (str(SAMPLE_PHOTO), preview(str(SAMPLE_PHOTO))), None, [file, shown],
+                         api_name="sample")
         fill.click(fill_prompts, [classes, mode], prompts, api_name=False)
         go.click(run, [file, classes, prompts, timesteps, seed, tau, mode],
                  [state, overlay, area, gallery, downloads, summary, row, column, view, cross, cross_info,
                   layer, head, *self_out, x, y], api_name="run", concurrency_id="model", concurrency_limit=1)
-        tau.release(retau, [state, tau, file], [overlay, area, gallery, downloads, summary], api_name="tau")
+        tau.input(retau, [state, tau, file], [overlay, area, gallery, downloads, summary], api_name="tau",
+                  trigger_mode="always_last")  # while dragging: only the latest value waiting is redone
         row.input(choose_row, [state, row, view, blend, layer, head, x, y], [column, cross, cross_info, *self_out],
                   api_name="row")
         for trigger in (column.input, view.input, blend.input):
