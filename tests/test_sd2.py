@@ -310,6 +310,23 @@ def test_names_and_schedule_from_the_folder(sd2_dir, tmp_path):
         load_sd(folder)
 
 
+def test_streamed_sd2_equals_resident(sd2_dir, sd2_file):
+    """stream=True: the folder's networks read block by block; a single file's text tower (split from OpenCLIP's
+    fused projections when loaded) stays resident while its U-Net and VAE stream. Same outputs either way."""
+    ids = torch.tensor([[49406, 320, 2368, 49407] + [0] * 73])
+    g = torch.Generator().manual_seed(8)
+    x, ctx = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 48, generator=g)
+    for path in (sd2_dir, sd2_file):
+        resident, streamed = load_sd(path), load_sd(path, stream=True)
+        with torch.no_grad():
+            assert torch.equal(resident.text_encoder(ids), streamed.text_encoder(ids)), path
+            assert torch.equal(resident.unet(x, 100, ctx), streamed.unet(x, 100, ctx)), path
+    weights = openclip.OpenCLIPTextWeights(TINY2[2])
+    weights.weights = object()  # what a streaming loader would attach: the split needs the tensors themselves
+    with pytest.raises(UserError, match="text encoder of an SD2.x single file cannot be streamed"):
+        openclip.to_clip_text(weights)
+
+
 def test_sd15_is_still_named_and_padded_as_before(tiny_sd_dir):
     sd = load_sd(tiny_sd_dir)
     assert sd.name == "SD1.5" and sd.tokenizer.pad_id == 49407 and sd.resolution == 512
