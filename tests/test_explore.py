@@ -488,7 +488,8 @@ def not_blank(im: Image.Image) -> bool:
 
 def test_in_a_real_browser(server, image, tmp_path):
     """Chromium loads the page, uploads an image, runs, picks a token, clicks a pixel; the pictures the page
-    then shows are present and not blank, and a bad upload shows its message. Screenshot: tmp_path."""
+    then shows are present and not blank; τ typed in redoes the overlay; a bad upload shows its message.
+    Screenshots: tmp_path."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         missing("the browser test needs Chromium: apt-get install chromium (Debian's package)")
@@ -517,6 +518,11 @@ def test_in_a_real_browser(server, image, tmp_path):
             for name in ("click", "s-row", "a-map", "m-map"):
                 assert not_blank(rendered(page, name)), f"{name} is blank"
             page.screenshot(path=str(tmp_path / "explore.png"), full_page=True)
+            tau = page.locator("#tau input[type=number]")  # τ: the mask is decided again, no run
+            tau.fill("0.9")
+            tau.press("Enter")
+            page.get_by_text("τ = 0.90").wait_for(timeout=30_000)
+            assert rendered(page, "overlay").tobytes() != overlay.tobytes()
             bad = tmp_path / "notimage.png"
             bad.write_bytes(b"not an image at all")
             page.click("#image-file button[aria-label='Clear']")

@@ -284,7 +284,7 @@ def build_app(seg: Segmenter, title: str = ""):
                     seed = gr.Number(label="Seed", value=0, precision=0, min_width=80)
                     mode = gr.Radio(["batched", "joint"], value="joint" if seg.joint else "batched", label="Mode",
                                     min_width=140)
-                tau = gr.Slider(0, 1, value=seg.default_tau, step=0.01, label="Background τ (view only)")
+                tau = gr.Slider(0, 1, value=seg.default_tau, step=0.01, label="Background τ (view only)", elem_id="tau")
                 go = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Column(scale=2):
                 summary = gr.Markdown()
