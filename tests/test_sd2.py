@@ -425,3 +425,15 @@ def test_scores_equal_the_official_recipe_on_sd2_in_float64(sd2_dir):
     err = (ours - want).abs().max().item()
     assert seg.resolution == RES and ours.shape == want.shape and err <= 2e-5, \
         f"SD2 scores vs official recipe: max abs error {err:.3e}"
+
+
+def test_explore_runs_on_sd2(sd2_dir):
+    """The exploration library (minidiffseg explore) runs on SD2: its segmentation is the Segmenter's."""
+    from minidiffseg.method.explore import Exploration
+    from minidiffseg.method.segmenter import Segmenter
+
+    seg = Segmenter.from_pretrained(sd2_dir)
+    image = sample_image_paths()[1]
+    explored = Exploration.run(seg, image, ["cat", "sofa"], seed=3)
+    assert torch.equal(explored.result.scores, seg(image, ["cat", "sofa"], seed=3).scores)
+    assert explored.token_labels[0][:7] == ["<start>", "a", "photograph", "of", "cat", "<end>", "<pad>"]
