@@ -9,6 +9,7 @@ time, the others see their place in the queue); changing only a view reads the s
 
 # no `from __future__ import annotations`: Gradio reads the gr.Request / gr.SelectData annotations of the
 # handlers at run time, and `gr` is only bound inside build_app (gradio is an optional extra)
+import dataclasses
 import functools
 import os
 import shutil
@@ -23,7 +24,7 @@ from PIL import Image, ImageDraw
 from ..errors import UserError
 from ..image import SAMPLE_PHOTO, load_image  # the sample: a CC0 cat photo (minidiffseg/data/README.md)
 from ..method.explore import MAX_CLASSES, Exploration
-from ..method.segmenter import Segmenter
+from ..method.segmenter import SegmentationResult, Segmenter
 from ..viz import heatmap
 from .options import add_model_args, device_of, dtype_of
 from .segment import _safe, outputs, write_result
@@ -171,7 +172,7 @@ def build_app(seg: Segmenter, title: str = ""):
                 gr.update(choices=heads, value="mean"), *self_outputs(ex, 0, 0, x, y, "mean", "mean"), x, y)
 
     def result_outputs(ex: Exploration, tau, folder: Path, stem: str):
-        r = ex.segmentation(tau)
+        r = on_cpu(ex.segmentation(tau))  # pictures and files are made on the CPU, whatever --device
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         write_result(folder, stem, ex.image, r)  # the files `segment` writes, by its own writer
@@ -355,7 +356,7 @@ def picture(image: Image.Image, m: torch.Tensor, blend: bool, cell: tuple[int, i
     """An (h, w) map as a heat map at the image's aspect, DISPLAY px on its longer side, cells as blocks;
     `blend`: 45 % image under 55 % map; `cell`: the (row, col) cell outlined."""
     size = _display_size(image)
-    out = heatmap(m.float()).resize(size, Image.NEAREST)
+    out = heatmap(m.detach().float().cpu()).resize(size, Image.NEAREST)
     if blend:
         out = Image.blend(image.convert("RGB").resize(size, Image.BILINEAR), out, 0.55)
     if cell is not None:
@@ -364,6 +365,13 @@ def picture(image: Image.Image, m: torch.Tensor, blend: bool, cell: tuple[int, i
         ImageDraw.Draw(out).rectangle((cell[1] * sx, cell[0] * sy, (cell[1] + 1) * sx, (cell[0] + 1) * sy),
                                       outline=(0, 255, 255), width=2)
     return out
+
+
+def on_cpu(r: SegmentationResult) -> SegmentationResult:
+    """The result's tensors on the CPU (PIL pictures and files are made from CPU tensors)."""
+    return dataclasses.replace(r, scores=r.scores.cpu(), mask=r.mask.cpu(), fused=r.fused.cpu(),
+                               refined=r.refined.cpu(), levels={k: v.cpu() for k, v in r.levels.items()},
+                               layers={k: v.cpu() for k, v in r.layers.items()})
 
 
 def marked(image: Image.Image, x: float, y: float, grid: tuple[int, int]) -> Image.Image:
