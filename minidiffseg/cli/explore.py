@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..image import SAMPLE_PHOTO, load_image  # the sample: a CC0 cat photo (minidiffseg/data/README.md)
 from ..method.explore import MAX_CLASSES, Exploration
 from ..method.segmenter import SegmentationResult, Segmenter
+from ..sd import load_sd
 from ..viz import heatmap
 from .options import add_model_args, device_of, dtype_of
 from .segment import _safe, outputs, write_result
@@ -84,7 +85,8 @@ def run_explore(args) -> int:
     check_address(args.host, args.port)
     device = device_of(args)
     options = {} if args.resolution is None else {"resolution": args.resolution}
-    seg = Segmenter.from_pretrained(args.weights, device=device, dtype=dtype_of(args, device), **options)
+    stream = bool(getattr(args, "stream", False))  # --stream, where the shared model options have it
+    seg = Segmenter(load_sd(args.weights, device=device, dtype=dtype_of(args, device), stream=stream), **options)
     app = build_app(seg, title=f"weights {args.weights} · {seg.device.type} · {str(seg.dtype).replace('torch.', '')} "
                     f"· images stretched to {seg.resolution}²")
     if args.host not in LOCAL_HOSTS:
