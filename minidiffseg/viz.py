@@ -28,7 +28,7 @@ def mask_image(mask: torch.Tensor) -> Image.Image:
     """(H, W) int label map -> palettised PNG image (mode P, VOC colours; 0 = background black)."""
     if int(mask.max()) > 255:
         raise ValueError("a palettised mask holds at most 255 classes")
-    im = Image.fromarray(mask.to(torch.uint8).numpy())  # mode L ...
+    im = Image.fromarray(mask.cpu().to(torch.uint8).numpy())  # mode L ...
     im.putpalette(voc_palette())  # ... becomes P with the same indices
     return im
 
@@ -50,6 +50,7 @@ def overlay(image: Image.Image, mask: torch.Tensor, classes: list[str], alpha: f
     """The image with the mask's colours blended over it and a legend of the classes present."""
     pal = torch.tensor(voc_palette(len(classes) + 1), dtype=torch.float32).reshape(-1, 3)
     img = pixels(image).float()  # (H, W, 3)
+    mask = mask.cpu()  # pictures are made on the CPU, whatever device computed the mask
     colour = pal[mask]  # (H, W, 3)
     fg = (mask > 0)[..., None].float() * alpha
     out = _rgb((img * (1 - fg) + colour * fg).round().clamp(0, 255).to(torch.uint8))
@@ -71,7 +72,7 @@ def overlay(image: Image.Image, mask: torch.Tensor, classes: list[str], alpha: f
 def colormap(x: torch.Tensor) -> torch.Tensor:
     """(H, W) values in [0, 1] -> (H, W, 3) uint8, a black-purple-orange-yellow ramp (inferno-like)."""
     stops = torch.tensor([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=torch.float32)
-    t = x.float().clamp(0, 1) * (len(stops) - 1)
+    t = x.detach().cpu().float().clamp(0, 1) * (len(stops) - 1)  # on the CPU, whatever device x is on
     i = t.floor().long().clamp(max=len(stops) - 2)
     f = (t - i)[..., None]
     return (stops[i] * (1 - f) + stops[i + 1] * f).round().to(torch.uint8)

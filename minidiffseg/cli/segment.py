@@ -176,7 +176,7 @@ def write_result(out: Path, stem: str, image, r: SegmentationResult, mask: torch
     if crf_used is not None:
         meta["crf"] = crf_used
     tensors = {"scores": r.scores.half().contiguous(), "fused": r.fused.contiguous(), "refined": r.refined.contiguous(),
-               "mask": mask.to(torch.uint8).contiguous()}
+               "mask": mask.to(torch.uint8).contiguous()}  # safetensors copies device tensors to the CPU
     write_atomic(outputs(out, stem), save(tensors, metadata=meta))  # bytes: a full disk raises OSError, not a panic
 
 

@@ -101,13 +101,9 @@ class Exploration:
         report(0.1, "encoding the prompts")
         context = seg.encode_text(rows)  # (B, 77, D)
         select = torch.stack([r.select for r in rows])  # (B, 77, K): the method's class maps
-        # Segmenter.record, with `probs` added: each cross layer's head-averaged probabilities (B, HW, 77)
-        store = AttentionStore(cross=seg.cross_layers, token_weights=select.to(seg.device, seg.dtype),
-                               qk=seg.self_layers, probs=set(seg.cross_layers))
-        for i, (t, noise) in enumerate(zip(seg.timesteps, noises)):
-            report(0.15 + 0.7 * i / len(noises), f"U-Net pass {i + 1} of {len(noises)} (t = {t}, {len(rows)} row(s))")
-            z_t = seg.sd.schedule.add_noise(z0, noise.to(z0), t)
-            seg.sd.unet(z_t, t, context, store=store, output=False)  # z_t (1, …): the batch broadcasts
+        store = seg.record(z0, noises, context, select, probs=seg.cross_layers,  # + every token's probabilities
+                           progress=lambda i, n, t: report(0.15 + 0.7 * i / n,
+                                                           f"U-Net pass {i + 1} of {n} (t = {t}, {len(rows)} row(s))"))
         report(0.85, "fusing and refining")
         size = tuple(z0.shape[-2:])
         fused, levels, layers = seg.fuse(store, size)  # the class maps, as Segmenter.attend computes them

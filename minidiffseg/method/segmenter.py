@@ -212,12 +212,16 @@ class Segmenter:
         return list(noise.expand(shape)[:, None])
 
     def record(self, z0: torch.Tensor, noises: list[torch.Tensor], context: torch.Tensor,
-               select: torch.Tensor) -> AttentionStore:
+               select: torch.Tensor, *, probs: set[str] = frozenset(), progress=None) -> AttentionStore:
         """The U-Net passes, one per timestep, for B prompt rows `context` (B, 77, D), with an attention store
-        that keeps the cross maps projected on `select` (B, 77, K) and the Q/K of the refinement layers."""
+        that keeps the cross maps projected on `select` (B, 77, K) and the Q/K of the refinement layers;
+        also the head-averaged probabilities of the layers named in `probs` (the explorer's every-token maps).
+        `progress(i, n, t)` is called before pass i of n."""
         store = AttentionStore(cross=self.cross_layers, token_weights=select.to(self.device, self.dtype),
-                               qk=self.self_layers)
-        for t, noise in zip(self.timesteps, noises):
+                               qk=self.self_layers, probs=set(probs))
+        for i, (t, noise) in enumerate(zip(self.timesteps, noises)):
+            if progress is not None:
+                progress(i, len(noises), t)
             z_t = self.sd.schedule.add_noise(z0, noise.to(z0), t)
             self.sd.unet(z_t, t, context, store=store, output=False)  # z_t (1, …): batch broadcasts
         return store
