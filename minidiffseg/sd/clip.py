@@ -90,8 +90,12 @@ class CLIPTextEmbeddings(nn.Module):
 
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        # left uninitialised (`_weight`): the checkpoint fills them, and nn.Embedding's random init run on the
+        # meta device imports torch's symbolic machinery, +68 MB resident for nothing (docs/memory.md §4)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                            _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size,
+                                               _weight=torch.empty(cfg.max_position_embeddings, cfg.hidden_size))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)

@@ -27,7 +27,11 @@ and a short read is refused, so a file changed or cut short under a run raises o
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import math
+import mmap
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -36,7 +40,10 @@ from torch import nn
 from ..errors import UserError
 from .loading import TORCH_DTYPE, Layout, check, read_layout
 
-STAGE_BYTES = 16 * 2**20  # file bytes read per pread when converting: bounds the staging buffer, not a tuning knob
+STAGE_BYTES = 4 * 2**20  # file bytes read per pread when a tensor is converted: bounds the staging space
+ALIGN = 64  # bytes: each tensor of a block starts on a cache line of the block's buffer
+TAIL_BYTES = 32 * 2**20  # an arena tail unused by the current block larger than this goes back to the OS
+TRIM_BYTES = 64 * 2**20  # malloc's free memory beyond this goes back to the OS after a streamed block
 
 
 class Resident:
@@ -52,8 +59,8 @@ RESIDENT = Resident()
 
 
 class BlockWeights:
-    """Weights fetched per block into a network whose modules hold placeholders. `fetch(key, shape)`
-    returns one file tensor in the compute dtype, on the device; subclasses say where it comes from."""
+    """Weights fetched per block into a network whose modules hold placeholders: a block's tensors are
+    views of the process's ARENA while the block runs. Subclasses say where the bytes come from (`fill`)."""
 
     def __init__(self, network: nn.Module, names: dict[str, str], dtype: torch.dtype, device: torch.device):
         self.network, self.dtype, self.device = network, dtype, torch.device(device)
@@ -68,24 +75,122 @@ class BlockWeights:
     @contextlib.contextmanager
     def block(self, *modules: nn.Module):
         """The parameters of `modules` (parts of this network) filled from the file inside the context."""
-        for m in modules:
-            m.load_state_dict(self.read(m), strict=True, assign=True)
-        try:
-            yield
-        finally:  # placeholders back: the block's tensors are freed here
-            for m in modules:
-                m.load_state_dict(self.placeholders(m), strict=True, assign=True)
+        with ARENA.hold():  # one block at a time in the process: its tensors live in the arena
+            for m, state in zip(modules, self.read(modules)):
+                m.load_state_dict(state, strict=True, assign=True)
+            try:
+                yield
+            finally:  # placeholders back: nothing refers to the arena any more
+                for m in modules:
+                    m.load_state_dict(self._named(m, lambda full, p: self.empty[full]), strict=True, assign=True)
 
-    def read(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def read(self, modules) -> list[dict[str, torch.Tensor]]:
+        """Per module {parameter name: tensor in the compute dtype on the device}, filled into the arena."""
+        keys = [self._named(m, lambda full, p: (self.key_of[full], p.shape)) for m in modules]
+        cpu, item = self.device.type == "cpu", self.dtype.itemsize
+        spans = [[(math.prod(shape) * item + ALIGN - 1) // ALIGN * ALIGN if cpu else 0 for _, shape in k.values()]
+                 for k in keys]
+        stage = self.staging([key for k in keys for key, _ in k.values()])
+        buffer = ARENA.take(sum(map(sum, spans)) + stage)  # (bytes,) uint8
+        states, at = [], 0
+        for k, sizes in zip(keys, spans):
+            state = {}
+            for (name, (key, shape)), size in zip(k.items(), sizes):
+                out = (buffer[at:at + math.prod(shape) * item].view(self.dtype).view(shape) if cpu
+                       else torch.empty(shape, dtype=self.dtype, device=self.device))
+                self.fill(key, out, buffer[buffer.numel() - stage:])
+                self.fetched += out.numel() * item
+                state[name], at = out, at + size
+            states.append(state)
+        return states
+
+    def _named(self, module: nn.Module, value) -> dict:
         prefix = self.prefix[module] + "." if self.prefix[module] else ""
-        return {name: self.fetch(self.key_of[prefix + name], p.shape) for name, p in module.named_parameters()}
+        return {name: value(prefix + name, p) for name, p in module.named_parameters()}
 
-    def placeholders(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        prefix = self.prefix[module] + "." if self.prefix[module] else ""
-        return {name: self.empty[prefix + name] for name, _ in module.named_parameters()}
+    def staging(self, keys: list[str]) -> int:
+        """Bytes of scratch space `fill` needs for these file keys."""
+        return 0
 
-    def fetch(self, key: str, shape: torch.Size) -> torch.Tensor:
+    def fill(self, key: str, out: torch.Tensor, stage: torch.Tensor) -> None:
+        """Write the file tensor `key`, converted to out.dtype, into `out` (contiguous)."""
         raise NotImplementedError
+
+
+class Arena:
+    """The memory every streamed block's tensors are read into, reused block after block, so a pass costs
+    neither allocations nor page faults (a fresh page costs ~8 µs to fault in on the machine measured:
+    1.7 GB of new bf16 weights per U-Net pass would add ~3.7 s, docs/memory.md §3). It grows to the
+    largest block; when a block needs much less, the unused tail's pages go back to the OS, so the
+    64² blocks at the end of the U-Net (the activations' peak) don't sit on the 8² blocks' weights.
+    An anonymous mapping: outside malloc's heap."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.owner: int | None = None  # the thread whose block is in the arena
+        self.map: mmap.mmap | None = None
+        self.used = 0  # bytes whose pages may be resident
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """`nbytes` of the arena as a uint8 tensor (valid until the next `take`)."""
+        if self.map is None or len(self.map) < nbytes:
+            self.map = None  # the old mapping goes first (no tensor views it between blocks)
+            self.map, self.used = mmap.mmap(-1, nbytes), 0
+        keep = (nbytes + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        if self.used - keep > TAIL_BYTES:
+            self.map.madvise(mmap.MADV_DONTNEED, keep, self.used - keep)
+            self.used = keep
+        self.used = max(self.used, nbytes)
+        return torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
+
+    @contextlib.contextmanager
+    def hold(self):
+        """Exclusive use of the arena for one block (streamed blocks of any model run one at a time)."""
+        if self.owner == threading.get_ident():
+            raise RuntimeError("bug: a streamed block entered inside another one (the arena holds one block)")
+        with self.lock:
+            self.owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self.owner = None
+                trim_heap()
+
+    def release(self) -> None:
+        """Give all the arena's memory back (e.g. when the streamed models are no longer used)."""
+        with self.lock:
+            self.map, self.used = None, 0
+
+
+ARENA = Arena()  # one per process
+
+
+def _glibc():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: no trimming
+        return None
+
+
+_MALLOC_TRIM = _glibc()
+_trimmed_at = [0]  # resident bytes right after the last trim
+
+
+def _resident() -> int:
+    with open("/proc/self/statm", "rb") as f:  # pages: size, resident, ...
+        return int(f.read().split()[1]) * mmap.PAGESIZE
+
+
+def trim_heap() -> None:
+    """Give malloc's free memory back to the OS once the process has grown TRIM_BYTES since the last time.
+    glibc keeps freed activations for reuse, but the U-Net's mix of sizes leaves holes it cannot reuse:
+    a streamed bf16 C=4 pass at 512² ends with ~400 MB free in the heap (docs/memory.md §3). Trimming
+    costs page faults when the memory is used again, so it waits for that much to pile up."""
+    if _MALLOC_TRIM is None or not os.path.exists("/proc/self/statm"):
+        return
+    if _resident() > _trimmed_at[0] + TRIM_BYTES:
+        _MALLOC_TRIM(0)
+        _trimmed_at[0] = _resident()
 
 
 class WeightFile:
@@ -97,7 +202,6 @@ class WeightFile:
         self.stamp = self._stamp()
         if self.stamp[0] != layout.size:
             raise self.changed()
-        self.stage: torch.Tensor | None = None  # (STAGE_BYTES,) uint8, made on first conversion
 
     def __del__(self):
         if getattr(self, "fd", None) is not None:
@@ -116,33 +220,44 @@ class WeightFile:
         if self._stamp() != self.stamp:
             raise self.changed()
 
+    def stored(self, key: str) -> tuple[torch.dtype, int, int]:
+        """(dtype, first byte, end byte) of the tensor `key` in the file."""
+        dtype, begin, end = self.layout.spans[key]
+        return TORCH_DTYPE[dtype], begin, end
+
     def read_into(self, buffer: torch.Tensor, offset: int) -> None:
-        """Fill `buffer` (uint8, contiguous, CPU) with the file's bytes from `offset`."""
+        """Fill `buffer` (uint8, contiguous, CPU) with the file's bytes from `offset`; a short read means the
+        file was cut short."""
         view, done = memoryview(buffer.numpy()), 0
         while done < len(view):
             n = os.preadv(self.fd, [view[done:]], offset + done)
-            if n == 0:  # end of file before the tensor's end: the file was cut short
+            if n == 0:
                 raise self.changed()
             done += n
 
-    def tensor(self, key: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The tensor `key` in `dtype` on `device`, shaped `shape` (a 1×1 conv stored for a linear fits)."""
-        stored, begin, end = self.layout.spans[key]
-        stored = TORCH_DTYPE[stored]
-        if stored == dtype and device.type == "cpu":  # read straight into the tensor
-            raw = torch.empty(end - begin, dtype=torch.uint8)
-            self.read_into(raw, begin)
-            return raw.view(dtype).view(shape)
-        out = torch.empty(shape, dtype=dtype, device=device)
+    def fill(self, key: str, out: torch.Tensor, stage: torch.Tensor) -> None:
+        """`out` (contiguous) := the tensor `key`, converted to out.dtype through `stage` where it differs."""
+        stored, begin, end = self.stored(key)
+        if stored == out.dtype and out.device.type == "cpu":  # straight into place
+            self.read_into(out.view(-1).view(torch.uint8), begin)
+            return
         flat, item = out.view(-1), stored.itemsize
-        if self.stage is None:
-            self.stage = torch.empty(STAGE_BYTES, dtype=torch.uint8)
-        for start in range(begin, end, STAGE_BYTES):  # convert through one small staging buffer
-            n = min(STAGE_BYTES, end - start)
-            self.read_into(self.stage[:n], start)
-            first = (start - begin) // item
-            flat[first:first + n // item].copy_(self.stage[:n].view(stored))  # the conversion `.to` makes
-        return out
+        step = stage.numel() // (1 + 4 // item) if via_float(stored, out.dtype) else stage.numel()
+        raw, wide = stage[:step], stage[step:step + step // item * 4].view(torch.float32)
+        for start in range(begin, end, step):
+            n = min(step, end - start)
+            self.read_into(raw[:n], start)
+            first, part = (start - begin) // item, raw[:n].view(stored)
+            if via_float(stored, out.dtype):  # fp16 -> fp32 (exact) -> bf16: 4× faster than torch's direct cast
+                part = wide[:n // item].copy_(part)
+            flat[first:first + n // item].copy_(part)  # the rounding `.to(dtype)` makes
+
+
+def via_float(stored: torch.dtype, dtype: torch.dtype) -> bool:
+    """Whether converting `stored` to `dtype` goes through float32: torch's own fp16 -> bf16 cast runs at
+    ~0.3 G elements/s on CPU, the two steps at ~1.3 (docs/memory.md §3); fp16 -> fp32 is exact and fp32 -> bf16
+    is the rounding the direct cast makes, so the result is the same bits."""
+    return stored == torch.float16 and dtype == torch.bfloat16
 
 
 class StreamedWeights(BlockWeights):
@@ -160,10 +275,16 @@ class StreamedWeights(BlockWeights):
             self.file.check()  # the bytes just read were the file's as checked
             yield
 
-    def fetch(self, key: str, shape: torch.Size) -> torch.Tensor:
-        t = self.file.tensor(key, shape, self.dtype, self.device)
-        self.fetched += t.numel() * t.element_size()
-        return t
+    def staging(self, keys: list[str]) -> int:
+        need = 0
+        for dtype, begin, end in map(self.file.stored, keys):
+            if dtype != self.dtype or self.device.type != "cpu":
+                raw = min(STAGE_BYTES, end - begin)
+                need = max(need, raw + (raw // dtype.itemsize * 4 if via_float(dtype, self.dtype) else 0))
+        return need
+
+    def fill(self, key: str, out: torch.Tensor, stage: torch.Tensor) -> None:
+        self.file.fill(key, out, stage)
 
 
 class UpcastWeights(BlockWeights):
@@ -174,10 +295,8 @@ class UpcastWeights(BlockWeights):
         super().__init__(network, names, dtype, device)
         self.tensors = tensors  # file key -> stored tensor
 
-    def fetch(self, key: str, shape: torch.Size) -> torch.Tensor:
-        t = self.tensors[key].to(device=self.device, dtype=self.dtype).view(shape)
-        self.fetched += t.numel() * t.element_size()
-        return t
+    def fill(self, key: str, out: torch.Tensor, stage: torch.Tensor) -> None:
+        out.copy_(self.tensors[key].view(out.shape))
 
 
 def stream_weights(module: nn.Module, path: Path, names: dict[str, str], dtype: torch.dtype, device: torch.device,
