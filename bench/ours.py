@@ -17,8 +17,9 @@ STAGES = ["weight loading", "text encode", "VAE encode", "U-Net pass", "U-Net + 
           "post-processing", "end to end"]
 
 
-def load(weights, device, dtype, resolution: int, joint: bool) -> Segmenter:
-    return Segmenter.from_pretrained(weights, device=device, dtype=dtype, resolution=resolution, joint=joint)
+def load(weights, device, dtype, resolution: int, joint: bool, stream: bool = False) -> Segmenter:
+    return Segmenter.from_pretrained(weights, device=device, dtype=dtype, resolution=resolution, joint=joint,
+                                     stream=stream)
 
 
 @torch.inference_mode()

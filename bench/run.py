@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, help="unmeasured runs before measuring (default 1)")
     p.add_argument("--repeats", type=int, help="measured runs, the median is reported (default 3, --quick 1)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's default, all cores)")
+    p.add_argument("--stream", action="store_true", help="ours with streamed weights (docs/memory.md): each block "
+                   "read from the files as it runs")
     p.add_argument("--quiet-wait", type=float, default=0, metavar="SECONDS",
                    help=f"before each configuration, wait up to SECONDS until other processes use less than {QUIET:.0%} "
                    "of the CPUs (other work on a small machine skews timings; default 0: don't wait)")
@@ -72,7 +74,7 @@ def plan(args, weights: str, device: str) -> list[dict]:
     warmup = 1 if args.warmup is None else args.warmup
     repeats = args.repeats or (1 if quick else 3)
     common = dict(device=device, weights=weights, warmup=warmup, repeats=repeats, threads=args.threads,
-                  resolution=res, classes=HEADLINE_CLASSES, mode="batched")
+                  resolution=res, classes=HEADLINE_CLASSES, mode="batched", stream=args.stream)
     sections = set(args.sections.split(","))
     jobs = []
     if "gemm" in sections:
@@ -111,7 +113,8 @@ def describe(job: dict) -> str:
     if job["kind"] == "refine":
         return f"refinement {job['method']} {job['resolution']}² {job['dtype']}"
     threads = f" {job['threads']} thread(s)" if job.get("threads") else ""
-    return f"{job['kind']} {job['dtype']} C={job['classes']} {job['mode']} {job['resolution']}²{threads}"
+    streamed = " streamed" if job.get("stream") and job["kind"] == "ours" else ""
+    return f"{job['kind']}{streamed} {job['dtype']} C={job['classes']} {job['mode']} {job['resolution']}²{threads}"
 
 
 def run_job(job: dict) -> dict:

@@ -54,7 +54,7 @@ def run_pipeline(job: dict, clock: measure.Clock, device: torch.device) -> dict:
         gc.collect()
         with clock("weight loading"):
             if job["kind"] == "ours":
-                model = ours.load(job["weights"], device, dtype, job["resolution"], joint)
+                model = ours.load(job["weights"], device, dtype, job["resolution"], joint, job.get("stream", False))
             else:
                 model = baseline.DiffusersRecipe(job["weights"], device, dtype, job["resolution"])
     for _ in iterations(clock, job["warmup"], job["repeats"]):

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..files import write_atomic
-from .options import add_model_args, device_of, dtype_of
+from .options import add_model_args, device_of, dtype_of, memory_options
 from ..evaluation import candidates as cands
 from ..evaluation.datasets import Dataset, open_dataset
 from ..evaluation.metrics import mean_iou
@@ -118,7 +118,7 @@ def _loader(args, ds: Dataset, device, dtype):
     def load():
         from ..method.segmenter import Segmenter
         seg = Segmenter.from_pretrained(args.weights, device=device, dtype=dtype,
-                                        template=ds.vocab.template, resolution=args.resolution)
+                                        template=ds.vocab.template, resolution=args.resolution, **memory_options(args))
         print(f"{seg.sd.name} from {args.weights}, at {seg.resolution}²")  # stdout: stderr is for errors
         return seg
     return load

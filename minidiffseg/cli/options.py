@@ -9,6 +9,9 @@ import torch
 
 from ..errors import UserError
 
+# classes per U-Net call under --low-memory: with more, the U-Net's activations (stored Q/K: 22 MB per class
+# in bf16 at 512²) rise above the VAE encoder's peak (docs/memory.md §5)
+LOW_MEMORY_CLASSES = 4
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
 
@@ -22,6 +25,20 @@ def add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
                    help="compute dtype (default: fp16 on CUDA, fp32 on CPU; fp16 on CPU computes in bf16, "
                         "since fp16 matmuls on CPU are ~400× slower)")
+    if weights:
+        p.add_argument("--stream", action="store_true",
+                       help="keep no weights in memory: each block of the networks is read from the weights file "
+                            "as it runs (the same results; docs/memory.md)")
+        p.add_argument("--low-memory", action="store_true",
+                       help=f"fit in little memory (~0.7 GiB in bf16, ~0.95 GiB in fp32 at 512²): --stream, and at "
+                            f"most {LOW_MEMORY_CLASSES} classes per U-Net call")
+
+
+def memory_options(args, class_batch: int | None = None) -> dict:
+    """`stream` and `class_batch` for Segmenter.from_pretrained from --stream / --low-memory (docs/memory.md §5)."""
+    if args.low_memory:
+        return dict(stream=True, class_batch=min(class_batch or LOW_MEMORY_CLASSES, LOW_MEMORY_CLASSES))
+    return dict(stream=args.stream, class_batch=class_batch)
 
 
 def device_of(args) -> torch.device:

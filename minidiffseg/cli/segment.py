@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..files import remove_stale_temporaries, writable_dir, write_atomic
 from ..method import crf
 from ..method.prompts import TEMPLATES, check_classes
-from .options import add_model_args, device_of, dtype_of
+from .options import add_model_args, device_of, dtype_of, memory_options
 from ..method.segmenter import Segmenter, SegmentationResult
 
 
@@ -33,8 +33,6 @@ def register(subparsers) -> None:
     _method_args(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--skip-existing", action="store_true", help="skip images whose outputs are complete (resume)")
-    p.add_argument("--low-memory", action="store_true", help="bound memory for small machines: one class per U-Net "
-                   "call (as --class-batch 1); slower when there are many classes")
     p.add_argument("--crf", nargs="?", const=crf.DEFAULT_PRESET, metavar="PRESET[,KEY=VALUE...]",
                    help=f"refine the mask with a dense CRF: {', '.join(crf.PRESETS)} (default {crf.DEFAULT_PRESET}), "
                    "optionally with overrides, e.g. clip-es,iterations=5 (docs/crf.md)")
@@ -97,8 +95,8 @@ def _segmenter(args) -> Segmenter:
     device = device_of(args)
     seg = Segmenter.from_pretrained(args.weights, device=device, dtype=dtype_of(args, device),
                                     resolution=args.resolution, template=template or TEMPLATES["photograph"],
-                                    joint=args.joint, class_batch=1 if getattr(args, "low_memory", False)
-                                    else args.class_batch, timesteps=timesteps, tokens=args.tokens)
+                                    joint=args.joint, timesteps=timesteps, tokens=args.tokens,
+                                    **memory_options(args, args.class_batch))
     return seg
 
 

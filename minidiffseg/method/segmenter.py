@@ -132,11 +132,12 @@ class Segmenter:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, **options) -> "Segmenter":
-        """Load SD1.5 or SD2.x from `path` (minidiffseg.sd.load_sd) and keep `options` (see the class docstring)."""
+                        dtype: torch.dtype = torch.float32, stream: bool = False, **options) -> "Segmenter":
+        """Load SD1.5 or SD2.x from `path` (minidiffseg.sd.load_sd) and keep `options` (see the class docstring).
+        `stream`: keep no weights resident, read each block from the file as it runs (docs/memory.md §1)."""
         from ..sd import load_sd
 
-        return cls(load_sd(path, device=device, dtype=cpu_dtype(dtype, device)), **options)
+        return cls(load_sd(path, device=device, dtype=cpu_dtype(dtype, device), stream=stream), **options)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Segmenter":
         """Move the networks to `device` and/or `dtype` (float16 on CPU computes in bfloat16); returns self."""

@@ -1,0 +1,215 @@
+"""Streamed weights (minidiffseg/sd/stream.py, docs/memory.md §1): the same results as resident weights,
+bit for bit, with no weight resident between blocks; the same load-time errors; one clear line when the
+file changes under a run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import tiny_sd
+from minidiffseg.errors import UserError
+from minidiffseg.method.segmenter import Segmenter
+from minidiffseg.sd import load_sd15
+from minidiffseg.sd.stream import ARENA, RESIDENT, StreamedWeights
+
+RES = 128  # image side for the tiny model: a 16² latent
+
+
+@pytest.fixture(scope="module")
+def single_file(tmp_path_factory):
+    return tiny_sd.write_tiny_single_file(tmp_path_factory.mktemp("single") / "sd15-tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def image():
+    return Image.radial_gradient("L").resize((96, 80)).convert("RGB")  # not square: upsampling back is exercised
+
+
+def networks(sd):
+    return {"unet": sd.unet, "vae": sd.vae, "text_encoder": sd.text_encoder}
+
+
+def assert_same_result(a, b):
+    for field in ("scores", "mask", "fused", "refined"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert torch.equal(x, y), f"{field}: max abs diff {(x.double() - y.double()).abs().max():.3g}"
+    for field in ("levels", "layers"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), f"{field}[{k}]: max abs diff {(x[k] - y[k]).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("layout", ["folder", "folder fp16 files", "single file"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_equals_resident(tiny_sd_dir, single_file, image, layout, dtype):
+    """Score maps, masks and every intermediate map: bit-identical to the resident run in the same dtype
+    (fp32 files read as they are; fp32 -> bf16 and fp16 -> fp32/bf16 converted with the same rounding)."""
+    path, variant = (single_file, None) if layout == "single file" else (tiny_sd_dir, "fp16" if "fp16" in layout else None)
+    results = []
+    for stream in (False, True):
+        seg = Segmenter(load_sd15(path, dtype=dtype, variant=variant, stream=stream), resolution=RES)
+        results.append(seg(image, ["cat", "dog", "sofa"], seed=3))
+    assert results[0].scores.std() > 0  # a real map, not a constant that would match anything
+    assert_same_result(*results)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_networks_equal_resident(tiny_sd_dir, dtype):
+    """Each network's full output (the U-Net's ε through conv_out too, which the method skips), and every
+    parameter fetched exactly once per pass: the bytes fetched equal the network's parameter bytes."""
+    resident, streamed = load_sd15(tiny_sd_dir, dtype=dtype), load_sd15(tiny_sd_dir, dtype=dtype, stream=True)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(1, 3, RES, RES, generator=g) * 2 - 1).to(dtype)
+    ids = resident.tokenizer(["a photograph of a cat", "a dog"])
+    z = torch.randn(2, 4, RES // 8, RES // 8, generator=g).to(dtype)
+    with torch.inference_mode():
+        ctx = resident.text_encoder(ids)
+        runs = {"vae": lambda sd: sd.vae.moments(x)[0], "text_encoder": lambda sd: sd.text_encoder(ids),
+                "unet": lambda sd: sd.unet(z, 100, ctx)}
+        for name, run in runs.items():
+            weights = networks(streamed)[name].weights
+            before = weights.fetched
+            want, got = run(resident), run(streamed)
+            assert torch.equal(want, got), f"{name}: max abs diff {(want - got).abs().max():.3g}"
+            params = sum(p.numel() * p.element_size() for p in networks(resident)[name].parameters())
+            assert weights.fetched - before == params, f"{name}: fetched {weights.fetched - before} of {params} bytes"
+
+
+def test_no_weight_resident(tiny_sd_dir):
+    """Streamed networks hold only placeholders (one NaN scalar expanded: no memory) outside a block, with
+    the compute dtype and device; resident networks have RESIDENT as their (no-op) weight source."""
+    sd = load_sd15(tiny_sd_dir, dtype=torch.bfloat16, stream=True)
+    for name, net in networks(sd).items():
+        assert isinstance(net.weights, StreamedWeights), name
+        for pname, p in net.named_parameters():
+            assert p.dtype == torch.bfloat16 and p.device.type == "cpu", pname
+            assert all(s == 0 for s in p.stride()) and p.untyped_storage().nbytes() == 2, pname
+            assert torch.isnan(p.flatten()[0]), pname
+    assert all(net.weights is RESIDENT for net in networks(load_sd15(tiny_sd_dir)).values())
+
+
+def test_block_holds_the_weights_only_inside(tiny_sd_dir):
+    resident, streamed = load_sd15(tiny_sd_dir), load_sd15(tiny_sd_dir, stream=True)
+    resnet, want = streamed.unet.down_blocks[0].resnets[0], resident.unet.down_blocks[0].resnets[0]
+    with streamed.unet.weights.block(resnet):
+        for (name, p), q in zip(resnet.named_parameters(), want.parameters()):
+            assert torch.equal(p, q), name
+        with pytest.raises(RuntimeError, match="inside another one"):  # one block at a time
+            with streamed.unet.weights.block(streamed.unet.conv_in):
+                pass
+    assert torch.isnan(resnet.conv1.weight.flatten()[0])
+
+
+def corrupt_copy(src, dst):
+    """A copy of the tiny folder whose U-Net file ends 100 bytes early (a cut-short download)."""
+    shutil.copytree(src, dst)
+    unet = dst / "unet" / "diffusion_pytorch_model.safetensors"
+    with open(unet, "r+b") as f:
+        f.truncate(unet.stat().st_size - 100)
+    return dst
+
+
+def test_bad_file_fails_at_load_with_the_resident_error(tiny_sd_dir, tmp_path):
+    broken = corrupt_copy(tiny_sd_dir, tmp_path / "broken")
+    errors = []
+    for stream in (False, True):
+        with pytest.raises(UserError) as e:
+            load_sd15(broken, stream=stream)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "truncated" in errors[0], errors
+
+
+@pytest.mark.parametrize("change", ["cut short", "rewritten", "grown"])
+def test_file_changed_during_a_run(tiny_sd_dir, tmp_path, image, change):
+    """The file is modified after loading, before a pass: one UserError line naming the file, no result;
+    the model works again once nothing changes (a fresh load)."""
+    folder = shutil.copytree(tiny_sd_dir, tmp_path / "sd")
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    seg = Segmenter(load_sd15(folder, stream=True), resolution=RES)
+    seg(image, ["cat"])
+    data = unet.read_bytes()
+    if change == "cut short":
+        unet.write_bytes(data[:-4096])
+    elif change == "rewritten":  # same size, different bytes, a later modification time
+        unet.write_bytes(data[:-8] + bytes(8))
+        st = os.stat(unet)
+        os.utime(unet, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    else:
+        unet.write_bytes(data + bytes(64))
+    with pytest.raises(UserError, match=r"diffusion_pytorch_model\.safetensors: the file changed or was cut short") as e:
+        seg(image, ["cat"])
+    assert "\n" not in str(e.value)
+
+
+def test_file_replaced_during_a_run_is_harmless(tiny_sd_dir, tmp_path, image):
+    """A new file moved over the old one (how downloads finish): the open file is still the one read."""
+    folder = shutil.copytree(tiny_sd_dir, tmp_path / "sd")
+    want = Segmenter(load_sd15(folder), resolution=RES)(image, ["cat", "dog"])
+    seg = Segmenter(load_sd15(folder, stream=True), resolution=RES)
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    other = tiny_sd.write_tiny_diffusers(tmp_path / "other", seed=1) / "unet" / "diffusion_pytorch_model.safetensors"
+    os.replace(other, unet)
+    assert_same_result(want, seg(image, ["cat", "dog"]))
+
+
+def test_cli_stream_and_low_memory(tiny_sd_dir, tmp_path, image):
+    """`segment --stream` writes the resident run's scores; `--low-memory` (streamed, at most 4 classes per U-Net
+    call) those of the resident run with --class-batch 4 (other batch sizes round differently)."""
+    from safetensors.torch import load_file
+
+    from minidiffseg.cli import main
+
+    photo = tmp_path / "photo.png"
+    image.save(photo)
+    classes = "cat,dog,sofa,person,car"
+    outs = {}
+    for flags in ([], ["--stream"], ["--class-batch", "4"], ["--low-memory"]):
+        out = tmp_path / ("out" + "".join(flags))
+        assert main(["segment", str(photo), "--classes", classes, "--weights", str(tiny_sd_dir), "--device", "cpu",
+                     "--resolution", str(RES), "--out", str(out), *flags]) == 0
+        outs[tuple(flags)] = load_file(out / "photo_scores.safetensors")
+    for flags, same in ((("--stream",), ()), (("--low-memory",), ("--class-batch", "4"))):
+        for k, v in outs[same].items():
+            assert torch.equal(outs[flags][k], v), f"{flags} {k}: max abs diff {(outs[flags][k] - v).abs().max()}"
+
+
+def test_low_memory_options():
+    from argparse import Namespace
+
+    from minidiffseg.cli.options import LOW_MEMORY_CLASSES, memory_options
+
+    assert memory_options(Namespace(stream=False, low_memory=False), 7) == dict(stream=False, class_batch=7)
+    assert memory_options(Namespace(stream=True, low_memory=False)) == dict(stream=True, class_batch=None)
+    assert memory_options(Namespace(stream=False, low_memory=True)) == dict(stream=True, class_batch=LOW_MEMORY_CLASSES)
+    assert memory_options(Namespace(stream=False, low_memory=True), 2) == dict(stream=True, class_batch=2)
+
+
+@pytest.fixture(scope="module")
+def full_size(tmp_path_factory):
+    """Full-size random SD1.5 with the hub's fp16 files (~2.1 GB)."""
+    return tiny_sd.write_random_diffusers(tmp_path_factory.mktemp("sd15-full"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_size_streamed_equals_resident(full_size, dtype):
+    """Once on the full-size random SD1.5, at 512² with 2 classes (8192 token rows: the feed-forward runs in
+    blocks): streamed == resident, bit for bit. Its weights (N(0, 0.02²)) make nearly uniform attention: the
+    maps vary in fp32, while bf16 rounds them flat (still compared: equal, no NaN)."""
+    image = Image.radial_gradient("L").resize((640, 480)).convert("RGB")
+    results = []
+    for stream in (False, True):
+        seg = Segmenter.from_pretrained(full_size, dtype=dtype, stream=stream)
+        results.append(seg(image, ["cat", "dog"], seed=0))
+        del seg
+    ARENA.release()
+    if dtype == torch.float32:
+        assert results[0].fused.std() > 0 and results[0].refined.std() > 0
+    assert not results[1].refined.isnan().any()
+    assert_same_result(*results)
