@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = str(Path(__file__).resolve().parents[1])
 if REPO not in sys.path:  # the tests share bench/'s diffusers reference builders (bench/weights.py, bench/baseline.py)
@@ -20,3 +21,23 @@ def tiny_sd_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_sd")
     write_tiny_diffusers(folder)
     return write_tiny_diffusers(folder, variant="fp16")
+
+
+TINY_RES = 128  # the tiny model's segmenters stretch images to 128² (a 16×16 latent): levels are relative,
+# so the code path is the official 512²'s, only faster
+
+
+@pytest.fixture(scope="session")
+def seg64(tiny_sd_dir):
+    """The tiny model's Segmenter in float64 (for comparisons with independent references)."""
+    from minidiffseg.method.segmenter import Segmenter
+
+    return Segmenter.from_pretrained(tiny_sd_dir, dtype=torch.float64, resolution=TINY_RES)
+
+
+@pytest.fixture(scope="session")
+def seg32(tiny_sd_dir):
+    """The tiny model's Segmenter in float32."""
+    from minidiffseg.method.segmenter import Segmenter
+
+    return Segmenter.from_pretrained(tiny_sd_dir, resolution=TINY_RES)

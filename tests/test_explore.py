@@ -47,16 +47,6 @@ def image(tmp_path_factory) -> Path:
     return photo(tmp_path_factory.mktemp("explore") / "shapes.png")
 
 
-@pytest.fixture(scope="module")
-def seg64(tiny_sd_dir):
-    return Segmenter.from_pretrained(tiny_sd_dir, dtype=torch.float64, resolution=RES)
-
-
-@pytest.fixture(scope="module")
-def seg32(tiny_sd_dir):
-    return Segmenter.from_pretrained(tiny_sd_dir, resolution=RES)
-
-
 @pytest.fixture(scope="module", params=["batched", "joint"])
 def explored(request, seg64, image):
     joint = request.param == "joint"

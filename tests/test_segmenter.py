@@ -18,16 +18,6 @@ from minidiffseg.method.segmenter import Segmenter
 RES = 128  # the official 512² would only be slower here: levels are relative, the code path is the same
 
 
-@pytest.fixture(scope="module")
-def seg64(tiny_sd_dir):
-    return Segmenter.from_pretrained(tiny_sd_dir, dtype=torch.float64, resolution=RES)
-
-
-@pytest.fixture(scope="module")
-def seg32(tiny_sd_dir):
-    return Segmenter.from_pretrained(tiny_sd_dir, resolution=RES)
-
-
 # the official recipe's constants, stated here rather than imported from the code under test (docs/design.md §5)
 OFFICIAL_LEVEL_WEIGHTS = {8: 0.3, 4: 0.5, 2: 0.1, 1: 0.1}  # 8×8: 0.3, 16×16: 0.5, 32×32: 0.1, 64×64: 0.1 at 512²
 PLUS_PLUS = 1.1 ** 2  # "++" on the class's last word
