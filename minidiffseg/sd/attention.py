@@ -70,8 +70,9 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, upcast: bool = False) -> t
     scale = q.shape[-1] ** -0.5
     if upcast:
         wide = torch.promote_types(q.dtype, torch.float32)
-        return torch.softmax(torch.matmul(q.to(wide), k.to(wide).transpose(-1, -2)) * scale, dim=-1).to(q.dtype)
-    return torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)
+        return torch.softmax(torch.matmul(q.to(wide), k.to(wide).transpose(-1, -2)).mul_(scale), dim=-1).to(q.dtype)
+    return torch.softmax(torch.matmul(q, k.transpose(-1, -2)).mul_(scale), dim=-1)  # scaled in place: one
+    # (B, h, N, T) score matrix fewer alive (20 MB at 64², 4 classes, bf16), the same values
 
 
 @dataclass

@@ -53,11 +53,14 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x, temb):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+    def forward(self, x, temb, weights=RESIDENT):
+        # weights fetched in two halves (docs/memory.md §2): the 2560→1280 up resnets hold 49 M parameters
+        with weights.block(self.norm1, self.conv1, self.time_emb_proj):
+            h = self.conv1(F.silu(self.norm1(x)))
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        with weights.block(self.norm2, self.conv2, *([self.conv_shortcut] if self.conv_shortcut else [])):
+            h = self.conv2(F.silu(self.norm2(h)))
+            return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
 class GEGLU(nn.Module):
@@ -170,8 +173,7 @@ class DownBlock(nn.Module):
 
     def forward(self, x, temb, context, store, skips: list, weights=RESIDENT):
         for i, resnet in enumerate(self.resnets):
-            with weights.block(resnet):
-                x = resnet(x, temb)
+            x = resnet(x, temb, weights)
             if self.attentions:
                 with weights.block(self.attentions[i]):
                     x = self.attentions[i](x, context, store)
@@ -199,8 +201,7 @@ class UpBlock(nn.Module):
     def forward(self, x, temb, context, store, skips: list, weights=RESIDENT):
         for i, resnet in enumerate(self.resnets):
             skip = skips.pop()  # conv_in's skip has batch 1 when the latents do (see UNet.forward)
-            with weights.block(resnet):
-                x = resnet(torch.cat([x, skip.expand(x.shape[0], -1, -1, -1)], dim=1), temb)
+            x = resnet(torch.cat([x, skip.expand(x.shape[0], -1, -1, -1)], dim=1), temb, weights)
             if self.attentions:
                 with weights.block(self.attentions[i]):
                     x = self.attentions[i](x, context, store)
@@ -220,12 +221,10 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList([transformer(ch, cfg, len(cfg.block_out_channels) - 1)])  # the deepest level's
 
     def forward(self, x, temb, context, store, weights=RESIDENT):
-        with weights.block(self.resnets[0]):
-            x = self.resnets[0](x, temb)
+        x = self.resnets[0](x, temb, weights)
         with weights.block(self.attentions[0]):
             x = self.attentions[0](x, context, store)
-        with weights.block(self.resnets[1]):
-            return self.resnets[1](x, temb)
+        return self.resnets[1](x, temb, weights)
 
 
 class UNet(nn.Module):
