@@ -1,14 +1,28 @@
-"""Peak memory of a whole `minidiffseg segment` run on a full-size SD1.5 (the README's "Memory" table).
+"""Memory and time of a whole segmentation, resident vs streamed weights (README "Memory", docs/memory.md §7).
 
-    python bench/peak_memory.py [--weights DIR] [--dtypes fp32,bf16] [--classes 4] [--resolution 512]
+    python bench/peak_memory.py [--weights DIR] [--dtypes fp32,bf16] [--classes 4,8] [--images 2] [--quick]
 
-Each setting runs in a fresh process: `minidiffseg.cli.main(["segment", ...])` on one 512×512 image
-with C classes, then the process reads its own peak resident set size, VmHWM in /proc/self/status
-(Linux). Not `ru_maxrss` of a child: Linux carries the parent's value over fork + exec. The peak
-after the imports is printed too, so what the run itself adds is visible. Each dtype runs with the
-defaults and with --low-memory.
+Each setting runs in a fresh process that does what `minidiffseg segment` does — load SD1.5
+(`Segmenter.from_pretrained` with the command's --stream/--low-memory options), segment a 512×512
+image and write the outputs (mask, overlay, heat maps, scores) — for `--images` images in a row, and
+reports:
+- peak RSS: the process's VmHWM (Linux /proc/self/status), which counts every resident page,
+  memory-mapped file pages included (RssFile: the libraries' code, mapped weights);
+- peak anon: the largest RssAnon seen by a thread reading /proc/self/status every 2 ms (misses spikes
+  shorter than that; VmHWM does not);
+- load s: loading the weights, with a cold page cache: the weight files are evicted from the page
+  cache before the process starts (posix_fadvise(POSIX_FADV_DONTNEED): no root needed; it drops the
+  clean pages no process maps);
+- image 1 s: the first image, which for streamed weights reads the files (the cache is cold);
+- image 2 s: the next image, the page cache warm (streamed weights are read from the cache);
+- streamed / resident: image 2 time of the streamed setting over the resident one (same dtype and C).
 
-Without --weights, full-size random weights are written once (bench/weights.py write_random_diffusers,
+Settings: resident, --stream, and --low-memory where it differs (more than 4 classes), per dtype and
+class count; for fp32, also the fp16 files kept resident and up-cast per block (docs/memory.md §6).
+The table is printed and written to bench/results/memory.md with the commit measured. Timings need a
+quiet machine (other processes' CPU share is printed per row); memory figures do not.
+
+Without --weights, full-size random weights are written once (tests/tiny_sd.py write_random_diffusers,
 needs diffusers + transformers) to bench/.cache/peak-memory-sd15: the diffusers layout with the .fp16
 files the hub serves and `minidiffseg download` fetches by default (~2.1 GB). Random weights take the
 same memory and time as the real ones.
@@ -18,29 +32,65 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / ".cache" / "peak-memory-sd15"
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+OUT = REPO / "bench" / "results" / "memory.md"
+GiB = 2**30
 
 CHILD = r"""
-import json, re, sys, time
-def peak():  # this process's peak RSS in bytes
-    return int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-import torch, minidiffseg.cli, minidiffseg.method.segmenter, minidiffseg.sd  # imports first, measured apart
-imports, start = peak(), time.perf_counter()
-rc = minidiffseg.cli.main(sys.argv[1:])
-print(json.dumps({"rc": rc, "imports": imports, "peak": peak(), "seconds": time.perf_counter() - start}))
+import json, re, sys, threading, time, resource
+def status():
+    text = open("/proc/self/status").read()
+    return {k: int(re.search(rf"{k}:\s+(\d+) kB", text).group(1)) * 1024 for k in ("VmHWM", "RssAnon")}
+anon = [0]
+def sample():  # the largest RssAnon, every 2 ms
+    while True:
+        anon[0] = max(anon[0], status()["RssAnon"])
+        time.sleep(0.002)
+threading.Thread(target=sample, daemon=True).start()
+import torch
+from argparse import Namespace
+from pathlib import Path
+from minidiffseg.cli.options import DTYPES, memory_options
+from minidiffseg.cli.segment import write_result
+from minidiffseg.method.segmenter import Segmenter
+imports = status()["VmHWM"]
+weights, dtype, classes, mode, images, out = sys.argv[1], DTYPES[sys.argv[2]], sys.argv[3].split(","), sys.argv[4], \
+    [Path(p) for p in sys.argv[5].split(",")], Path(sys.argv[6])
+start = time.perf_counter()
+if mode == "upcast":  # fp16 tensors resident (mapped), each block up-cast as it runs (docs/memory.md §6)
+    from minidiffseg.sd import checkpoint, stream
+    sd = checkpoint.load_sd(weights, dtype=torch.float32, stream=True)  # the networks, holding placeholders
+    for net, p in zip((sd.text_encoder, sd.vae, sd.unet), checkpoint.diffusers_parts(Path(weights))):
+        stream.upcast_weights(net, p.file, p.names, torch.float32, torch.device("cpu"), p.what)
+    seg = Segmenter(sd)
+else:
+    options = memory_options(Namespace(stream=mode == "stream", low_memory=mode == "low-memory"))
+    seg = Segmenter.from_pretrained(weights, dtype=dtype, **options)
+load = time.perf_counter() - start
+times = []
+for i, image in enumerate(images):
+    t = time.perf_counter()
+    r = seg(image, classes, seed=0)
+    write_result(out, f"{image.stem}", image, r)
+    times.append(time.perf_counter() - t)
+print(json.dumps({"imports": imports, "peak": status()["VmHWM"], "anon": anon[0], "load": load, "times": times,
+                  "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt}))
 """
 
 
 def random_weights() -> Path:
     if not (CACHE / "complete").is_file():
-        from bench.weights import write_random_diffusers  # needs diffusers + transformers (pip install -e ".[bench]")
+        sys.path.insert(0, str(REPO / "tests"))
+        from tiny_sd import write_random_diffusers  # needs diffusers + transformers (pip install -e ".[test]")
 
         print(f"writing full-size random SD1.5 (fp16 files, ~2.1 GB) to {CACHE} ...", file=sys.stderr)
         write_random_diffusers(CACHE)
@@ -48,53 +98,124 @@ def random_weights() -> Path:
     return CACHE
 
 
-def loaded_parameters(weights: Path) -> int:
-    """Elements of the tensors `segment` loads (U-Net, VAE encoder, text encoder), from the file headers."""
-    from minidiffseg.cli.inspect_weights import check, detect
-
-    return sum(check(part).params for part in detect(weights)[1])
+def weight_files(weights: Path) -> list[Path]:
+    return [weights] if weights.is_file() else sorted(weights.glob("*/*.safetensors"))
 
 
-def measure(weights: Path, dtype: str, classes: int, resolution: int, low_memory: bool, work: Path) -> dict:
-    from PIL import Image
+def evict(files: list[Path]) -> None:
+    """Drop the files' clean, unmapped pages from the page cache (a cold start without root)."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
-    image = work / "photo.png"
-    if not image.is_file():  # a smooth colour pattern: the content does not change the cost
-        Image.radial_gradient("L").resize((resolution, resolution)).convert("RGB").save(image)
+
+def others_busy(run) -> float:
+    """Share of the CPUs other processes used while `run()` ran (from /proc/stat and our children's times)."""
+    def busy():
+        fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        return sum(fields) - fields[3] - fields[4], sum(fields)  # all but idle and iowait; all
+    (b0, t0), c0 = busy(), os.times()
+    result = run()
+    (b1, t1), c1 = busy(), os.times()
+    hz = os.sysconf("SC_CLK_TCK")
+    ours = (c1.children_user + c1.children_system - c0.children_user - c0.children_system) * hz
+    return result, max(b1 - b0 - ours, 0) / max(t1 - t0, 1)
+
+
+def measure(weights: Path, dtype: str, classes: int, mode: str, images: list[Path], work: Path) -> dict:
     names = ",".join(["cat", "dog", "sofa", "person", "car", "tree", "sky", "grass"][:classes] +
                      [f"class{i}" for i in range(8, classes)])
-    argv = ["segment", str(image), "--classes", names, "--weights", str(weights), "--dtype", dtype, "--device", "cpu",
-            "--resolution", str(resolution), "--out", str(work / f"out-{dtype}-{low_memory}")]
-    run = subprocess.run([sys.executable, "-c", CHILD, *argv, *(["--low-memory"] if low_memory else [])],
-                         capture_output=True, text=True, cwd=REPO)
+    evict(weight_files(weights))
+    out = work / f"out-{dtype}-{classes}-{mode}"
+    out.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    argv = [sys.executable, "-c", CHILD, str(weights), dtype, names, mode, ",".join(map(str, images)), str(out)]
+    run, others = others_busy(lambda: subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env))
     if run.returncode != 0 or not run.stdout.strip():
-        sys.exit(f"segment failed ({dtype}):\n{run.stderr[-3000:]}")
-    return json.loads(run.stdout.strip().splitlines()[-1])
+        sys.exit(f"segment failed ({dtype}, C={classes}, {mode}):\n{run.stderr[-3000:]}")
+    return dict(json.loads(run.stdout.strip().splitlines()[-1]), others=others)
+
+
+def settings(dtypes: list[str], class_counts: list[int], upcast: bool) -> list[tuple[str, int, str]]:
+    rows = []
+    for dtype in dtypes:
+        for c in class_counts:
+            rows += [(dtype, c, "resident"), (dtype, c, "stream")]
+            if c > 4:
+                rows.append((dtype, c, "low-memory"))
+            if dtype == "fp32" and upcast:
+                rows.append((dtype, c, "upcast"))
+    return rows
+
+
+LABEL = {"resident": "resident", "stream": "`--stream`", "low-memory": "`--low-memory`",
+         "upcast": "fp16 resident, up-cast per block"}
+
+
+def revision() -> str:
+    sys.path.insert(0, str(REPO))
+    from bench.measure import source_revision
+
+    return source_revision()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", type=Path, help="an SD1.5 folder or file (default: full-size random weights)")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated --dtype values to measure")
-    p.add_argument("--classes", type=int, default=4)
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--classes", default="4,8", help="comma-separated class counts")
+    p.add_argument("--images", type=int, default=2, help="images per process (the first has the cold cache)")
+    p.add_argument("--resolution", type=int, default=512, help="side of the (square) test image")
+    p.add_argument("--out", type=Path, default=OUT, help=f"markdown file for the table (default {OUT.relative_to(REPO)})")
     args = p.parse_args()
-    sys.path.insert(0, str(REPO))  # minidiffseg from this checkout, installed or not
     if not Path("/proc/self/status").is_file():
-        sys.exit("reads the peak RSS (VmHWM) from /proc/self/status: Linux only")
+        sys.exit("reads VmHWM / RssAnon from /proc/self/status: Linux only")
     weights = args.weights or random_weights()
-    params = loaded_parameters(weights)
-    print(f"segment, one {args.resolution}×{args.resolution} image, C = {args.classes}, CPU, torch threads: default; "
-          f"weights {weights} ({params / 1e6:.0f} M parameters loaded)")
-    print("| --dtype | options | peak RSS | after imports | run adds | weights in that dtype | run time |")
-    print("|---|---|---|---|---|---|---|")
+    dtypes, counts = args.dtypes.split(","), [int(c) for c in args.classes.split(",")]
+    commit = revision()
+    head = [f"Generated by `python bench/peak_memory.py {' '.join(sys.argv[1:])}` at commit {commit}; not edited by hand.",
+            "",
+            f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs; "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+            f"- weights: {'full-size random SD1.5, the hub fp16 files' if args.weights is None else weights}; one "
+            f"{args.resolution}×{args.resolution} image, CPU, default torch threads; each row a fresh process doing "
+            f"what `minidiffseg segment` does for {args.images} images",
+            "- peak RSS: VmHWM (all resident pages, mapped files included); peak anon: RssAnon sampled every 2 ms",
+            "- cold cache: the weight files evicted from the page cache (posix_fadvise DONTNEED) before each process; "
+            "load s and image 1 s are cold-cache times, image 2 s warm-cache",
+            "- others: the CPU share other processes took during the row (timings are only comparable near 0 %)",
+            "",
+            "| --dtype | C | weights | peak RSS | peak anon | after imports | load s (cold) | image 1 s (cold) | "
+            "image 2 s (warm) | streamed / resident, warm | others |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(head), flush=True)
+    rows, resident = [], {}
     with tempfile.TemporaryDirectory() as work:
-        for dtype in args.dtypes.split(","):
-            for low_memory in (False, True):
-                m = measure(weights, dtype, args.classes, args.resolution, low_memory, Path(work))
-                print(f"| {dtype} | {'--low-memory' if low_memory else 'defaults'} | {m['peak'] / 2**30:.2f} GiB | "
-                      f"{m['imports'] / 2**30:.2f} GiB | {(m['peak'] - m['imports']) / 2**30:.2f} GiB | "
-                      f"{params * BYTES[dtype] / 2**30:.2f} GiB | {m['seconds']:.0f} s |", flush=True)
+        work = Path(work)
+        from PIL import Image
+
+        images = []
+        for i in range(args.images):  # a smooth pattern: the content does not change the cost
+            images.append(work / f"photo{i}.png")
+            Image.radial_gradient("L").rotate(90 * i).resize((args.resolution,) * 2).convert("RGB").save(images[-1])
+        for dtype, c, mode in settings(dtypes, counts, upcast=weights.is_dir()):
+            m = measure(weights, dtype, c, mode, images, work)
+            warm = m["times"][-1]
+            if mode == "resident":
+                resident[dtype, c] = warm
+            ratio = f"{warm / resident[dtype, c]:.2f}×" if mode != "resident" and (dtype, c) in resident else "—"
+            row = (f"| {dtype} | {c} | {LABEL[mode]} | {m['peak'] / GiB:.2f} GiB | {m['anon'] / GiB:.2f} GiB | "
+                   f"{m['imports'] / GiB:.2f} GiB | {m['load']:.1f} | {m['times'][0]:.1f} | {warm:.1f} | {ratio} | "
+                   f"{100 * m['others']:.0f} % |")
+            rows.append(row)
+            print(row, flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("# Memory and time of a whole segmentation: resident vs streamed weights\n\n" +
+                        "\n".join(head + rows) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
