@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true", help="ours with streamed weights (docs/memory.md): each block "
                    "read from the files as it runs")
     p.add_argument("--quiet-wait", type=float, default=0, metavar="SECONDS",
-                   help=f"before each configuration, wait up to SECONDS until other processes use less than {QUIET:.0%} "
+                   help=f"before each configuration, wait up to SECONDS until other processes use less than {QUIET * 100:.0f}%% "
                    "of the CPUs (other work on a small machine skews timings; default 0: don't wait)")
     p.add_argument("--sections", default="gemm,refine,headline,scaling",
                    help="comma-separated subset of gemm,refine,headline,scaling")

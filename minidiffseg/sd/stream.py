@@ -91,7 +91,7 @@ class BlockWeights:
         spans = [[(math.prod(shape) * item + ALIGN - 1) // ALIGN * ALIGN if cpu else 0 for _, shape in k.values()]
                  for k in keys]
         stage = self.staging([key for k in keys for key, _ in k.values()])
-        buffer = ARENA.take(sum(map(sum, spans)) + stage)  # (bytes,) uint8
+        buffer = self.buffer(sum(map(sum, spans)) + stage)  # (bytes,) uint8
         states, at = [], 0
         for k, sizes in zip(keys, spans):
             state = {}
@@ -103,6 +103,10 @@ class BlockWeights:
                 state[name], at = out, at + size
             states.append(state)
         return states
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        """Where a block's tensors go: the arena (bench/stream_mechanisms.py measures the alternatives)."""
+        return ARENA.take(nbytes)
 
     def _named(self, module: nn.Module, value) -> dict:
         prefix = self.prefix[module] + "." if self.prefix[module] else ""

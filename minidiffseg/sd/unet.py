@@ -55,12 +55,14 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, x, temb, weights=RESIDENT):
         # weights fetched in two halves (docs/memory.md §2): the 2560→1280 up resnets hold 49 M parameters
+        # SiLU and the skip add in place, no name holding a dead map (exact; docs/memory.md §4)
         with weights.block(self.norm1, self.conv1, self.time_emb_proj):
-            h = self.conv1(F.silu(self.norm1(x)))
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+            h = self.conv1(F.silu(self.norm1(x), inplace=True))
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # temb may have more rows than h
         with weights.block(self.norm2, self.conv2, *([self.conv_shortcut] if self.conv_shortcut else [])):
-            h = self.conv2(F.silu(self.norm2(h)))
-            return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+            h = F.silu(self.norm2(h), inplace=True)
+            h = self.conv2(h)
+            return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
 class GEGLU(nn.Module):
