@@ -22,7 +22,7 @@ class count; for fp32, also the fp16 files kept resident and up-cast per block (
 The table is printed and written to bench/results/memory.md with the commit measured. Timings need a
 quiet machine (other processes' CPU share is printed per row); memory figures do not.
 
-Without --weights, full-size random weights are written once (tests/tiny_sd.py write_random_diffusers,
+Without --weights, full-size random weights are written once (bench/weights.py write_random_diffusers,
 needs diffusers + transformers) to bench/.cache/peak-memory-sd15: the diffusers layout with the .fp16
 files the hub serves and `minidiffseg download` fetches by default (~2.1 GB). Random weights take the
 same memory and time as the real ones.
@@ -89,8 +89,8 @@ print(json.dumps({"imports": imports, "peak": status()["VmHWM"], "anon": anon[0]
 
 def random_weights() -> Path:
     if not (CACHE / "complete").is_file():
-        sys.path.insert(0, str(REPO / "tests"))
-        from tiny_sd import write_random_diffusers  # needs diffusers + transformers (pip install -e ".[test]")
+        sys.path.insert(0, str(REPO))
+        from bench.weights import write_random_diffusers  # needs diffusers + transformers (pip install -e ".[test]")
 
         print(f"writing full-size random SD1.5 (fp16 files, ~2.1 GB) to {CACHE} ...", file=sys.stderr)
         write_random_diffusers(CACHE)
