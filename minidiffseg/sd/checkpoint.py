@@ -5,10 +5,10 @@ noise schedule — loaded from either official layout (docs/design.md §4, docs/
   or the `.fp16` variant) and tokenizer/ (vocab.json + merges.txt). Sizes come from the config.json
   files; our parameter names are the files' names.
 - a single original-LDM file (v1-5-pruned-emaonly[-fp16].safetensors): names translated by the rules
-  of minidiffseg.ldm, sizes read from the tensor shapes; the tokenizer from a tokenizer/ folder
+  of minidiffseg.sd.ldm, sizes read from the tensor shapes; the tokenizer from a tokenizer/ folder
   beside it or the `tokenizer=` argument.
 
-Either way each network is built on the meta device and filled by minidiffseg.loading (strict,
+Either way each network is built on the meta device and filled by minidiffseg.sd.loading (strict,
 memory-mapped, one copy of the weights). Keys we never build are ignored by name. Which model it is
 (SD1.5, SD2.x base or 768-v) is read from the same configs and shapes, never from a file or repo name;
 an SD2.x single file's text tower is OpenCLIP's, loaded under its own names and then split
@@ -107,7 +107,7 @@ def load_sd(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
         tok = _tokenizer(tokenizer, path.parent / "tokenizer", path, parts[0].module.cfg)
         if unknown:
             raise UserError(f"{path}: {len(unknown)} unexpected tensor(s): {keys_text(unknown)}; neither an SD1.5 "
-                            "single-file tensor nor one ignored by name (minidiffseg.ldm.IGNORED)")
+                            "single-file tensor nor one ignored by name (minidiffseg.sd.ldm.IGNORED)")
     load = stream_weights if stream else load_strict
     # an SD2.x single file's text tower is filled under OpenCLIP's names and then split (`finish`): it is
     # loaded resident even when the rest streams (docs/sd2.md §3)
