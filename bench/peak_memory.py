@@ -14,11 +14,14 @@ reports:
   cache before the process starts (posix_fadvise(POSIX_FADV_DONTNEED): no root needed; it drops the
   clean pages no process maps);
 - image 1 s: the first image, which for streamed weights reads the files (the cache is cold);
-- image 2 s: the next image, the page cache warm (streamed weights are read from the cache);
-- streamed / resident: image 2 time of the streamed setting over the resident one (same dtype and C).
+- warm s: the median time of the next images, the page cache warm (streamed weights are read from the
+  cache); with --images 2 that is the second image alone;
+- over resident: the warm time of the setting over the resident one (same dtype and C).
 
 Settings: resident, --stream, and --low-memory where it differs (more than 4 classes), per dtype and
-class count; for fp32, also the fp16 files kept resident and up-cast per block (docs/memory.md §6).
+class count. For fp32 from the fp16 files, "resident" keeps the fp16 tensors mapped and up-casts each
+block as it runs (the default since docs/memory.md §6); the row "converted at load" is the alternative,
+every tensor converted to fp32 when loading.
 The table is printed and written to bench/results/memory.md with the commit measured. Timings need a
 quiet machine (other processes' CPU share is printed per row); memory figures do not.
 
@@ -34,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,11 +70,12 @@ imports = status()["VmHWM"]
 weights, dtype, classes, mode, images, out = sys.argv[1], DTYPES[sys.argv[2]], sys.argv[3].split(","), sys.argv[4], \
     [Path(p) for p in sys.argv[5].split(",")], Path(sys.argv[6])
 start = time.perf_counter()
-if mode == "upcast":  # fp16 tensors resident (mapped), each block up-cast as it runs (docs/memory.md §6)
-    from minidiffseg.sd import checkpoint, stream
-    sd = checkpoint.load_sd(weights, dtype=torch.float32, stream=True)  # the networks, holding placeholders
-    for net, p in zip((sd.text_encoder, sd.vae, sd.unet), checkpoint.diffusers_parts(Path(weights))):
-        stream.upcast_weights(net, p.file, p.names, torch.float32, torch.device("cpu"), p.what)
+if mode == "converted":  # every tensor converted to float32 at load: the default before docs/memory.md §6
+    from minidiffseg.sd import checkpoint
+    from minidiffseg.sd.loading import load_strict
+    sd = checkpoint.load_sd(weights, dtype=torch.float32, stream=True)  # the tokenizer and schedule
+    for name, p in zip(("text_encoder", "vae", "unet"), checkpoint.diffusers_parts(Path(weights))):
+        setattr(sd, name, load_strict(p.module, p.file, p.names, torch.float32, torch.device("cpu"), p.what))
     seg = Segmenter(sd)
 else:
     options = memory_options(Namespace(stream=mode == "stream", low_memory=mode == "low-memory"))
@@ -139,20 +144,20 @@ def measure(weights: Path, dtype: str, classes: int, mode: str, images: list[Pat
     return dict(json.loads(run.stdout.strip().splitlines()[-1]), others=others)
 
 
-def settings(dtypes: list[str], class_counts: list[int], upcast: bool) -> list[tuple[str, int, str]]:
+def settings(dtypes: list[str], class_counts: list[int], converted: bool) -> list[tuple[str, int, str]]:
     rows = []
     for dtype in dtypes:
         for c in class_counts:
             rows += [(dtype, c, "resident"), (dtype, c, "stream")]
             if c > 4:
                 rows.append((dtype, c, "low-memory"))
-            if dtype == "fp32" and upcast:
-                rows.append((dtype, c, "upcast"))
+            if dtype == "fp32" and converted:
+                rows.append((dtype, c, "converted"))
     return rows
 
 
 LABEL = {"resident": "resident", "stream": "`--stream`", "low-memory": "`--low-memory`",
-         "upcast": "fp16 resident, up-cast per block"}
+         "converted": "resident, every tensor converted at load"}
 
 
 def revision() -> str:
@@ -185,11 +190,11 @@ def main() -> None:
             f"what `minidiffseg segment` does for {args.images} images",
             "- peak RSS: VmHWM (all resident pages, mapped files included); peak anon: RssAnon sampled every 2 ms",
             "- cold cache: the weight files evicted from the page cache (posix_fadvise DONTNEED) before each process; "
-            "load s and image 1 s are cold-cache times, image 2 s warm-cache",
+            "load s and image 1 s are cold-cache times; warm s: the median of images 2 to " + str(args.images),
             "- others: the CPU share other processes took during the row (timings are only comparable near 0 %)",
             "",
             "| --dtype | C | weights | peak RSS | peak anon | after imports | load s (cold) | image 1 s (cold) | "
-            "image 2 s (warm) | streamed / resident, warm | others |",
+            "warm s | over resident, warm | others |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(head), flush=True)
     rows, resident = [], {}
@@ -201,9 +206,9 @@ def main() -> None:
         for i in range(args.images):  # a smooth pattern: the content does not change the cost
             images.append(work / f"photo{i}.png")
             Image.radial_gradient("L").rotate(90 * i).resize((args.resolution,) * 2).convert("RGB").save(images[-1])
-        for dtype, c, mode in settings(dtypes, counts, upcast=weights.is_dir()):
+        for dtype, c, mode in settings(dtypes, counts, converted=weights.is_dir()):
             m = measure(weights, dtype, c, mode, images, work)
-            warm = m["times"][-1]
+            warm = statistics.median(m["times"][1:] or m["times"])
             if mode == "resident":
                 resident[dtype, c] = warm
             ratio = f"{warm / resident[dtype, c]:.2f}×" if mode != "resident" and (dtype, c) in resident else "—"

@@ -91,3 +91,32 @@ def test_bad_weights_folder_is_one_error_line(tmp_path, capsys):
     code = main(["bench", "--weights", str(tmp_path / "absent"), "--out", str(tmp_path)])
     assert code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_models_table_puts_runs_side_by_side(tiny_run, tmp_path):
+    """bench/models.py: one row per model and dtype, each figure the run's own (end to end seconds, network
+    FLOPs, the baseline's end to end), and where each run came from."""
+    from bench import models
+    from bench.report import fmt, network_flops
+
+    _, results, _ = tiny_run
+    other = json.loads(json.dumps(results))
+    other["meta"]["weights"] = "random tiny SD2.1-base (figures mean nothing: checks that the benchmark runs)"
+    paths = []
+    for name, r in (("a.json", results), ("b.json", other)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(r))
+    out = tmp_path / "models.md"
+    assert models.main([*map(str, paths), "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("| model |"))
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[at:] if line.startswith("| ")]
+    rows = [dict(zip(cells[0], r)) for r in cells[1:]]
+    assert [r["model"] for r in rows] == ["SD1.5", "SD2.1-base"], rows
+    ours, base = job(results, "ours"), job(results, "baseline")
+    row = rows[0]
+    assert row["end to end s"] == fmt(ours["result"]["stages"]["end to end"]["seconds"])
+    assert row["network GFLOP"] == fmt(network_flops(ours) / 1e9, digits=4)
+    assert row["baseline end to end s"] == fmt(base["result"]["stages"]["end to end"]["seconds"])
+    md = "\n".join(lines)
+    assert "`a.json`" in md and "`b.json`" in md and results["meta"]["command"] in md

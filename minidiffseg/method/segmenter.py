@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..image import load_image, to_tensor
 from ..sd.attention import AttentionStore
+from ..sd.stream import RESIDENT
 from . import refine as refinement
 from .decision import DEFAULT_TAU, decide, upsample_scores
 from .fusion import DEFAULT_LEVEL_WEIGHTS, fuse, level_maps
@@ -144,7 +145,10 @@ class Segmenter:
         device = torch.device(device) if device is not None else self.device
         dtype = cpu_dtype(dtype, device) if dtype is not None else self.dtype
         for net in (self.sd.text_encoder, self.sd.vae, self.sd.unet):
-            net.to(device=device, dtype=dtype)
+            if net.weights is RESIDENT:
+                net.to(device=device, dtype=dtype)
+            else:  # weights fetched per block (sd/stream.py): their source moves; nothing is materialised
+                net.weights.to(device, dtype)
         self.text_cache.clear()
         return self
 

@@ -32,7 +32,7 @@ from .config import CLIPTextConfig, UNetConfig, VAEConfig
 from ..errors import UserError
 from .loading import PICKLE_SUFFIXES, build_on_meta, check_suffix, keys_text, load_strict, read_header
 from .schedule import NoiseSchedule
-from .stream import stream_weights
+from .stream import keeps_half, stream_weights, upcast_weights
 from .tokenizer import EOS, CLIPTokenizer
 from .unet import UNet
 from .vae import VAEEncoder
@@ -108,11 +108,16 @@ def load_sd(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
         if unknown:
             raise UserError(f"{path}: {len(unknown)} unexpected tensor(s): {keys_text(unknown)}; neither an SD1.5 "
                             "single-file tensor nor one ignored by name (minidiffseg.sd.ldm.IGNORED)")
-    load = stream_weights if stream else load_strict
-    # an SD2.x single file's text tower is filled under OpenCLIP's names and then split (`finish`): it is
-    # loaded resident even when the rest streams (docs/sd2.md §3)
-    text_encoder, vae, unet = ((load_strict if p.finish else load)(p.module, p.file, p.names, dtype, device, p.what)
-                               for p in parts)
+    def load(p: Part):
+        if p.finish:  # an SD2.x single file's text tower is filled under OpenCLIP's names and then split: it is
+            return load_strict  # loaded resident even when the rest streams (docs/sd2.md §3)
+        if stream:
+            return stream_weights
+        # float32 compute from half-precision files on the CPU: the stored tensors stay mapped, each block is
+        # up-cast as it runs (exact; half the memory and no slower than converting all at load: docs/memory.md §6)
+        return upcast_weights if keeps_half(p.file, p.names, dtype, device) else load_strict
+
+    text_encoder, vae, unet = (load(p)(p.module, p.file, p.names, dtype, device, p.what) for p in parts)
     if parts[0].finish is not None:
         text_encoder = parts[0].finish(text_encoder)
     scheduler = scheduler_config(path) if path.is_dir() else None
