@@ -31,7 +31,7 @@ def child(weights: str, dtype: str, classes: int, images: int, mode: str) -> dic
     from minidiffseg.cli.options import DTYPES
     from minidiffseg.image import to_tensor
     from minidiffseg.method.decision import decide, upsample_scores
-    from minidiffseg.method.segmenter import Segmenter
+    from minidiffseg.method.segmenter import AttentionMaps, Segmenter
 
     seg = Segmenter.from_pretrained(weights, dtype=DTYPES[dtype], stream=mode == "stream")
     names = ["cat", "dog", "sofa", "person", "car", "tree", "sky", "grass"][:classes]
@@ -54,10 +54,10 @@ def child(weights: str, dtype: str, classes: int, images: int, mode: str) -> dic
             marks.append(clock())
             store = seg.record(z0, noises, context, torch.stack([r.select for r in rows]))
             marks.append(clock())
-            fused, _, _ = seg.fuse(store, tuple(z0.shape[-2:]))
-            refined = seg.refine(store, fused)
+            fused, levels, layers = seg.fuse(store, tuple(z0.shape[-2:]))
+            maps = AttentionMaps.per_class([AttentionMaps(fused, seg.refine(store, fused), levels, layers)])
             marks.append(clock())
-            decide(upsample_scores(refined, (img.height, img.width)), seg.default_tau)
+            decide(upsample_scores(maps.refined, (img.height, img.width)), seg.default_tau)
             marks.append(clock())
             if i:
                 for name, a, b in zip(STEPS, marks, marks[1:]):
