@@ -8,8 +8,8 @@ image and write the outputs (mask, overlay, heat maps, scores) — for `--images
 reports:
 - peak RSS: the process's VmHWM (Linux /proc/self/status), which counts every resident page,
   memory-mapped file pages included (RssFile: the libraries' code, mapped weights);
-- peak anon: the largest RssAnon seen by a thread reading /proc/self/status every 2 ms (misses spikes
-  shorter than that; VmHWM does not);
+- peak anon: the largest RssAnon seen by this process reading the child's /proc/PID/status every 2 ms
+  (misses spikes shorter than that; VmHWM does not);
 - load s: loading the weights, with a cold page cache: the weight files are evicted from the page
   cache before the process starts (posix_fadvise(POSIX_FADV_DONTNEED): no root needed; it drops the
   clean pages no process maps);
@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -50,16 +51,10 @@ OUT = REPO / "bench" / "results" / "memory.md"
 GiB = 2**30
 
 CHILD = r"""
-import json, re, sys, threading, time, resource
+import json, re, sys, time, resource
 def status():
     text = open("/proc/self/status").read()
     return {k: int(re.search(rf"{k}:\s+(\d+) kB", text).group(1)) * 1024 for k in ("VmHWM", "RssAnon")}
-anon = [0]
-def sample():  # the largest RssAnon, every 2 ms
-    while True:
-        anon[0] = max(anon[0], status()["RssAnon"])
-        time.sleep(0.002)
-threading.Thread(target=sample, daemon=True).start()
 import torch
 from argparse import Namespace
 from pathlib import Path
@@ -87,7 +82,7 @@ for i, image in enumerate(images):
     r = seg(image, classes, seed=0)
     write_result(out, f"{image.stem}", image, r)
     times.append(time.perf_counter() - t)
-print(json.dumps({"imports": imports, "peak": status()["VmHWM"], "anon": anon[0], "load": load, "times": times,
+print(json.dumps({"imports": imports, "peak": status()["VmHWM"], "load": load, "times": times,
                   "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt}))
 """
 
@@ -138,10 +133,28 @@ def measure(weights: Path, dtype: str, classes: int, mode: str, images: list[Pat
     out.mkdir()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     argv = [sys.executable, "-c", CHILD, str(weights), dtype, names, mode, ",".join(map(str, images)), str(out)]
-    run, others = others_busy(lambda: subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env))
-    if run.returncode != 0 or not run.stdout.strip():
-        sys.exit(f"segment failed ({dtype}, C={classes}, {mode}):\n{run.stderr[-3000:]}")
-    return dict(json.loads(run.stdout.strip().splitlines()[-1]), others=others)
+    (code, stdout, stderr, anon), others = others_busy(lambda: run_sampled(argv, env, work))
+    if code != 0 or not stdout.strip():
+        sys.exit(f"segment failed ({dtype}, C={classes}, {mode}):\n{stderr[-3000:]}")
+    return dict(json.loads(stdout.strip().splitlines()[-1]), anon=anon, others=others)
+
+
+def run_sampled(argv: list[str], env: dict, work: Path) -> tuple[int, str, str, int]:
+    """Run the child; meanwhile read its RssAnon from /proc/PID/status every 2 ms, from this process (a
+    sampling thread inside the child would take the GIL and CPU time from the run being timed, and more
+    from a streamed run, which runs more Python per block). Returns (exit code, stdout, stderr, peak)."""
+    peak = 0
+    with open(work / "stdout", "w+") as out, open(work / "stderr", "w+") as err:
+        child = subprocess.Popen(argv, stdout=out, stderr=err, text=True, cwd=REPO, env=env)
+        while child.poll() is None:
+            try:
+                peak = max(peak, int(re.search(r"RssAnon:\s+(\d+) kB", open(f"/proc/{child.pid}/status").read())
+                                     .group(1)) * 1024)
+            except (OSError, AttributeError):  # the child is exiting
+                pass
+            time.sleep(0.002)
+        out.seek(0), err.seek(0)
+        return child.returncode, out.read(), err.read(), peak
 
 
 def settings(dtypes: list[str], class_counts: list[int], converted: bool) -> list[tuple[str, int, str]]:
@@ -188,7 +201,8 @@ def main() -> None:
             f"- weights: {'full-size random SD1.5, the hub fp16 files' if args.weights is None else weights}; one "
             f"{args.resolution}×{args.resolution} image, CPU, default torch threads; each row a fresh process doing "
             f"what `minidiffseg segment` does for {args.images} images",
-            "- peak RSS: VmHWM (all resident pages, mapped files included); peak anon: RssAnon sampled every 2 ms",
+            "- peak RSS: VmHWM (all resident pages, mapped files included); peak anon: the child's RssAnon sampled every 2 ms "
+            "from the parent process (its polling counts in others)",
             "- cold cache: the weight files evicted from the page cache (posix_fadvise DONTNEED) before each process; "
             "load s and image 1 s are cold-cache times; warm s: the median of images 2 to " + str(args.images),
             "- others: the CPU share other processes took during the row (timings are only comparable near 0 %)",
