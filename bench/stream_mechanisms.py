@@ -3,7 +3,8 @@
     python bench/stream_mechanisms.py [--weights DIR] [--dtype bf16] [--classes 4] [--repeats 2]
 
 Full-size SD1.5 U-Net passes (512², C prompt rows, fp16 files), the weights streamed by:
-- resident: the weights loaded once (the reference time);
+- resident: the weights converted to the compute dtype once, at load (the reference time);
+- up-cast per block: the file's tensors kept as stored (mapped), each block converted as it runs (memory.md §6);
 - arena (minidiffseg's choice): each block `pread` into one reused anonymous mapping;
 - fresh memory: each block `pread` into a new anonymous mapping, unmapped after the block;
 - malloc: each block `pread` into tensors from torch's allocator (glibc's heap);
@@ -35,11 +36,12 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "bench" / "results" / "stream-mechanisms.md"
+OUT = REPO / "bench" / "results" / "stream-mechanisms.md"  # --out
 sys.path.insert(0, str(REPO))
 
 from minidiffseg.cli.options import DTYPES  # noqa: E402
 from minidiffseg.sd import checkpoint, stream  # noqa: E402
+from minidiffseg.sd.loading import load_strict  # noqa: E402
 from minidiffseg.sd.stream import StreamedWeights  # noqa: E402
 
 
@@ -153,8 +155,11 @@ def child(folder: Path, mechanism: str, dtype: torch.dtype, classes: int, repeat
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1, 4, 64, 64, generator=g).to(dtype)
     ctx = torch.randn(classes, 77, 768, generator=g).to(dtype)
-    if mechanism == "resident":
-        net = checkpoint.load_sd(folder, dtype=dtype).unet
+    if mechanism == "resident":  # every tensor converted to the compute dtype at load
+        net = load_strict(unet_part.module, unet_part.file, unet_part.names, dtype, torch.device("cpu"), "U-Net")
+    elif mechanism == "up-cast per block":  # the file's tensors mapped, converted per block (docs/memory.md §6)
+        net = stream.upcast_weights(unet_part.module, unet_part.file, unet_part.names, dtype, torch.device("cpu"),
+                                    "U-Net")
     else:
         net = unet_part.module
         stream.check(net, unet_part.file, unet_part.names).raise_first(unet_part.file, "U-Net")
@@ -186,6 +191,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--classes", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--mechanisms", help="comma-separated subset of: resident, up-cast per block, " + ", ".join(MECHANISMS))
+    p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     from peak_memory import random_weights  # bench/ is on sys.path when run as a script
@@ -195,7 +202,8 @@ def main() -> None:
         print(json.dumps(child(folder, args.child, DTYPES[args.dtype], args.classes, args.repeats)))
         return
     results = {}
-    for name in ["resident", *MECHANISMS]:  # each in a fresh process: no heap or page state carried over
+    names = args.mechanisms.split(",") if args.mechanisms else ["resident", *MECHANISMS]
+    for name in names:  # each in a fresh process: no heap or page state carried over
         run = subprocess.run([sys.executable, __file__, "--child", name, "--weights", str(folder), "--dtype", args.dtype,
                               "--classes", str(args.classes), "--repeats", str(args.repeats)],
                              capture_output=True, text=True, check=True)
@@ -218,8 +226,8 @@ def main() -> None:
                      f"{cpu / statistics.median(ref['cpu']):.2f}× | {r['cold']:.2f} | "
                      f"{statistics.median(r['faults']):,.0f} | {r['peak'] / 2**30:.2f} GiB |")
     print("\n".join(lines))
-    OUT.write_text("# Streaming mechanisms: one U-Net pass\n\n" + "\n".join(lines) + "\n")
-    print(f"wrote {OUT}")
+    args.out.write_text("# Streaming mechanisms: one U-Net pass\n\n" + "\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
 
 if __name__ == "__main__":
     main()
