@@ -19,9 +19,8 @@ reports:
 - over resident: the warm time of the setting over the resident one (same dtype and C).
 
 Settings: resident, --stream, and --low-memory where it differs (more than 4 classes), per dtype and
-class count. For fp32 from the fp16 files, "resident" keeps the fp16 tensors mapped and up-casts each
-block as it runs (the default since docs/memory.md §6); the row "converted at load" is the alternative,
-every tensor converted to fp32 when loading.
+class count; for fp32 from fp16 files also the alternative of docs/memory.md §6 (the fp16 tensors kept
+mapped and up-cast per block, bench/stream_mechanisms.py `upcast_weights`).
 The table is printed and written to bench/results/memory.md with the commit measured. Timings need a
 quiet machine (other processes' CPU share is printed per row); memory figures do not.
 
@@ -65,12 +64,12 @@ imports = status()["VmHWM"]
 weights, dtype, classes, mode, images, out = sys.argv[1], DTYPES[sys.argv[2]], sys.argv[3].split(","), sys.argv[4], \
     [Path(p) for p in sys.argv[5].split(",")], Path(sys.argv[6])
 start = time.perf_counter()
-if mode == "converted":  # every tensor converted to float32 at load: the default before docs/memory.md §6
+if mode == "upcast":  # fp16 tensors kept mapped, each block up-cast as it runs (docs/memory.md §6)
     from minidiffseg.sd import checkpoint
-    from minidiffseg.sd.loading import load_strict
-    sd = checkpoint.load_sd(weights, dtype=torch.float32, stream=True)  # the tokenizer and schedule
-    for name, p in zip(("text_encoder", "vae", "unet"), checkpoint.diffusers_parts(Path(weights))):
-        setattr(sd, name, load_strict(p.module, p.file, p.names, torch.float32, torch.device("cpu"), p.what))
+    from bench.stream_mechanisms import upcast_weights
+    sd = checkpoint.load_sd(weights, dtype=torch.float32, stream=True)  # the networks, holding placeholders
+    for net, p in zip((sd.text_encoder, sd.vae, sd.unet), checkpoint.diffusers_parts(Path(weights))):
+        upcast_weights(net, p.file, p.names, torch.float32, p.what)
     seg = Segmenter(sd)
 else:
     options = memory_options(Namespace(stream=mode == "stream", low_memory=mode == "low-memory"))
@@ -157,20 +156,20 @@ def run_sampled(argv: list[str], env: dict, work: Path) -> tuple[int, str, str, 
         return child.returncode, out.read(), err.read(), peak
 
 
-def settings(dtypes: list[str], class_counts: list[int], converted: bool) -> list[tuple[str, int, str]]:
+def settings(dtypes: list[str], class_counts: list[int], upcast: bool) -> list[tuple[str, int, str]]:
     rows = []
     for dtype in dtypes:
         for c in class_counts:
             rows += [(dtype, c, "resident"), (dtype, c, "stream")]
             if c > 4:
                 rows.append((dtype, c, "low-memory"))
-            if dtype == "fp32" and converted:
-                rows.append((dtype, c, "converted"))
+            if dtype == "fp32" and upcast:
+                rows.append((dtype, c, "upcast"))
     return rows
 
 
 LABEL = {"resident": "resident", "stream": "`--stream`", "low-memory": "`--low-memory`",
-         "converted": "resident, every tensor converted at load"}
+         "upcast": "fp16 kept mapped, up-cast per block"}
 
 
 def revision() -> str:
@@ -220,7 +219,7 @@ def main() -> None:
         for i in range(args.images):  # a smooth pattern: the content does not change the cost
             images.append(work / f"photo{i}.png")
             Image.radial_gradient("L").rotate(90 * i).resize((args.resolution,) * 2).convert("RGB").save(images[-1])
-        for dtype, c, mode in settings(dtypes, counts, converted=weights.is_dir()):
+        for dtype, c, mode in settings(dtypes, counts, upcast=weights.is_dir()):
             m = measure(weights, dtype, c, mode, images, work)
             warm = statistics.median(m["times"][1:] or m["times"])
             if mode == "resident":

@@ -4,7 +4,7 @@
 
 Full-size SD1.5 U-Net passes (512², C prompt rows, fp16 files), the weights streamed by:
 - resident: the weights converted to the compute dtype once, at load (the reference time);
-- up-cast per block: the file's tensors kept as stored (mapped), each block converted as it runs (memory.md §6);
+- up-cast per block: the file's tensors kept as stored (mapped), each block converted as it runs (docs/memory.md §6);
 - arena (minidiffseg's choice): each block `pread` into one reused anonymous mapping;
 - fresh memory: each block `pread` into a new anonymous mapping, unmapped after the block;
 - malloc: each block `pread` into tensors from torch's allocator (glibc's heap);
@@ -43,6 +43,28 @@ from minidiffseg.cli.options import DTYPES  # noqa: E402
 from minidiffseg.sd import checkpoint, stream  # noqa: E402
 from minidiffseg.sd.loading import load_strict  # noqa: E402
 from minidiffseg.sd.stream import StreamedWeights  # noqa: E402
+
+
+class Upcast(stream.BlockWeights):
+    """The file's tensors kept as stored (memory-mapped views), each block converted as it runs: the
+    alternative to converting every tensor at load for fp32 compute from fp16 files (docs/memory.md §6)."""
+
+    def __init__(self, network, names, path, dtype, device):
+        from safetensors import safe_open
+
+        super().__init__(network, names, dtype, device)
+        with safe_open(str(path), framework="pt") as f:
+            self.tensors = {key: f.get_tensor(key) for key in names}  # file key -> stored tensor (mapped)
+
+    def fill(self, key, out, stage):
+        out.copy_(self.tensors[key].view(out.shape))
+
+
+def upcast_weights(net, path, names, dtype, what="U-Net"):
+    """`net` (built on meta) computing from `path`'s tensors up-cast per block; the load-time checks first."""
+    stream.check(net, path, names).raise_first(path, what)
+    net.weights = Upcast(net, names, path, dtype, torch.device("cpu"))
+    return net
 
 
 class FreshMemory(StreamedWeights):
@@ -153,13 +175,13 @@ def child(folder: Path, mechanism: str, dtype: torch.dtype, classes: int, repeat
     """One mechanism in this (fresh) process: a warm-up pass, `repeats` warm passes, one cold pass."""
     unet_part = checkpoint.diffusers_parts(folder)[2]
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(1, 4, 64, 64, generator=g).to(dtype)
-    ctx = torch.randn(classes, 77, 768, generator=g).to(dtype)
+    cfg = unet_part.module.cfg  # full size: a 64² latent (512²), 768-wide text
+    z = torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g).to(dtype)
+    ctx = torch.randn(classes, 77, cfg.cross_attention_dim, generator=g).to(dtype)
     if mechanism == "resident":  # every tensor converted to the compute dtype at load
         net = load_strict(unet_part.module, unet_part.file, unet_part.names, dtype, torch.device("cpu"), "U-Net")
     elif mechanism == "up-cast per block":  # the file's tensors mapped, converted per block (docs/memory.md §6)
-        net = stream.upcast_weights(unet_part.module, unet_part.file, unet_part.names, dtype, torch.device("cpu"),
-                                    "U-Net")
+        net = upcast_weights(unet_part.module, unet_part.file, unet_part.names, dtype)
     else:
         net = unet_part.module
         stream.check(net, unet_part.file, unet_part.names).raise_first(unet_part.file, "U-Net")

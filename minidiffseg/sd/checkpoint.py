@@ -32,7 +32,7 @@ from .config import CLIPTextConfig, UNetConfig, VAEConfig
 from ..errors import UserError
 from .loading import PICKLE_SUFFIXES, build_on_meta, check_suffix, keys_text, load_strict, read_header
 from .schedule import NoiseSchedule
-from .stream import keeps_half, stream_weights, upcast_weights
+from .stream import stream_weights
 from .tokenizer import EOS, CLIPTokenizer
 from .unet import UNet
 from .vae import VAEEncoder
@@ -111,11 +111,7 @@ def load_sd(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     def load(p: Part):
         if p.finish:  # an SD2.x single file's text tower is filled under OpenCLIP's names and then split: it is
             return load_strict  # loaded resident even when the rest streams (docs/sd2.md §3)
-        if stream:
-            return stream_weights
-        # float32 compute from half-precision files on the CPU: the stored tensors stay mapped, each block is
-        # up-cast as it runs (exact; half the memory and no slower than converting all at load: docs/memory.md §6)
-        return upcast_weights if keeps_half(p.file, p.names, dtype, device) else load_strict
+        return stream_weights if stream else load_strict
 
     text_encoder, vae, unet = (load(p)(p.module, p.file, p.names, dtype, device, p.what) for p in parts)
     if parts[0].finish is not None:

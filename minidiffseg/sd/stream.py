@@ -14,9 +14,6 @@ block by block, for the block's parameters:
   is done), converts them to the compute dtype, puts them in with `load_state_dict(strict=True,
   assign=True)`, and puts the placeholders back when the block is done, which frees the tensors.
   At most one block's weights are alive at a time.
-- `UpcastWeights`: the half-precision tensors of the file stay resident (memory-mapped, read once)
-  and each block is converted to the compute dtype when it runs (fp16 → fp32 is exact). Resident
-  loading does this wherever `keeps_half` says so: float32 compute on the CPU from fp16/bf16 files.
 
 The grain — a resnet, a transformer (norm, proj_in, attention ×2, feed-forward, proj_out), a down/up
 sampler, the small stems — is chosen in the networks' forward (docs/memory.md §2). The file checks
@@ -297,28 +294,6 @@ class StreamedWeights(BlockWeights):
         self.file.fill(key, out, stage)
 
 
-class UpcastWeights(BlockWeights):
-    """Half-precision tensors resident (as loaded: memory-mapped views), converted per block."""
-
-    def __init__(self, network: nn.Module, names: dict[str, str], tensors: dict[str, torch.Tensor],
-                 dtype: torch.dtype, device: torch.device):
-        super().__init__(network, names, dtype, device)
-        self.tensors = tensors  # file key -> stored tensor
-
-    def fill(self, key: str, out: torch.Tensor, stage: torch.Tensor) -> None:
-        out.copy_(self.tensors[key].view(out.shape))
-
-    def to(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Where up-casting per block no longer pays (another device or dtype), the network becomes resident:
-        every tensor converted once, as resident loading would have done."""
-        if torch.device(device).type == "cpu" and dtype == torch.float32:
-            return super().to(device, dtype)
-        shapes = {name: p.shape for name, p in self.network.state_dict().items()}
-        self.network.load_state_dict({name: self.tensors[key].to(device, dtype).view(shapes[name])
-                                      for name, key in self.key_of.items()}, strict=True, assign=True)
-        self.network.weights = RESIDENT
-
-
 def stream_weights(module: nn.Module, path: Path, names: dict[str, str], dtype: torch.dtype, device: torch.device,
                    what: str) -> nn.Module:
     """`load_strict`'s counterpart for streaming: the same checks, now; the tensors at every pass.
@@ -326,27 +301,4 @@ def stream_weights(module: nn.Module, path: Path, names: dict[str, str], dtype: 
     check(module, path, names).raise_first(path, what)
     layout = read_layout(path)
     module.weights = StreamedWeights(module, names, WeightFile(path, layout), dtype, device)
-    return module
-
-
-def keeps_half(path: Path, names: dict[str, str], dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether resident loading keeps the file's tensors as stored and up-casts each block as it runs
-    (`upcast_weights`) instead of converting them all at load: computing in float32 on the CPU from a file
-    whose tensors are all fp16 or bf16. Half the weights' memory, no slower (docs/memory.md §6)."""
-    if device.type != "cpu" or dtype != torch.float32:
-        return False
-    spans = read_layout(path).spans
-    return all(TORCH_DTYPE[spans[key][0]] in (torch.float16, torch.bfloat16) for key in names)
-
-
-def upcast_weights(module: nn.Module, path: Path, names: dict[str, str], dtype: torch.dtype, device: torch.device,
-                   what: str) -> nn.Module:
-    """The file's tensors resident as stored (memory-mapped, like `load_strict` keeps a file already in the
-    compute dtype), converted to `dtype` per block as the forward runs."""
-    from safetensors import safe_open
-
-    check(module, path, names).raise_first(path, what)
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {key: f.get_tensor(key) for key in names}
-    module.weights = UpcastWeights(module, names, tensors, dtype, device)
     return module
