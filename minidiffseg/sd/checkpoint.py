@@ -108,12 +108,11 @@ def load_sd(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
         if unknown:
             raise UserError(f"{path}: {len(unknown)} unexpected tensor(s): {keys_text(unknown)}; neither an SD1.5 "
                             "single-file tensor nor one ignored by name (minidiffseg.sd.ldm.IGNORED)")
-    def load(p: Part):
-        if p.finish:  # an SD2.x single file's text tower is filled under OpenCLIP's names and then split: it is
-            return load_strict  # loaded resident even when the rest streams (docs/sd2.md §3)
-        return stream_weights if stream else load_strict
-
-    text_encoder, vae, unet = (load(p)(p.module, p.file, p.names, dtype, device, p.what) for p in parts)
+    load = stream_weights if stream else load_strict
+    # an SD2.x single file's text tower is filled under OpenCLIP's names and then split (`finish`): it is
+    # loaded resident even when the rest streams (docs/sd2.md §3)
+    text_encoder, vae, unet = ((load_strict if p.finish else load)(p.module, p.file, p.names, dtype, device, p.what)
+                               for p in parts)
     if parts[0].finish is not None:
         text_encoder = parts[0].finish(text_encoder)
     scheduler = scheduler_config(path) if path.is_dir() else None
