@@ -21,7 +21,10 @@ STAGES = ["text encode", "VAE encode", "U-Net + capture", "refinement", "end to 
 
 
 def model_name(results: dict) -> str:
-    return results["meta"]["weights"].split(" (")[0].removeprefix("random full-size ").removeprefix("random tiny ").removeprefix("given: ")
+    name = results["meta"]["weights"].split(" (")[0]
+    for prefix in ("random full-size ", "random tiny ", "given: "):
+        name = name.removeprefix(prefix)
+    return name
 
 
 def rows(results: dict) -> list[list[str]]:

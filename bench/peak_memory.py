@@ -1,6 +1,6 @@
 """Memory and time of a whole segmentation, resident vs streamed weights (README "Memory", docs/memory.md §7).
 
-    python bench/peak_memory.py [--weights DIR] [--dtypes fp32,bf16] [--classes 4,8] [--images 2] [--quick]
+    python bench/peak_memory.py [--weights DIR] [--dtypes fp32,bf16] [--classes 4,8] [--images 2] [--out FILE]
 
 Each setting runs in a fresh process that does what `minidiffseg segment` does — load SD1.5
 (`Segmenter.from_pretrained` with the command's --stream/--low-memory options), segment a 512×512
@@ -139,9 +139,8 @@ def measure(weights: Path, dtype: str, classes: int, mode: str, images: list[Pat
 
 
 def run_sampled(argv: list[str], env: dict, work: Path) -> tuple[int, str, str, int]:
-    """Run the child; meanwhile read its RssAnon from /proc/PID/status every 2 ms, from this process (a
-    sampling thread inside the child would take the GIL and CPU time from the run being timed, and more
-    from a streamed run, which runs more Python per block). Returns (exit code, stdout, stderr, peak)."""
+    """Run the child; meanwhile read its RssAnon from /proc/PID/status every 2 ms, from this process, so that
+    the timed process runs nothing but the segmentation. Returns (exit code, stdout, stderr, peak)."""
     peak = 0
     with open(work / "stdout", "w+") as out, open(work / "stderr", "w+") as err:
         child = subprocess.Popen(argv, stdout=out, stderr=err, text=True, cwd=REPO, env=env)
