@@ -15,7 +15,7 @@ import tiny_sd
 from minidiffseg.errors import UserError
 from minidiffseg.method.segmenter import Segmenter
 from minidiffseg.sd import load_sd15
-from minidiffseg.sd.stream import ARENA, RESIDENT, StreamedWeights
+from minidiffseg.sd.stream import ALIGN, ARENA, RESIDENT, StreamedWeights
 
 RES = 128  # image side for the tiny model: a 16² latent
 
@@ -57,6 +57,43 @@ def test_streamed_equals_resident(tiny_sd_dir, single_file, image, layout, dtype
         results.append(seg(image, ["cat", "dog", "sofa"], seed=3))
     assert results[0].scores.std() > 0  # a real map, not a constant that would match anything
     assert_same_result(*results)
+
+
+def streamed_starts(sd) -> dict[tuple[str, str], int]:
+    """Filled as `sd`'s streamed networks run: (network, parameter) -> where its tensor started, mod ALIGN."""
+    starts = {}
+    for net_name, net in networks(sd).items():
+        weights, read = net.weights, net.weights.read
+
+        def record(modules, weights=weights, read=read, net_name=net_name):
+            states = read(modules)
+            for m, state in zip(modules, states):
+                prefix = weights.prefix[m] + "." if weights.prefix[m] else ""
+                starts.update({(net_name, prefix + n): t.data_ptr() % ALIGN for n, t in state.items()})
+            return states
+        weights.read = record
+    return starts
+
+
+@pytest.mark.parametrize("layout", ["folder", "folder fp16 files", "single file"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_tensors_start_where_resident_ones_do(tiny_sd_dir, single_file, image, layout, dtype):
+    """Bits equal by construction on every CPU: some CPUs' BLAS results depend on where a weight starts (an
+    AVX2 AMD EPYC: an M = 1 product differs between a weight at 8 and at 0 mod 16), so every streamed tensor
+    starts at its resident twin's address mod ALIGN (a view of the mapped file, or a fresh allocation).
+    Checked on the addresses, so it fails on a CPU whose BLAS happens not to care as well."""
+    path, variant = (single_file, None) if layout == "single file" else (tiny_sd_dir, "fp16" if "fp16" in layout else None)
+    resident = load_sd15(path, dtype=dtype, variant=variant)
+    want = {(n, p): t.data_ptr() % ALIGN for n, net in networks(resident).items() for p, t in net.named_parameters()}
+    streamed = load_sd15(path, dtype=dtype, variant=variant, stream=True)
+    got = streamed_starts(streamed)
+    Segmenter(streamed, resolution=RES)(image, ["cat", "dog"], seed=0)
+    assert got and got.keys() <= want.keys()  # what the method runs (it skips the U-Net's last blocks)
+    off = {k: (want[k], got[k]) for k in got if want[k] != got[k]}
+    assert not off, f"{len(off)} tensors start elsewhere mod {ALIGN} than resident (resident, streamed): " \
+                    f"{dict(list(off.items())[:5])}"
+    if dtype == torch.float32 and "fp16" not in layout:  # mapped views: the file offsets' residues, not all 0
+        assert len(set(want.values())) > 1, set(want.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -39,7 +39,7 @@ from ..errors import UserError
 from .loading import TORCH_DTYPE, Layout, check, read_layout
 
 STAGE_BYTES = 4 * 2**20  # file bytes read per pread when a tensor is converted: bounds the staging space
-ALIGN = 64  # bytes: each tensor of a block starts on a cache line of the block's buffer
+ALIGN = 64  # bytes: a cache line; each tensor of a block starts on one, plus its resident twin's residue
 TAIL_BYTES = 32 * 2**20  # an arena tail unused by the current block larger than this goes back to the OS
 TRIM_BYTES = 64 * 2**20  # malloc's free memory beyond this goes back to the OS after a streamed block
 
@@ -91,21 +91,31 @@ class BlockWeights:
         """Per module {parameter name: tensor in the compute dtype on the device}, filled into the arena."""
         keys = [self._named(m, lambda full, p: (self.key_of[full], p.shape)) for m in modules]
         cpu, item = self.device.type == "cpu", self.dtype.itemsize
-        spans = [[(math.prod(shape) * item + ALIGN - 1) // ALIGN * ALIGN if cpu else 0 for _, shape in k.values()]
-                 for k in keys]
+        starts, end = [], 0  # each tensor's first byte in the buffer: on a cache line, plus its residue
+        for k in keys:
+            starts.append([])
+            for key, shape in k.values():
+                at = (end + ALIGN - 1) // ALIGN * ALIGN + self.residue(key)
+                starts[-1].append(at)
+                end = at + math.prod(shape) * item
         stage = self.staging([key for k in keys for key, _ in k.values()])
-        buffer = self.buffer(sum(map(sum, spans)) + stage)  # (bytes,) uint8
-        states, at = [], 0
-        for k, sizes in zip(keys, spans):
+        buffer = self.buffer(end + stage if cpu else stage)  # (bytes,) uint8
+        states = []
+        for k, at_of in zip(keys, starts):
             state = {}
-            for (name, (key, shape)), size in zip(k.items(), sizes):
+            for (name, (key, shape)), at in zip(k.items(), at_of):
                 out = (buffer[at:at + math.prod(shape) * item].view(self.dtype).view(shape) if cpu
                        else torch.empty(shape, dtype=self.dtype, device=self.device))
                 self.fill(key, out, buffer[buffer.numel() - stage:])
                 self.fetched += out.numel() * item
-                state[name], at = out, at + size
+                state[name] = out
             states.append(state)
         return states
+
+    def residue(self, key: str) -> int:
+        """Where in its cache line the tensor `key` starts (bytes past an ALIGN boundary): the same as the
+        resident tensor's, so both give the same bits (see `StreamedWeights.residue`)."""
+        return 0
 
     def buffer(self, nbytes: int) -> torch.Tensor:
         """Where a block's tensors go: the arena (bench/stream_mechanisms.py measures the alternatives)."""
@@ -281,6 +291,16 @@ class StreamedWeights(BlockWeights):
         with super().block(*modules):
             self.file.check()  # the bytes just read were the file's as checked
             yield
+
+    def residue(self, key: str) -> int:
+        """A resident tensor that the file holds in the compute dtype is a view of the memory-mapped file
+        (sd/loading.py), so it starts at its file offset past a page boundary; any other one is a fresh
+        allocation, on a cache line. The BLAS of some CPUs gives results that depend on where an operand
+        starts (an AVX2 AMD EPYC: a matrix-vector product differs in the last bits between a weight at
+        8 and at 0 mod 16, docs/memory.md §8), so each streamed tensor starts where its resident twin does,
+        modulo ALIGN: then the two weight sources give the same bits on every CPU."""
+        stored, begin, _ = self.file.stored(key)
+        return begin % ALIGN if stored == self.dtype and self.device.type == "cpu" else 0
 
     def staging(self, keys: list[str]) -> int:
         need = 0
