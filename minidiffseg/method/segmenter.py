@@ -41,6 +41,8 @@ TIMESTEP = 100  # the official single noise level
 
 @dataclass
 class SegmentationResult:
+    """One image's segmentation; every tensor on the CPU (float32; the mask int64), whatever device computed it."""
+
     classes: list[str]
     prompts: list[str]  # the text each row of the U-Net batch saw (one in joint mode)
     scores: torch.Tensor  # (C, H, W) float in [0, 1] at the input image's size
@@ -76,6 +78,17 @@ class AttentionMaps:
         return AttentionMaps(cat(g.fused for g in groups), cat(g.refined for g in groups),
                              {k: cat(g.levels[k] for g in groups) for k in groups[0].levels},
                              {k: cat(g.layers[k] for g in groups) for k in groups[0].layers})
+
+
+def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    """`t`, or one UserError line when it holds NaN or inf: an overflow (fp16's largest value is 65504) would
+    otherwise become a confident wrong mask, since argmax takes NaN for the maximum."""
+    if not bool(torch.isfinite(t).all()):
+        way = ("fp16 overflowed: run with --dtype bf16 or fp32 (API: dtype=torch.bfloat16 or torch.float32)"
+               if t.dtype == torch.float16 else "the weights or the image hold NaN/inf values: check the weights "
+               "with `minidiffseg inspect-weights` and the image")
+        raise UserError(f"{what} are not finite (NaN or inf) in {str(t.dtype).replace('torch.', '')}: {way}")
+    return t
 
 
 def cpu_dtype(dtype: torch.dtype, device: str | torch.device) -> torch.dtype:
@@ -188,7 +201,7 @@ class Segmenter:
             z_empty = sd.text_encoder(sd.tokenizer([""]).to(self.device))  # z∅ (1, 77, D)
             z = sd.text_encoder(sd.tokenizer([r.text for r in rows]).to(self.device))
             w = torch.stack([r.weights for r in rows]).to(self.device)
-            self.text_cache[key] = reweight(z, z_empty, w)
+            self.text_cache[key] = check_finite(reweight(z, z_empty, w), "the text embeddings (text encoder)")
         return self.text_cache[key]
 
     def encode_image(self, x: torch.Tensor, generator: torch.Generator, posterior: str = "sample") -> torch.Tensor:
@@ -199,7 +212,8 @@ class Segmenter:
         r = self.resolution
         x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False)  # §5: no antialias
         x = (2 * x - 1).to(self.device, self.dtype)
-        return self.sd.vae.encode(x, generator=generator, sample=posterior == "sample")
+        return check_finite(self.sd.vae.encode(x, generator=generator, sample=posterior == "sample"),
+                            "the image latents (VAE encoder)")
 
     def noises(self, z0: torch.Tensor, generator: torch.Generator, noise: torch.Tensor | None = None
                ) -> list[torch.Tensor]:
@@ -235,13 +249,14 @@ class Segmenter:
         """A (B, K, h, w) on the latent grid `size`, with the per-level and per-layer maps it was fused from."""
         layers = {name: store.cross_map(name) for name in store.cross_maps}  # (B, K, h_l, w_l), mean over passes
         levels = level_maps(layers, self.levels)
-        return fuse(levels, size, self.level_weights), levels, layers
+        return check_finite(fuse(levels, size, self.level_weights), "the cross-attention maps (U-Net)"), levels, layers
 
     def refine(self, store: AttentionStore, fused: torch.Tensor) -> torch.Tensor:
         """M = S·A (B, K, h, w) with S the mean self-attention of the refinement layers, never built."""
         qk = [pair for name in sorted(self.self_layers) for pair in store.qk_pairs[name]]
         values = fused.flatten(2).transpose(1, 2)  # (B, hw, K)
-        return refinement.refine(qk, values).transpose(1, 2).reshape(fused.shape)
+        return check_finite(refinement.refine(qk, values).transpose(1, 2).reshape(fused.shape),
+                            "the refined maps (U-Net self-attention)")
 
     def attend(self, z0: torch.Tensor, noises: list[torch.Tensor], context: torch.Tensor,
                select: torch.Tensor) -> AttentionMaps:
@@ -281,6 +296,10 @@ class Segmenter:
                                                     torch.stack([r.select for r in g]))  # select (B, 77, K)
                                         for g in groups])
         scores = upsample_scores(maps.refined, (img.height, img.width))
-        return SegmentationResult(classes, [r.text for r in rows], scores, decide(scores, tau), tau,
-                                  maps.fused.float(), maps.refined.float(), {k: v.float() for k, v in maps.levels.items()},
-                                  {k: v.float() for k, v in maps.layers.items()})
+
+        def host(t: torch.Tensor) -> torch.Tensor:  # results in float32 on the CPU, whatever computed them
+            return t.float().cpu()
+
+        return SegmentationResult(classes, [r.text for r in rows], host(scores), decide(scores, tau).cpu(), tau,
+                                  host(maps.fused), host(maps.refined), {k: host(v) for k, v in maps.levels.items()},
+                                  {k: host(v) for k, v in maps.layers.items()})

@@ -66,13 +66,15 @@ class Attention(nn.Module):
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, upcast: bool = False) -> torch.Tensor:
     """softmax(q kᵀ / √d): (B, h, N, d), (B, h, T, d) -> (B, h, N, T), the explicit path; with `upcast`
-    computed in at least float32 and returned in q's dtype (diffusers' `upcast_attention`)."""
+    computed in at least float32 and returned in q's dtype (diffusers' `upcast_attention`).
+    The keys are scaled before the product, as the reference scales inside it: in fp16 the unscaled
+    q·k of a sharp attention head can pass 65504 (inf, then NaN from the softmax) where q·k/√d cannot.
+    k, not q: for cross-attention it is the small operand (T = 77 rows), and q may be a broadcast view."""
     scale = q.shape[-1] ** -0.5
     if upcast:
         wide = torch.promote_types(q.dtype, torch.float32)
-        return torch.softmax(torch.matmul(q.to(wide), k.to(wide).transpose(-1, -2)).mul_(scale), dim=-1).to(q.dtype)
-    return torch.softmax(torch.matmul(q, k.transpose(-1, -2)).mul_(scale), dim=-1)  # scaled in place: one
-    # (B, h, N, T) score matrix fewer alive (20 MB at 64², 4 classes, bf16), the same values
+        return torch.softmax(torch.matmul(q.to(wide), (k.to(wide) * scale).transpose(-1, -2)), dim=-1).to(q.dtype)
+    return torch.softmax(torch.matmul(q, (k * scale).transpose(-1, -2)), dim=-1)
 
 
 @dataclass
