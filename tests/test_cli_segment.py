@@ -1,6 +1,7 @@
 """`minidiffseg segment` and `minidiffseg maps` through the CLI on the tiny model."""
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -120,7 +121,14 @@ def test_segment_with_filter_and_blip_captions(tiny_sd_dir, tmp_path_factory, ca
         assert p.startswith(f"a photograph of {c}") and len(p) > len(f"a photograph of {c}"), p
 
 
-def test_fp16_on_cpu_is_computed_in_bf16_and_says_so(tiny_sd_dir, tmp_path, capsys):
+@pytest.mark.parametrize("fast_bf16, computed", [(True, "in bfloat16"), (False, "in float32")])
+def test_fp16_on_cpu_is_computed_as_the_cpu_can_and_says_so(tiny_sd_dir, tmp_path, capsys, monkeypatch,
+                                                            fast_bf16, computed):
+    """fp16 arithmetic is slow on CPUs without AMX-FP16: bf16 where that is fast, else fp32 (sd/precision.py)."""
+    import minidiffseg.sd.precision as precision
+
+    monkeypatch.setattr(precision, "fast_on_cpu", lambda dtype: fast_bf16 and dtype == torch.bfloat16)
     code, _, err = run(capsys, "segment", sample_image_paths()[0], "--classes", "cat", "--weights", tiny_sd_dir,
                        "--out", tmp_path, "--resolution", 128, "--dtype", "fp16", "--device", "cpu")
-    assert code == 0 and "bfloat16" in err
+    warned = [line for line in err.splitlines() if line.startswith("minidiffseg: warning:")]
+    assert code == 0 and len(warned) == 1 and computed in warned[0], err

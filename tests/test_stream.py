@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import minidiffseg.sd.precision as precision
 import tiny_sd
 from minidiffseg.errors import UserError
 from minidiffseg.method.segmenter import Segmenter
@@ -144,9 +145,11 @@ def test_block_holds_the_weights_only_inside(tiny_sd_dir):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_to_moves_the_weight_source(tiny_sd_dir, image, stream):
+def test_to_moves_the_weight_source(tiny_sd_dir, image, stream, monkeypatch):
     """`Segmenter.to(dtype=bf16)` gives the results of loading in bf16: a resident network is converted, a
-    streamed one keeps streaming, now in bf16, its placeholders moved without building any weight."""
+    streamed one keeps streaming, now in bf16, its placeholders moved without building any weight. (On a
+    CPU without fast bf16, `.to` would choose fp32 arithmetic: tests/test_precision.py; here bf16 is taken.)"""
+    monkeypatch.setattr(precision, "fast_on_cpu", lambda dtype: True)
     seg = Segmenter(load_sd15(tiny_sd_dir, dtype=torch.float32, variant="fp16", stream=stream), resolution=RES)
     seg.to(dtype=torch.bfloat16)
     assert seg.dtype == torch.bfloat16
@@ -253,7 +256,9 @@ def full_size(tmp_path_factory):
 def test_full_size_streamed_equals_resident(full_size, dtype):
     """Once on the full-size random SD1.5, at 512² with 2 classes (8192 token rows: the feed-forward runs in
     blocks): streamed == resident, bit for bit. Its weights (N(0, 0.02²)) make nearly uniform attention: the
-    maps vary in fp32, while bf16 rounds them flat (still compared: equal, no NaN)."""
+    maps vary in fp32, while bf16 rounds them flat (still compared: equal, no NaN). bf16 as
+    `from_pretrained` runs it on this CPU: true bf16 where it is fast, else fp32 arithmetic from the fp16
+    weights kept resident (sd/precision.py), so it never takes the ~30× longer emulated bf16 path."""
     image = Image.radial_gradient("L").resize((640, 480)).convert("RGB")
     results = []
     for stream in (False, True):

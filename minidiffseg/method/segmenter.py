@@ -20,7 +20,6 @@ the refinement runs as fused attention (method/refine.py).
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +28,8 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..image import load_image, to_tensor
 from ..sd.attention import AttentionStore
-from ..sd.stream import RESIDENT
+from ..sd.precision import Precision, precision
+from ..sd.stream import RESIDENT, UpcastWeights
 from . import refine as refinement
 from .decision import DEFAULT_TAU, decide, upsample_scores
 from .fusion import DEFAULT_LEVEL_WEIGHTS, fuse, level_maps
@@ -91,15 +91,6 @@ def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
-def cpu_dtype(dtype: torch.dtype, device: str | torch.device) -> torch.dtype:
-    """fp16 matmuls on CPU are ~400× slower than fp32 (docs/design.md §6): compute in bf16 there instead."""
-    if torch.device(device).type == "cpu" and dtype == torch.float16:
-        warnings.warn("float16 is extremely slow on CPU; computing in bfloat16 instead (use float32 for full "
-                      "precision)", stacklevel=3)
-        return torch.bfloat16
-    return dtype
-
-
 class Segmenter:
     """Holds the SD1.5 (or SD2.x) models and the method's settings; `seg(image, classes)` segments one image.
 
@@ -148,20 +139,28 @@ class Segmenter:
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, stream: bool = False, **options) -> "Segmenter":
         """Load SD1.5 or SD2.x from `path` (minidiffseg.sd.load_sd) and keep `options` (see the class docstring).
+        `dtype`: bf16/fp16 on a CPU without fast half-precision arithmetic computes in float32 from weights
+        kept in half precision, saying so in a warning (minidiffseg.sd.precision; docs/precision.md).
         `stream`: keep no weights resident, read each block from the file as it runs (docs/memory.md §1)."""
         from ..sd import load_sd
 
-        return cls(load_sd(path, device=device, dtype=cpu_dtype(dtype, device), stream=stream), **options)
+        p = precision(dtype, device)
+        return cls(load_sd(path, device=device, dtype=p.compute, stream=stream, keep=None if stream else p.keep),
+                   **options)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Segmenter":
-        """Move the networks to `device` and/or `dtype` (float16 on CPU computes in bfloat16); returns self."""
+        """Move the networks to `device` and/or `dtype` (chosen for the device as `from_pretrained` does);
+        returns self."""
         device = torch.device(device) if device is not None else self.device
-        dtype = cpu_dtype(dtype, device) if dtype is not None else self.dtype
+        p = precision(dtype, device) if dtype is not None else Precision(self.dtype)
         for net in (self.sd.text_encoder, self.sd.vae, self.sd.unet):
-            if net.weights is RESIDENT:
-                net.to(device=device, dtype=dtype)
+            if net.weights is RESIDENT and p.keep is not None:  # kept in half precision, up-cast per block
+                state = {k: t.to(p.keep) for k, t in net.state_dict().items()}
+                net.weights = UpcastWeights(net, {k: k for k in state}, state, p.compute, device)
+            elif net.weights is RESIDENT:
+                net.to(device=device, dtype=p.compute)
             else:  # weights fetched per block (sd/stream.py): their source moves; nothing is materialised
-                net.weights.to(device, dtype)
+                net.weights.to(device, p.compute)
         self.text_cache.clear()
         return self
 

@@ -21,6 +21,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from .config import CLIPTextConfig, UNetConfig, VAEConfig
 from ..errors import UserError
 from .loading import PICKLE_SUFFIXES, build_on_meta, check_suffix, keys_text, load_strict, read_header
 from .schedule import NoiseSchedule
-from .stream import stream_weights
+from .stream import stream_weights, upcast_weights
 from .tokenizer import EOS, CLIPTokenizer
 from .unet import UNet
 from .vae import VAEEncoder
@@ -82,7 +83,7 @@ SD15 = StableDiffusion  # its name while SD1.5 was the only model
 
 def load_sd(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
               variant: str | None = None, tokenizer: str | Path | CLIPTokenizer | None = None,
-              stream: bool = False) -> SD15:
+              stream: bool = False, keep: torch.dtype | None = None) -> SD15:
     """SD1.5 or SD2.x from a diffusers folder or a single LDM .safetensors file, in `dtype` on `device`, in eval
     mode without gradients; `.name` says which (decided from the files, docs/sd2.md §2). `variant`: None
     prefers the fp32 files of a diffusers folder and falls back to the `.fp16` ones; "fp16" takes only those. `tokenizer`: a folder with vocab.json + merges.txt or
@@ -90,7 +91,9 @@ def load_sd(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     of hub.STABLE_DIFFUSION (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5): its copy in the Hugging Face
     cache (`minidiffseg download`).
     `stream`: keep no weights resident; each block is read from the file when it runs (sd/stream.py:
-    the same checks first, the same results, a fraction of the memory)."""
+    the same checks first, the same results, a fraction of the memory).
+    `keep` (fp16 or bf16, without `stream`): keep the weights resident in that half precision (the file's
+    own fp16/bf16 tensors as stored) and up-cast each block to `dtype` as it runs (sd/precision.py)."""
     path, device = Path(path), torch.device(device)
     if not path.exists() and (what := hub.what_for(str(path))) is not None:
         path = hub.cached(what)  # the hub id: its copy in the Hugging Face cache, found without network
@@ -108,7 +111,7 @@ def load_sd(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
         if unknown:
             raise UserError(f"{path}: {len(unknown)} unexpected tensor(s): {keys_text(unknown)}; neither an SD1.5 "
                             "single-file tensor nor one ignored by name (minidiffseg.sd.ldm.IGNORED)")
-    load = stream_weights if stream else load_strict
+    load = stream_weights if stream else partial(upcast_weights, keep=keep) if keep is not None else load_strict
     # an SD2.x single file's text tower is filled under OpenCLIP's names and then split (`finish`): it is
     # loaded resident even when the rest streams (docs/sd2.md §3)
     text_encoder, vae, unet = ((load_strict if p.finish else load)(p.module, p.file, p.names, dtype, device, p.what)

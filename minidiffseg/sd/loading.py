@@ -204,15 +204,16 @@ def load_strict(module: nn.Module, path: Path, names: dict[str, str], dtype: tor
     return module.eval().requires_grad_(False)
 
 
-def _read(path: Path, keys: list[str], dtype: torch.dtype, device: torch.device):
-    """Yield (key, tensor) in `dtype` (floating-point tensors only) on `device`, one at a time."""
+def _read(path: Path, keys: list[str], dtype: torch.dtype, device: torch.device, as_stored: tuple = ()):
+    """Yield (key, tensor) in `dtype` (floating-point tensors only; those stored in an `as_stored` dtype stay
+    in it) on `device`, one at a time."""
     f, converted = None, 0
     try:
         for key in keys:
             if f is None or converted > RELEASE_BYTES:
                 f, converted = safe_open(str(path), framework="pt"), 0  # the old mapping goes with its views
             t = f.get_tensor(key)  # a view of the memory-mapped file: nothing is read yet
-            target = dtype if t.is_floating_point() else t.dtype
+            target = dtype if t.is_floating_point() and t.dtype not in as_stored else t.dtype
             if t.dtype == target and device.type == "cpu":
                 yield key, t
             else:

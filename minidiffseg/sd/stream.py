@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .loading import TORCH_DTYPE, Layout, check, read_layout
+from .loading import TORCH_DTYPE, Layout, _read, check, read_layout
 
 STAGE_BYTES = 4 * 2**20  # file bytes read per pread when a tensor is converted: bounds the staging space
 ALIGN = 64  # bytes: a cache line; each tensor of a block starts on one, plus its resident twin's residue
@@ -312,6 +312,43 @@ class StreamedWeights(BlockWeights):
 
     def fill(self, key: str, out: torch.Tensor, stage: torch.Tensor) -> None:
         self.file.fill(key, out, stage)
+
+
+class UpcastWeights(BlockWeights):
+    """Weights kept resident in half precision (`tensors`: file key -> the kept tensor, a view of the mapped
+    file where the file stores that dtype) and up-cast to the compute dtype block by block as the network
+    runs, into the arena: float32 arithmetic on a CPU without fast half-precision instructions, with the
+    memory of half-precision weights (sd/precision.py). fp16/bf16 -> fp32 is exact, so the results are those
+    of float32 weights converted from the same half-precision tensors at load."""
+
+    def __init__(self, network: nn.Module, names: dict[str, str], tensors: dict[str, torch.Tensor],
+                 dtype: torch.dtype, device: torch.device):
+        self.tensors = tensors
+        super().__init__(network, names, dtype, device)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+        if torch.device(device) != self.tensors_device():  # the kept tensors move, in their own dtype
+            self.tensors = {k: t.to(device) for k, t in self.tensors.items()}
+        super().to(device, dtype)
+
+    def tensors_device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device if self.tensors else torch.device(self.device)
+
+    def fill(self, key: str, out: torch.Tensor, stage: torch.Tensor) -> None:
+        out.copy_(self.tensors[key].view(out.shape))
+
+
+def upcast_weights(module: nn.Module, path: Path, names: dict[str, str], dtype: torch.dtype, device: torch.device,
+                   what: str, keep: torch.dtype) -> nn.Module:
+    """`load_strict`'s counterpart for half-precision weights computed in `dtype`: the same checks; each
+    tensor kept in the file's half dtype when it has one (fp16, bf16: no copy), else converted to `keep`.
+    Returns `module` (built on meta) holding placeholders, with `module.weights` up-casting per block."""
+    check(module, path, names).raise_first(path, what)
+    tensors = dict(_read(path, list(names), keep, torch.device("cpu"), as_stored=(torch.float16, torch.bfloat16)))
+    module.weights = UpcastWeights(module, names, tensors, dtype, device)
+    if torch.device(device).type != "cpu":
+        module.weights.to(device, dtype)
+    return module
 
 
 def stream_weights(module: nn.Module, path: Path, names: dict[str, str], dtype: torch.dtype, device: torch.device,
