@@ -218,6 +218,11 @@ def machine(device: torch.device) -> dict:
         info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1)
     except (ValueError, OSError):
         pass
+    if device.type == "cpu":  # what decides --dtype bf16 here (sd/precision.py): without it bf16 rows are skipped
+        from minidiffseg.sd.precision import fast_on_cpu
+
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        info["fast_bf16"] = fast_on_cpu(torch.bfloat16)
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda

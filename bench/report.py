@@ -281,6 +281,9 @@ def refine_table(results: dict) -> str:
 def render(results: dict) -> str:
     meta, m = results["meta"], results["meta"]["machine"]
     device = m.get("gpu") or f"{m['cpu']}, {m['logical_cpus']} logical CPUs, {m.get('memory_gib')} GiB"
+    if "fast_bf16" in m:  # older results lack it
+        device += (f", torch kernels {m['cpu_capability']}, " +
+                   ("fast bf16" if m["fast_bf16"] else "no fast bf16: the bf16 rows are skipped (docs/precision.md)"))
     jobs = results["jobs"]
     any_pipeline = find(results, section="headline")
     warm, reps = (any_pipeline["job"]["warmup"], any_pipeline["job"]["repeats"]) if any_pipeline else ("—", "—")

@@ -60,6 +60,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=main_args)
 
 
+def fast_bf16() -> bool:
+    """Whether this CPU computes bf16 fast (sd/precision.py). Where it does not, bf16 runs ~100× slower than
+    fp32 (emulated) and `--dtype bf16` computes in fp32 anyway: the bf16 rows are skipped (the report says so)."""
+    import torch
+
+    from minidiffseg.sd.precision import fast_on_cpu
+
+    return fast_on_cpu(torch.bfloat16)
+
+
 def plan(args, weights: str, device: str) -> list[dict]:
     """The configurations, in the order they run."""
     from bench.weights import configs
@@ -70,7 +80,7 @@ def plan(args, weights: str, device: str) -> list[dict]:
     res = 128 if args.tiny else 256 if args.quick else unet.sample_size * 8  # the model's size: 512, 768 for 768-v
     baseline = res <= 512  # at 768² the official recipe keeps 5 × 2 × 5 × 9216² fp32 probabilities (17 GiB)
     heads = unet.heads(0)  # the refinement's 64² (level-1) self-attention: SD1.5 8 heads of 40, SD2.x 5 of 64
-    dtypes = ["fp32"] if quick else (["fp16", "bf16"] if gpu else ["fp32", "bf16"])
+    dtypes = ["fp32"] if quick else (["fp16", "bf16"] if gpu else ["fp32", "bf16"] if fast_bf16() else ["fp32"])
     warmup = 1 if args.warmup is None else args.warmup
     repeats = args.repeats or (1 if quick else 3)
     common = dict(device=device, weights=weights, warmup=warmup, repeats=repeats, threads=args.threads,

@@ -46,28 +46,6 @@ from minidiffseg.sd.loading import load_strict  # noqa: E402
 from minidiffseg.sd.stream import StreamedWeights  # noqa: E402
 
 
-class Upcast(stream.BlockWeights):
-    """The file's tensors kept as stored (memory-mapped views), each block converted as it runs: the
-    alternative to converting every tensor at load for fp32 compute from fp16 files (docs/memory.md §6)."""
-
-    def __init__(self, network, names, path, dtype, device):
-        from safetensors import safe_open
-
-        super().__init__(network, names, dtype, device)
-        with safe_open(str(path), framework="pt") as f:
-            self.tensors = {key: f.get_tensor(key) for key in names}  # file key -> stored tensor (mapped)
-
-    def fill(self, key, out, stage):
-        out.copy_(self.tensors[key].view(out.shape))
-
-
-def upcast_weights(net, path, names, dtype, what="U-Net"):
-    """`net` (built on meta) computing from `path`'s tensors up-cast per block; the load-time checks first."""
-    stream.check(net, path, names).raise_first(path, what)
-    net.weights = Upcast(net, names, path, dtype, torch.device("cpu"))
-    return net
-
-
 class FreshMemory(StreamedWeights):
     def buffer(self, nbytes):  # a new anonymous mapping, unmapped when the block's tensors are freed
         return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
@@ -175,8 +153,9 @@ def child(folder: Path, mechanism: str, dtype: torch.dtype, classes: int, repeat
     ctx = torch.randn(classes, 77, cfg.cross_attention_dim, generator=g).to(dtype)
     if mechanism == "resident":  # every tensor converted to the compute dtype at load
         net = load_strict(unet_part.module, unet_part.file, unet_part.names, dtype, torch.device("cpu"), "U-Net")
-    elif mechanism == "up-cast per block":  # the file's tensors mapped, converted per block (docs/memory.md §6)
-        net = upcast_weights(unet_part.module, unet_part.file, unet_part.names, dtype)
+    elif mechanism == "up-cast per block":  # the file's tensors mapped, converted per block (docs/precision.md)
+        net = stream.upcast_weights(unet_part.module, unet_part.file, unet_part.names, dtype, torch.device("cpu"),
+                                    "U-Net", keep=torch.float16)
     else:
         net = unet_part.module
         stream.check(net, unet_part.file, unet_part.names).raise_first(unet_part.file, "U-Net")
