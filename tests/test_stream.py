@@ -97,6 +97,32 @@ def test_streamed_tensors_start_where_resident_ones_do(tiny_sd_dir, single_file,
         assert len(set(want.values())) > 1, set(want.values())
 
 
+@pytest.mark.parametrize("layout", ["folder", "folder fp16 files"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_path_equals_resident(tiny_sd_dir, image, layout, dtype, monkeypatch):
+    """The GPU's way of streaming (a block's bytes staged in one host buffer, one copy to the device, the
+    conversion on the device), run on the CPU: the resident bits, and every parameter fetched once."""
+    variant = "fp16" if "fp16" in layout else None
+    monkeypatch.setattr(StreamedWeights, "staged", True)
+    read = []
+    monkeypatch.setattr(StreamedWeights, "host_buffer", lambda self, n: read.append(n) or ARENA.take(n))
+    results = [Segmenter(load_sd15(tiny_sd_dir, dtype=dtype, variant=variant, stream=stream), resolution=RES)(
+        image, ["cat", "dog", "sofa"], seed=3) for stream in (False, True)]
+    assert read, "the device path did not run"
+    assert_same_result(*results)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_streamed_equals_resident(tiny_sd_dir, image, dtype):
+    """On a GPU (python -m bench.gpu_check runs it): streamed through pinned memory as resident, within fp16's
+    rounding at most (the maps' difference printed)."""
+    results = [Segmenter(load_sd15(tiny_sd_dir, dtype=dtype, variant="fp16", stream=stream, device="cuda"),
+                         resolution=RES)(image, ["cat", "dog"], seed=3) for stream in (False, True)]
+    err = (results[0].refined - results[1].refined).abs().max().item()
+    assert err <= (1e-3 if dtype == torch.float16 else 1e-6), f"streamed vs resident on CUDA: max abs {err:.3e}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_streamed_networks_equal_resident(tiny_sd_dir, dtype):
     """Each network's full output (the U-Net's ε through conv_out too, which the method skips), and every

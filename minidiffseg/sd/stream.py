@@ -280,10 +280,60 @@ def via_float(stored: torch.dtype, dtype: torch.dtype) -> bool:
 class StreamedWeights(BlockWeights):
     """Each block read from the file when it runs, released after (see the module docstring)."""
 
+    staged = False  # the device path on the CPU too (tests compare it with the CPU path there)
+
     def __init__(self, network: nn.Module, names: dict[str, str], file: WeightFile, dtype: torch.dtype,
                  device: torch.device):
         super().__init__(network, names, dtype, device)
         self.file = file
+        self.host: torch.Tensor | None = None  # the device path's pinned staging buffer, grown to the largest block
+        self.copied = None  # a CUDA event: the last copy out of `host` is done
+
+    def read(self, modules) -> list[dict[str, torch.Tensor]]:
+        """On a GPU (docs/memory.md §9): the block's bytes as stored are read into one pinned host buffer, copied to
+        the device in one asynchronous copy, and converted to the compute dtype there; the CPU path (the arena,
+        converted on the CPU) otherwise."""
+        if self.device.type == "cpu" and not self.staged:
+            return super().read(modules)
+        keys = [self._named(m, lambda full, p: (self.key_of[full], p.shape)) for m in modules]
+        spans, end = [], 0  # (file key, stored dtype, file offset, bytes, offset in the buffer) per tensor
+        for k in keys:
+            for key, _ in k.values():
+                stored, begin, stop = self.file.stored(key)
+                at = (end + ALIGN - 1) // ALIGN * ALIGN + self.residue(key)  # as the CPU path places it
+                spans.append((key, stored, begin, stop - begin, at))
+                end = at + stop - begin
+        host = self.host_buffer(end)
+        for key, stored, begin, nbytes, at in spans:
+            self.file.read_into(host[at:at + nbytes], begin)
+        raw = host[:end].to(self.device, non_blocking=True)  # (bytes,) uint8; on the CPU the buffer itself
+        if self.device.type == "cuda":  # `host` may be refilled once this copy is done
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        states, spans = [], iter(spans)
+        for k in keys:
+            state = {}
+            for name, (key, shape) in k.items():
+                _, stored, _, nbytes, at = next(spans)
+                t = raw[at:at + nbytes].view(stored).view(shape)
+                if stored != self.dtype:  # converted on the device, with the rounding `.to(dtype)` makes
+                    t = (t.float() if via_float(stored, self.dtype) else t).to(self.dtype)
+                self.fetched += t.numel() * t.element_size()
+                state[name] = t
+            states.append(state)
+        return states
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        """`nbytes` of host memory for one block's bytes: pinned (page-locked) for a GPU, so the copy is one
+        asynchronous DMA; the arena on the CPU."""
+        if self.device.type == "cpu":
+            return ARENA.take(nbytes)
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous block's copy has left the buffer
+        if self.host is None or self.host.numel() < nbytes:
+            self.host = None
+            self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        return self.host
 
     @contextlib.contextmanager
     def block(self, *modules: nn.Module):
