@@ -128,3 +128,37 @@ def test_ignored_keys_by_name():
     assert [k for k in kept if ldm.is_ignored(k)] == []
     names, unknown = ldm.from_ldm(ignored + kept, *FULL[:2])
     assert unknown == ["my_betas"]
+
+
+def with_ema(ldm_sd: dict[str, torch.Tensor], drop: int = 0) -> dict[str, torch.Tensor]:
+    """`ldm_sd` as a non-"emaonly" file: every U-Net tensor also as its EMA twin (other values), named the way
+    LDM's LitEma names its buffers (the dots removed), and its counters; `drop` twins left out."""
+    twins = {"model_ema." + k.removeprefix("model.").replace(".", ""): v + 1 for k, v in ldm_sd.items()
+             if k.startswith(ldm.UNET)}
+    for k in list(twins)[:drop]:
+        del twins[k]
+    return {**ldm_sd, **twins, "model_ema.decay": torch.tensor(0.9999),
+            "model_ema.num_updates": torch.tensor(7, dtype=torch.int32)}
+
+
+def test_the_ema_copy_is_read_as_diffusers_extracts_it(tiny):
+    """diffusers' converter with extract_ema=True (its spelling of the EMA names) is the reference."""
+    models, ours, ldm_sd = tiny
+    both = with_ema(ldm_sd)
+    shapes = {k: tuple(v.shape) for k, v in both.items()}
+    names, unknown = ldm.from_ldm(both, *ldm.infer_configs(shapes)[:2])
+    assert unknown == [] and ldm.uses_ema(names)
+    want = reference.convert_ldm_unet_checkpoint(both, models[0].config, extract_ema=True)
+    assert sorted(names["unet"].values()) == sorted(want) == sorted(ours[0])
+    for key, name in names["unet"].items():
+        assert key.startswith("model_ema.") and torch.equal(both[key], want[name]), f"{key} -> {name}"
+    assert not torch.equal(want["conv_in.weight"], ours[0]["conv_in.weight"])  # the twins differ
+
+
+def test_an_incomplete_ema_copy_is_not_used(tiny):
+    _, ours, ldm_sd = tiny
+    partial = with_ema(ldm_sd, drop=1)
+    with pytest.warns(UserWarning, match=r"EMA copy of the U-Net is incomplete \((\d+) of \d+ tensors.*trained"):
+        names, unknown = ldm.from_ldm(partial, *ldm.infer_configs({k: tuple(v.shape) for k, v in ldm_sd.items()})[:2])
+    assert unknown == [] and not ldm.uses_ema(names)
+    assert all(k.startswith(ldm.UNET) for k in names["unet"])

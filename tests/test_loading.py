@@ -362,3 +362,41 @@ def test_full_size_peak_memory_is_one_copy(full_size, layout, dtype):
               f"weights ({extra / weights:.2f} copies), load {m['seconds']:.1f} s")
     print(report)
     assert extra <= 1.1 * weights + RELEASE_BYTES + 2**28, report
+
+
+# ---- a non-"emaonly" single file: the U-Net twice, trained and EMA -----------------------------------
+
+def test_the_ema_unet_of_a_file_holding_both_is_loaded(single_file, tmp_path):
+    """v1-5-pruned.safetensors holds the trained U-Net and its EMA copy (LitEma's names: the dots removed);
+    the EMA weights are loaded, as the -emaonly file and the diffusers folder hold them."""
+    from minidiffseg.sd.checkpoint import single_file_parts
+
+    def ema_values(t):  # the EMA copy differs from the trained weights
+        return {k: v * 0.5 + 0.01 if k.startswith(ldm.UNET) else v for k, v in t.items()}
+
+    def both_copies(t):
+        twins = {"model_ema." + k.removeprefix("model.").replace(".", ""): v
+                 for k, v in ema_values(t).items() if k.startswith(ldm.UNET)}
+        return {**t, **twins}
+
+    tok = single_file.parent / "tokenizer"
+    emaonly = rewrite(single_file, tmp_path / "emaonly.safetensors", ema_values)
+    both = rewrite(single_file, tmp_path / "pruned.safetensors", both_copies)
+    want, trained = params(load_sd15(emaonly, tokenizer=tok).unet), params(load_sd15(single_file).unet)
+    for stream in (False, True):
+        got = load_sd15(both, tokenizer=tok, stream=stream)
+        if stream:  # streamed weights are read as the blocks run: compare what the networks compute
+            a, b = outputs(got), outputs(load_sd15(emaonly, tokenizer=tok))
+            assert all(torch.equal(a[k], b[k]) for k in a)
+        else:
+            got = params(got.unet)
+            assert all(torch.equal(got[n], want[n]) for n in want) and sorted(got) == sorted(want)
+            assert not any(torch.equal(got[n], trained[n]) for n in trained)  # not one trained tensor
+    parts, unknown = single_file_parts(both)
+    unet = parts[2]
+    assert unknown == [] and unet.what == "U-Net (EMA)"  # inspect-weights and load errors say which
+    assert all(k.startswith("model_ema.") for k in unet.names)
+    trained_keys = {k for k in unet.shapes if k.startswith(ldm.UNET)}
+    assert trained_keys <= set(unet.ignored) and not set(unet.names) & set(unet.ignored)
+    # an emaonly file (no twins) loads its U-Net keys as before
+    assert load_sd15(emaonly, tokenizer=tok) and single_file_parts(emaonly)[0][2].what == "U-Net"

@@ -21,7 +21,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..files import write_atomic
-from .options import add_model_args, device_of, dtype_of, memory_options
+from .options import (add_model_args, device_of, dtype_of, filter_dtype_of, is_out_of_memory, memory_options,
+                      out_of_memory)
 from ..evaluation import candidates as cands
 from ..evaluation.datasets import Dataset, open_dataset
 from ..evaluation.metrics import mean_iou
@@ -77,6 +78,8 @@ def _common(p: argparse.ArgumentParser, split: str) -> None:
                    help="side of the square images are stretched to (official 512)")
     p.add_argument("--limit", type=int, help="only the first N images of the split")
     p.add_argument("--seed", type=int, default=0, help="noise seed, the same for every image")
+    p.add_argument("--class-batch", type=int, help="at most N classes per U-Net call (bounds memory; a rerun "
+                   "with another N resumes the same --out)")
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -91,12 +94,13 @@ def _dataset(args) -> Dataset:
 
 
 def _candidates(args, ds: Dataset, device, dtype) -> tuple[cands.Candidates, str]:
+    """The candidate classes per image; a filter runs in fp32 unless --dtype is given (`dtype` is SD's)."""
     if args.labels == "gt":
         return cands.from_ground_truth(ds), "gt (classes present in the ground truth)"
     if args.labels == "filter":
         from ..filter import make_filter
         filt = make_filter(args.filter, ds.vocab, clip_dir=args.clip_weights, blip_dir=args.blip_weights,
-                           device=device, dtype=dtype)
+                           device=device, dtype=filter_dtype_of(args, device))  # fp32 unless --dtype
         return cands.from_filter(ds, filt), f"filter {args.filter}"
     path = Path(args.labels)
     if not path.is_file():
@@ -115,13 +119,33 @@ def _grid(spec: str) -> list[float]:
 
 
 def _loader(args, ds: Dataset, device, dtype):
+    if args.class_batch is not None and args.class_batch < 1:
+        raise UserError(f"--class-batch {args.class_batch}: give a positive number")
+
     def load():
         from ..method.segmenter import Segmenter
-        seg = Segmenter.from_pretrained(args.weights, device=device, dtype=dtype,
-                                        template=ds.vocab.template, resolution=args.resolution, **memory_options(args))
+        try:
+            seg = Segmenter.from_pretrained(args.weights, device=device, dtype=dtype, template=ds.vocab.template,
+                                            resolution=args.resolution, **memory_options(args, args.class_batch))
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
+            raise UserError(f"{args.weights}: out of memory on {device} while loading the weights; use "
+                            "--low-memory (weights streamed from the files) or --device cpu") from None
         print(f"{seg.sd.name} from {args.weights}, at {seg.resolution}²")  # stdout: stderr is for errors
         return seg
     return load
+
+
+def _recover(args, device):
+    """Forgive an image that ran out of memory: its line, with the ways out (`runner.run` goes on with the
+    others and fails at the end; a rerun with the same --out segments only the images left)."""
+    def recover(sample, e: Exception) -> str | None:
+        if not is_out_of_memory(e):
+            return None
+        return out_of_memory(e, f"image {sample.name}", device, args, resumed="the results written are kept: "
+                             "rerun with the same --out (a new --resolution needs a new --out)")
+    return recover
 
 
 def _settings(args, ds: Dataset, labels: str, dtype) -> dict:
@@ -175,7 +199,7 @@ def run_eval(args) -> int:
     try:
         res = run(_loader(args, ds, device, dtype), ds, args.out, find, taus=[tau] + sweep,
                   seed=args.seed, settings=settings, masks=args.save_masks, ranks=ranks, crf=crf_params,
-                  ignore_below=args.ignore_below)
+                  ignore_below=args.ignore_below, recover=_recover(args, device))
     finally:
         ranks.close()
     if ranks.rank == 0:
@@ -205,7 +229,7 @@ def run_calibrate(args) -> int:
     ranks = Ranks(device)
     try:
         res = run(_loader(args, ds, device, dtype), ds, args.out, find, taus=taus, seed=args.seed,
-                  settings=settings, ranks=ranks)
+                  settings=settings, ranks=ranks, recover=_recover(args, device))
     finally:
         ranks.close()
     if ranks.rank == 0:

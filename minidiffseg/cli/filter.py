@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import UserError
-from .options import add_model_args, device_of, dtype_of
+from .options import add_model_args, device_of, filter_dtype_of
 from ..vocabularies import Vocabulary, get_vocabulary, load_vocabulary
 from ..filter.filters import CLIP_RATIO, DEFAULT_BLIP_DIR, DEFAULT_CLIP_DIR, make_filter
 from ..filter.labels import LabelWriter, image_key
@@ -62,7 +62,7 @@ def run(args) -> int:
         print(f"all {len(images)} images are already in {args.out}", file=sys.stderr)
         return 0
     device = device_of(args)
-    dtype = dtype_of(args, device)
+    dtype = filter_dtype_of(args, device)  # fp32 unless --dtype: CLIP's ratio rule and BLIP's greedy captions
     filt = make_filter(args.filter, vocabulary, args.clip_weights, args.blip_weights,
                        clip_ratio=args.clip_ratio, device=device, dtype=dtype)
     try:

@@ -19,7 +19,8 @@ from ..errors import UserError
 from ..files import remove_stale_temporaries, writable_dir, write_atomic
 from ..method import crf
 from ..method.prompts import TEMPLATES, check_classes
-from .options import add_model_args, device_of, dtype_of, memory_options
+from .options import (add_model_args, device_of, dtype_of, filter_dtype_of, free_memory, is_out_of_memory,
+                      memory_options, out_of_memory)
 from ..method.segmenter import Segmenter, SegmentationResult
 
 
@@ -93,10 +94,16 @@ def _segmenter(args) -> Segmenter:
 
         template = resolve_vocabulary(args.vocabulary).template  # "a photography of {}" for Context/COCO
     device = device_of(args)
-    seg = Segmenter.from_pretrained(args.weights, device=device, dtype=dtype_of(args, device),
-                                    resolution=args.resolution, template=template or TEMPLATES["photograph"],
-                                    joint=args.joint, timesteps=timesteps, tokens=args.tokens,
-                                    **memory_options(args, args.class_batch))
+    try:
+        seg = Segmenter.from_pretrained(args.weights, device=device, dtype=dtype_of(args, device),
+                                        resolution=args.resolution, template=template or TEMPLATES["photograph"],
+                                        joint=args.joint, timesteps=timesteps, tokens=args.tokens,
+                                        **memory_options(args, args.class_batch))
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UserError(f"{args.weights}: out of memory on {device} while loading the weights; use --low-memory "
+                        "(weights streamed from the files) or --device cpu") from None
     return seg
 
 
@@ -110,7 +117,7 @@ class ClassSource:
             raise UserError("give --classes cat,dog,... or --vocabulary voc|context|coco|FILE (with --filter)")
         self.classes = check_classes(args.classes.split(",")) if args.classes is not None else None
         self.filter = self.captioner = self.vocabulary = None
-        device, dtype = seg.device, seg.dtype
+        device, dtype = seg.device, filter_dtype_of(args, seg.device)  # CLIP, BLIP: fp32 unless --dtype
         if self.classes is None:
             from ..filter import make_filter
             from .filter import resolve_vocabulary
@@ -204,6 +211,7 @@ def run_segment(args) -> int:
     source = ClassSource(args, seg)
     failed = []
     for path in tqdm(todo, desc="segment", unit="image", file=sys.stderr, disable=len(todo) < 2):
+        error = oom = None
         try:
             classes, captions = source(path)
             r = seg(path, classes, captions=captions, seed=args.seed, tau=args.tau, posterior=args.posterior)
@@ -216,10 +224,18 @@ def run_segment(args) -> int:
                 r = dataclasses.replace(r, mask=labels)
             write_result(out, path.stem, path, r, mask, crf_used if refine else None)
         except UserError as e:
+            error = e
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
+                raise  # a bug: its traceback
+            error = oom = UserError(out_of_memory(e, f"image {path}", seg.device, args))  # not chained to e
+        if oom is not None:  # out of the except: e's traceback, which holds the image's tensors, is gone
+            free_memory(seg.device)
+        if error is not None:
             if len(todo) == 1:
-                raise  # one image: its error is the one line
-            failed.append(str(e))
-            tqdm.write(f"minidiffseg: error: {e}", file=sys.stderr)
+                raise error  # one image: its error is the one line
+            failed.append(str(error))
+            tqdm.write(f"minidiffseg: error: {error}", file=sys.stderr)
             continue
         found = ", ".join(f"{k} {100 * v:.1f}%" for k, v in sorted(r.area().items(), key=lambda kv: -kv[1]) if v > 0)
         tqdm.write(f"{path.name}: {found}")
@@ -239,8 +255,13 @@ def run_maps(args) -> int:
     if args.classes is not None:
         check_classes(args.classes.split(","))
     seg = _segmenter(args)
-    classes, captions = ClassSource(args, seg)(args.image)
-    r = seg(args.image, classes, captions=captions, seed=args.seed, tau=args.tau, posterior=args.posterior)
+    try:
+        classes, captions = ClassSource(args, seg)(args.image)
+        r = seg(args.image, classes, captions=captions, seed=args.seed, tau=args.tau, posterior=args.posterior)
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UserError(out_of_memory(e, f"image {args.image}", seg.device, args)) from None
     levels = {m.name: m.level for m in seg.sd.unet.attention_layers()}
     names = sorted(r.layers, key=lambda n: (levels[n], n))
 

@@ -11,14 +11,19 @@
 Under torchrun (RANK/WORLD_SIZE in the environment) each rank takes images rank, rank+N, ...
 (no padding duplicates) and the confusion matrices are all-reduced, so the mIoU is identical to
 one process. A UserError on any rank stops every rank (it is all-reduced as a flag first).
+An image that `recover` forgives (the command forgives running out of memory) is reported on its line and
+left without a result; the other images are still segmented, then the run fails naming how many are left:
+a rerun with the same OUT (e.g. with less memory per image) segments only those.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
@@ -48,6 +53,14 @@ class SegmenterLike(Protocol):
 
 # ---------------------------------------------------------------------------------------- ranks
 
+# How long a rank waits in a collective for the others. The first collective comes after the whole segmenting
+# pass (`run`: a rank that finishes its shard waits there for the slowest one), so the wait can be as long as
+# a shard's segmenting time: hours for Pascal Context's 5105 images with the filter, or when a resumed run
+# leaves one rank nothing to do and another hundreds of images. The defaults (NCCL 10 min, gloo 30 min) would
+# abort such runs. A crashed rank does not make the others wait for it: torchrun stops them all.
+COLLECTIVE_TIMEOUT = timedelta(hours=24)
+
+
 class Ranks:
     """This process's place among torchrun's processes (rank 0 of 1 without torchrun)."""
 
@@ -56,7 +69,14 @@ class Ranks:
         self.device = torch.device(device)
         self.owner = self.world > 1 and not dist.is_initialized()
         if self.owner:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            if self.device.type == "cuda":
+                # device_id: the communicator is made now, on this process's GPU (eager init), not at the first
+                # collective on whichever GPU is current then
+                if self.device.index is None:
+                    self.device = torch.device("cuda", torch.cuda.current_device())
+                dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=self.device)
+            else:
+                dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
 
     def close(self) -> None:
         """Tear the process group down (exiting with it alive aborts the process)."""
@@ -130,22 +150,44 @@ def check_settings(out: Path, settings: dict, ranks: Ranks) -> None:
 
 # -------------------------------------------------------------------------------------- passes
 
+Recover = Callable[[Sample, Exception], "str | None"]  # an image's failure -> the line reporting it, or None: raise
+
+
 def segment(model: SegmenterLike, ds: Dataset, samples: list[Sample], out: Path,
-            candidates: Candidates, seed: int, progress: bool = True) -> tuple[int, float]:
-    """Pass 1 over `samples`; returns (images segmented now, seconds spent)."""
+            candidates: Candidates, seed: int, progress: bool = True, recover: Recover | None = None,
+            device: str | torch.device = "cpu") -> tuple[int, float, list[str]]:
+    """Pass 1 over `samples`; returns (images segmented now, seconds spent, the lines of the images that
+    `recover` forgave, which have no result: the CUDA cache on `device` is emptied after each)."""
     todo = [s for s in samples if not result_path(out, s).is_file()]
-    vocab, t0 = ds.vocab, time.perf_counter()
+    vocab, t0, skipped = ds.vocab, time.perf_counter(), []
     for s in tqdm(todo, desc=f"segment {ds.kind}", unit="img", file=sys.stderr, disable=not progress):
-        image = ds.image(s)
-        classes = candidates(s, image)  # evaluation indices
-        if classes:
-            r = model(image, [vocab.prompt_names[i] for i in classes], seed=seed)
-            refined = r.refined.detach().float().cpu().numpy()  # (C, h, w)
-            assert refined.shape[0] == len(classes), (refined.shape, len(classes))
-        else:  # nothing to ask about: background everywhere (or "no class" without background)
-            refined = np.zeros((0, 1, 1), dtype=np.float32)
+        reason = None
+        try:
+            image = ds.image(s)
+            classes = candidates(s, image)  # evaluation indices
+            if classes:
+                r = model(image, [vocab.prompt_names[i] for i in classes], seed=seed)
+                refined = r.refined.detach().float().cpu().numpy()  # (C, h, w)
+                assert refined.shape[0] == len(classes), (refined.shape, len(classes))
+            else:  # nothing to ask about: background everywhere (or "no class" without background)
+                refined = np.zeros((0, 1, 1), dtype=np.float32)
+        except Exception as e:
+            if recover is None or (reason := recover(s, e)) is None:
+                raise
+        if reason is not None:  # out of the except: the traceback, which holds the image's tensors, is gone
+            skipped.append(reason)
+            tqdm.write(f"minidiffseg: error: {reason}", file=sys.stderr)
+            _release(device)
+            continue
         save_result(result_path(out, s), classes, refined)
-    return len(todo), time.perf_counter() - t0
+    return len(todo) - len(skipped), time.perf_counter() - t0, skipped
+
+
+def _release(device: str | torch.device) -> None:
+    """Memory of a failed image back to the allocator, and CUDA's cached blocks back to the device."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def predict(ds: Dataset, classes: np.ndarray, scores: torch.Tensor | None, size: tuple[int, int],
@@ -207,10 +249,13 @@ def write_mask(path: Path, pred: np.ndarray) -> None:
 def run(load_model: Callable[[], SegmenterLike], ds: Dataset, out: str | Path,
         candidates: Candidates, *, taus: Sequence[float | None], seed: int = 0,
         settings: dict | None = None, masks: bool = False, ranks: Ranks | None = None,
-        progress: bool = True, crf: CRFParams | None = None, ignore_below: float | None = None) -> dict:
+        progress: bool = True, crf: CRFParams | None = None, ignore_below: float | None = None,
+        recover: Recover | None = None) -> dict:
     """Both passes on this rank's shard, summed over ranks. Returns {"conf": (T, n, n) int64,
     "segmented": images segmented now (all ranks), "seconds": slowest rank's segmenting time}.
-    `load_model` is called only when this rank has images left to segment."""
+    `load_model` is called only when this rank has images left to segment. `recover(sample, error)` gives
+    the line reporting an image's failure it forgives (None: raise); such images are skipped and, once
+    the others are segmented, the run fails with a UserError (results written are kept)."""
     out, ranks = Path(out), ranks or Ranks()
     shard = ranks.shard(ds.samples)
     show = progress and ranks.rank == 0
@@ -218,7 +263,12 @@ def run(load_model: Callable[[], SegmenterLike], ds: Dataset, out: str | Path,
     try:
         check_settings(out, settings or {}, ranks)
         if any(not result_path(out, s).is_file() for s in shard):
-            done, seconds = segment(load_model(), ds, shard, out, candidates, seed, show)
+            done, seconds, skipped = segment(load_model(), ds, shard, out, candidates, seed, show, recover,
+                                             ranks.device)
+            if skipped:
+                raise UserError(f"{len(skipped)} of {len(shard)} image(s){' of this rank' if ranks.world > 1 else ''} "
+                                f"have no result (listed above); the results of the others are kept in "
+                                f"{out / 'results'}: rerun with the same --out to segment only those")
         conf = score(ds, shard, out, taus, masks, show, crf, ignore_below, ranks.device)
     except UserError as e:
         error = e

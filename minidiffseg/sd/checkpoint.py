@@ -278,9 +278,11 @@ def single_file_parts(path: Path) -> tuple[list[Part], list[str]]:
                   finish=openclip.to_clip_text if sd2_text else None)]
     parts += [Part(WHAT[c], path, build_on_meta(cls, cfg), names[c], shapes)
               for c, cls, cfg in (("vae", VAEEncoder, vae_cfg), ("unet", UNet, unet_cfg))]
-    unused = set(openclip.ignored(shapes, text_cfg.num_hidden_layers)) if sd2_text else set()
-    for key in shapes:
-        if ldm.is_ignored(key) or key in unused:
+    if ldm.uses_ema(names):  # a non-"emaonly" file: its EMA U-Net is loaded, the trained copy ignored
+        parts[2].what = f"{parts[2].what} (EMA)"
+    placed = {k for p in parts for k in p.names} | set(unknown)  # loaded, or reported as unexpected
+    for key in shapes:  # ignored by name, OpenCLIP's unused keys, the U-Net copy not loaded
+        if key not in placed:
             part_of(parts, key).ignored.append(key)
     _check_context(path, parts)
     return parts, unknown
