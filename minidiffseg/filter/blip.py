@@ -27,7 +27,7 @@ from torch import nn
 
 from ..sd.config import _pick
 from ..image import load_image
-from .checkpoint import check_folder, load_weights
+from .checkpoint import check_folder, load_weights, resolve_folder
 from .clip_model import normalize_pixels
 from .wordpiece import WordPieceTokenizer
 
@@ -350,6 +350,7 @@ class Captioner:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device="cpu", dtype=torch.float32) -> "Captioner":
+        folder = resolve_folder(folder, HUB_ID)  # a folder, or the hub id: its copy in the cache
         check_folder(folder, WHAT, HUB_ID)  # all files are checked before the slow part
         tokenizer = WordPieceTokenizer.from_dir(folder)
         return cls(BlipForConditionalGeneration.from_pretrained(folder, device, dtype), tokenizer)

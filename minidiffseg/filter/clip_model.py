@@ -23,7 +23,7 @@ from ..sd.config import CLIPTextConfig, _pick
 from ..errors import UserError
 from ..image import load_image, to_tensor
 from ..sd.tokenizer import CLIPTokenizer
-from .checkpoint import check_folder, load_weights
+from .checkpoint import check_folder, load_weights, resolve_folder
 
 WHAT, HUB_ID = "CLIP model", "openai/clip-vit-large-patch14"
 # OpenAI CLIP's pixel statistics (its preprocessing; transformers' OPENAI_CLIP_MEAN / _STD)
@@ -150,7 +150,7 @@ class ZeroShotCLIP:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device="cpu", dtype=torch.float32) -> "ZeroShotCLIP":
-        folder = Path(folder)
+        folder = resolve_folder(folder, HUB_ID)  # a folder, or the hub id: its copy in the cache
         check_folder(folder, WHAT, HUB_ID)  # all files are checked before the slow part
         missing = [n for n in ("vocab.json", "merges.txt") if not (folder / n).is_file()]
         if missing:

@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..image import load_image
 from ..vocabularies import Vocabulary
 from . import blip, clip_model
-from .checkpoint import check_folder
+from .checkpoint import check_folder, resolve_folder
 from .labels import image_key, read_labels
 from .matching import CaptionMatcher, readable
 
@@ -126,7 +126,9 @@ def make_filter(kind: str, vocabulary: Vocabulary, clip_dir: str | Path | None =
             raise UserError("the `labels` filter needs a label file (ours or the official predict_syn_txt_*.json)")
         return LabelFileFilter(vocabulary, labels)
 
-    clip_dir, blip_dir = Path(clip_dir or DEFAULT_CLIP_DIR), Path(blip_dir or DEFAULT_BLIP_DIR)
+    # a folder, or the model's hub id: its copy in the Hugging Face cache
+    clip_dir = resolve_folder(clip_dir or DEFAULT_CLIP_DIR, clip_model.HUB_ID) if kind in ("clip", "union") else None
+    blip_dir = resolve_folder(blip_dir or DEFAULT_BLIP_DIR, blip.HUB_ID) if kind in ("blip", "union") else None
     # every needed file is checked before the first model is loaded (each takes seconds)
     if kind in ("clip", "union"):
         check_folder(clip_dir, clip_model.WHAT, clip_model.HUB_ID)

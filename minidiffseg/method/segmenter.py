@@ -137,16 +137,18 @@ class Segmenter:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, stream: bool = False, **options) -> "Segmenter":
+                        dtype: torch.dtype = torch.float32, stream: bool = False, revision: str | None = None,
+                        **options) -> "Segmenter":
         """Load SD1.5 or SD2.x from `path` (minidiffseg.sd.load_sd) and keep `options` (see the class docstring).
         `dtype`: bf16/fp16 on a CPU without fast half-precision arithmetic computes in float32 from weights
         kept in half precision, saying so in a warning (minidiffseg.sd.precision; docs/precision.md).
-        `stream`: keep no weights resident, read each block from the file as it runs (docs/memory.md §1)."""
+        `stream`: keep no weights resident, read each block from the file as it runs (docs/memory.md §1).
+        `revision`: for a hub id `path`, the copy of that commit (hash, branch or tag) in the Hugging Face cache."""
         from ..sd import load_sd
 
         p = precision(dtype, device)
-        return cls(load_sd(path, device=device, dtype=p.compute, stream=stream, keep=None if stream else p.keep),
-                   **options)
+        return cls(load_sd(path, device=device, dtype=p.compute, stream=stream, keep=None if stream else p.keep,
+                           revision=revision), **options)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Segmenter":
         """Move the networks to `device` and/or `dtype` (chosen for the device as `from_pretrained` does);

