@@ -9,14 +9,18 @@ time, the others see their place in the queue); changing only a view reads the s
 
 # no `from __future__ import annotations`: Gradio reads the gr.Request / gr.SelectData annotations of the
 # handlers at run time, and `gr` is only bound inside build_app (gradio is an optional extra)
+import atexit
 import dataclasses
 import functools
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from PIL import Image, ImageDraw
@@ -27,7 +31,7 @@ from ..method.explore import MAX_CLASSES, Exploration
 from ..method.segmenter import SegmentationResult, Segmenter
 from ..sd import load_sd
 from ..viz import heatmap
-from .options import add_model_args, device_of, dtype_of
+from .options import add_model_args, device_of, precision_of
 from .segment import _safe, outputs, write_result
 
 INSTALL = 'pip install "minidiffseg[explore]"'
@@ -81,17 +85,31 @@ def check_address(host: str, port: int | None) -> None:
 
 
 def run_explore(args) -> int:
+    """Serve the page until Ctrl-C, which ends the command with 0 within a few seconds at any point: while
+    gradio imports or the model loads (nothing is served yet), or while serving (see `serve`)."""
+    try:
+        return serve(args)
+    except KeyboardInterrupt:  # before the page was served
+        leave(0)
+
+
+def serve(args) -> int:
     gradio()  # fail before loading any weights
     check_address(args.host, args.port)
     device = device_of(args)
     options = {} if args.resolution is None else {"resolution": args.resolution}
     stream = bool(getattr(args, "stream", False))  # --stream, where the shared model options have it
-    seg = Segmenter(load_sd(args.weights, device=device, dtype=dtype_of(args, device), stream=stream), **options)
+    p = precision_of(args, device)  # half precision on a CPU without fast half arithmetic: fp32, weights kept half
+    seg = Segmenter(load_sd(args.weights, device=device, dtype=p.compute, stream=stream,
+                            keep=None if stream else p.keep), **options)
     app = build_app(seg, title=f"weights {args.weights} · {seg.device.type} · {str(seg.dtype).replace('torch.', '')} "
                     f"· images stretched to {seg.resolution}²")
     if args.host not in LOCAL_HOSTS:
         print(f"minidiffseg: warning: listening on {args.host}, not only 127.0.0.1: anyone who can reach this "
               "machine can use the page and run the model", file=sys.stderr)
+    # from here on Ctrl-C only asks to stop: no KeyboardInterrupt lands inside Gradio's launch or close
+    ctrl_c: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: ctrl_c.append(number))
     try:
         try:
             url = launch(app, args.host, args.port)
@@ -99,12 +117,29 @@ def run_explore(args) -> int:
             raise UserError(f"cannot serve on {args.host}{'' if args.port is None else f':{args.port}'}: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         print(f"minidiffseg explore: {url} (Ctrl-C stops)", file=sys.stderr)
-        app.block_thread()  # until Ctrl-C
-    except KeyboardInterrupt:
-        pass
+        while not ctrl_c and app.is_running:
+            time.sleep(0.1)
     finally:
-        app.close()
+        app.close()  # the queue, then the web server: Gradio joins its thread for at most 5 s
+        signal.signal(signal.SIGINT, previous)
+    if ctrl_c:
+        leave(0)
     return 0
+
+
+def leave(code: int) -> NoReturn:
+    """End the process now with `code`, after what a normal exit runs (the atexit functions: the page's
+    temporary folders, logging) but without tearing down the interpreter: freeing torch's, Gradio's and the
+    model libraries' ~340 k objects with full garbage collections costs ~1 s of CPU, which on a loaded
+    2-core machine took 3-16 s after Ctrl-C (over 30 s once); and no thread of the web server (an open
+    connection, a run still on the model) can hold the exit up. Only for the command's own process."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more to say
+            pass
+    os._exit(code)
 
 
 def launch(app, host: str = "127.0.0.1", port: int | None = None) -> str:
