@@ -41,7 +41,8 @@ TIMESTEP = 100  # the official single noise level
 
 @dataclass
 class SegmentationResult:
-    """One image's segmentation; every tensor on the CPU (float32; the mask int64), whatever device computed it."""
+    """One image's segmentation; every tensor on the CPU, whatever device computed it (maps float32, scores at
+    least float32, the mask int64)."""
 
     classes: list[str]
     prompts: list[str]  # the text each row of the U-Net batch saw (one in joint mode)
@@ -298,9 +299,9 @@ class Segmenter:
                                         for g in groups])
         scores = upsample_scores(maps.refined, (img.height, img.width))
 
-        def host(t: torch.Tensor) -> torch.Tensor:  # results in float32 on the CPU, whatever computed them
+        def host(t: torch.Tensor) -> torch.Tensor:  # maps in float32 on the CPU, whatever computed them
             return t.float().cpu()
 
-        return SegmentationResult(classes, [r.text for r in rows], host(scores), decide(scores, tau).cpu(), tau,
+        return SegmentationResult(classes, [r.text for r in rows], scores.cpu(), decide(scores, tau).cpu(), tau,
                                   host(maps.fused), host(maps.refined), {k: host(v) for k, v in maps.levels.items()},
                                   {k: host(v) for k, v in maps.layers.items()})
