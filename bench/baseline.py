@@ -4,7 +4,8 @@ Per class, one U-Net pass of batch [unconditional, conditional] (the uncondition
 and discarded), every attention layer computed explicitly by an attention processor that keeps every
 probability map (B·heads, N, T) of the pass; then head/layer averaging of the class token's cross maps,
 fusion, and the naive refinement S·A with S the 4096×4096 mean of the 64² self-attention maps.
-diffusers/transformers are the `bench` extra: imported only here, never by minidiffseg.
+diffusers/transformers are the `bench` extra: imported only here, never by minidiffseg. The attention
+processor that keeps every map, StoreEveryMap, is the tests' (tests/reference_sd.py).
 
 `stages` clocks each step; the baseline's "end to end" is the sum of its steps in the same iteration.
 "U-Net pass" is the same network work as ours (batch C, conditional rows, diffusers' default fused
@@ -19,29 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from minidiffseg.image import to_tensor
-from minidiffseg.method.fusion import DEFAULT_LEVEL_WEIGHTS
-from minidiffseg.method.prompts import CLASS_WEIGHT, TEMPLATES
-from minidiffseg.method.decision import DEFAULT_TAU
-from minidiffseg.method.segmenter import TIMESTEP
+from minidiffseg.method.recipe import CLASS_WEIGHT, DEFAULT_LEVEL_WEIGHTS, DEFAULT_TAU, TEMPLATES, TIMESTEP
+# tests/reference_sd.py (bench/__init__.py puts tests/ on the path)
+from reference_sd import StoreEveryMap
 
 RECIPE = ["text encode", "VAE encode", "U-Net + capture", "fusion", "refinement", "post-processing"]
-
-
-class StoreEveryMap:
-    """A diffusers attention processor: explicit softmax(QKᵀ/√d)·V, the probabilities kept in `maps[name]`."""
-
-    def __init__(self, name: str, maps: dict):
-        self.name, self.maps = name, maps
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B·heads, N, d)
-        k = attn.head_to_batch_dim(attn.to_k(context))  # (B·heads, T, d)
-        v = attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(q, k, None)  # (B·heads, N, T)
-        self.maps[self.name] = probs.unflatten(0, (-1, attn.heads))  # (B, heads, N, T)
-        out = attn.batch_to_head_dim(torch.bmm(probs, v))
-        return attn.to_out[1](attn.to_out[0](out))
 
 
 def _variant(component: Path, stem: str) -> str | None:

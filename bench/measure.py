@@ -1,10 +1,9 @@
 """Measuring one process: a clock per stage (time, peak memory, FLOPs), the GEMM rate, the machine.
 
-CPU: wall time by `perf_counter`; memory is the resident set size read from /proc/self/status.
-VmHWM is the process's peak RSS; writing "5" to /proc/self/clear_refs resets it to the current RSS
-(Linux ≥ 4.0), which gives a peak per stage; before it, free memory the allocator kept is released
-(outside the timed block) so that a stage's growth shows. (`ru_maxrss` can't be reset and is inherited across
-fork/exec, so it is not used.) Every configuration runs in its own fresh process (worker.py).
+CPU: wall time by `perf_counter`; memory is the resident set size (linux.py): VmHWM, the process's
+peak RSS, is reset to the current RSS before each stage, which gives a peak per stage; before it, free
+memory the allocator kept is released (outside the timed block) so that a stage's growth shows. Every
+configuration runs in its own fresh process (worker.py).
 CUDA: CUDA events around the stage (the GPU's time, not the launch's) and `max_memory_allocated`.
 
 FLOPs: `torch.utils.flop_counter.FlopCounterMode` (2 per multiply-add) during the warm-up only. It
@@ -13,8 +12,6 @@ has no formula for the CPU's fused attention kernel, so one is given here (two m
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import platform
 import statistics
@@ -27,6 +24,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.linux import cpu_model, major_faults, release_free_memory, reset_peak_rss, status
+
 GiB = 2**30
 
 
@@ -38,46 +37,6 @@ def sdpa_cpu_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
 
 
 CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu_flops}
-
-
-def status_kib(field: str) -> int:
-    """A field of /proc/self/status in KiB (VmRSS: now, VmHWM: peak)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _libc():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-LIBC = _libc()
-
-
-def release_free_memory() -> None:
-    """glibc keeps freed memory for reuse, so RSS stays high after a stage frees its tensors and the
-    next stage's growth would hide in it; malloc_trim(0) gives the free pages back first."""
-    if LIBC is not None and hasattr(LIBC, "malloc_trim"):
-        LIBC.malloc_trim(0)
-
-
-def major_faults() -> int:
-    """Page faults that read from disk (field 12 of /proc/self/stat): memory-mapped weights evicted
-    under memory pressure and read again show up here."""
-    stat = Path("/proc/self/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[9])
-
-
-def reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 class Clock:
@@ -108,12 +67,12 @@ class Clock:
             return torch.cuda.memory_allocated(self.device)
         release_free_memory()
         self.per_stage_peaks &= reset_peak_rss()
-        return status_kib("VmRSS") * 1024
+        return status("VmRSS")
 
     def _peak(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        return status_kib("VmHWM") * 1024
+        return status("VmHWM")
 
     @contextmanager
     def __call__(self, stage: str):
@@ -189,20 +148,15 @@ def gemm_rate(dtype: torch.dtype, device: torch.device, sizes: tuple[int, ...], 
     return best
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def source_revision() -> str:
-    """The commit the measured code is (`+ local changes` when the tree differs from it), or "unknown"."""
+    """The commit the measured code is (`+ local changes` when the tree differs from it: minidiffseg/, bench/ and
+    the reference builders bench/ uses, tests/reference_sd.py), or "unknown"."""
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "minidiffseg", "bench/*.py"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "minidiffseg", "bench/*.py",
+                                "tests/reference_sd.py"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
@@ -232,26 +186,3 @@ def machine(device: torch.device) -> dict:
         except ImportError:
             info[package] = None
     return info
-
-
-def cpu_seconds() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, all CPUs (/proc/stat)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    hz = os.sysconf("SC_CLK_TCK")
-    return (sum(fields[:8]) - idle) / hz, sum(fields[:8]) / hz
-
-
-def busy_share(seconds: float = 3.0) -> float:
-    """The fraction of the machine's CPUs busy over the next `seconds` (0..1)."""
-    b0, t0 = cpu_seconds()
-    time.sleep(seconds)
-    b1, t1 = cpu_seconds()
-    return (b1 - b0) / max(t1 - t0, 1e-9)
-
-
-def load_average() -> tuple[float, float, float] | None:
-    try:
-        return tuple(round(x, 2) for x in os.getloadavg())
-    except OSError:
-        return None

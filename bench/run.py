@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -132,27 +131,25 @@ def run_job(job: dict) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     if job.get("threads"):
         env.update(OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]))
-    from bench.measure import cpu_seconds
+    from bench.linux import OthersCPU
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        t0, (busy0, total0), child0 = time.perf_counter(), cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
-        proc = subprocess.run([sys.executable, "-m", "bench.worker", json.dumps(job), str(out)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wall, (busy1, total1), child1 = time.perf_counter() - t0, cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
-        # the CPU time the rest of the machine used meanwhile: everything busy minus the worker's own
-        worker = child1.ru_utime + child1.ru_stime - child0.ru_utime - child0.ru_stime
-        others = max(busy1 - busy0 - worker, 0) / max(total1 - total0, 1e-9)
+        t0 = time.perf_counter()
+        with OthersCPU() as others:  # the CPU share the rest of the machine used meanwhile: all busy but the worker
+            proc = subprocess.run([sys.executable, "-m", "bench.worker", json.dumps(job), str(out)], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wall = time.perf_counter() - t0
         if proc.returncode == 0 and out.is_file():
-            return dict(job=job, result=json.loads(out.read_text()), wall_s=wall, others_cpu=others)
+            return dict(job=job, result=json.loads(out.read_text()), wall_s=wall, others_cpu=others.share)
     killed = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
     tail = "\n".join(proc.stdout.strip().splitlines()[-5:])
-    return dict(job=job, error=f"exit code {proc.returncode}{killed}: {tail}", wall_s=wall, others_cpu=others)
+    return dict(job=job, error=f"exit code {proc.returncode}{killed}: {tail}", wall_s=wall, others_cpu=others.share)
 
 
 def wait_for_quiet(seconds: float) -> float:
     """Wait until other processes use less than QUIET of the CPUs, at most `seconds`; the time waited."""
-    from bench.measure import busy_share
+    from bench.linux import busy_share
 
     t0 = time.monotonic()
     while seconds > 0 and time.monotonic() - t0 < seconds and busy_share() >= QUIET:
@@ -163,7 +160,7 @@ def wait_for_quiet(seconds: float) -> float:
 def main_args(args) -> int:
     import torch
 
-    from bench import measure, report
+    from bench import linux, measure, report
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
@@ -192,15 +189,15 @@ def main_args(args) -> int:
         has_accelerate = False
     results = dict(meta=dict(machine=measure.machine(torch.device(device)), command=command, weights=source,
                              source=measure.source_revision(),
-                             load_average_start=measure.load_average(), accelerate=has_accelerate,
+                             load_average_start=linux.load_average(), accelerate=has_accelerate,
                              quick=args.quick, tiny=args.tiny), jobs=[])
     jobs = plan(args, weights, device)
     for i, job in enumerate(jobs, 1):
         waited = wait_for_quiet(args.quiet_wait)
         print(f"[{i}/{len(jobs)}] {describe(job)} ...", flush=True)
-        done = dict(run_job(job), load_average=measure.load_average(), waited_s=waited)
+        done = dict(run_job(job), load_average=linux.load_average(), waited_s=waited)
         results["jobs"].append(done)
-        results["meta"]["load_average_end"] = measure.load_average()
+        results["meta"]["load_average_end"] = linux.load_average()
         print(f"        {report.one_line(done)}", flush=True)
         (out / f"{name}.json").write_text(json.dumps(results, indent=1))
         (out / f"{name}.md").write_text(report.render(results))

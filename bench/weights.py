@@ -1,11 +1,14 @@
-"""Random-weight SD1.5 in the official diffusers folder layout, for timing without downloads.
+"""Random-weight checkpoints in the official diffusers folder layout, for timing without downloads.
 
 A full-size network with random weights costs exactly the compute of the real one (same shapes, same
-kernels); only the outputs are meaningless. The folder is written once by the reference libraries'
-own `save_pretrained` (default initialisation, fp32 files) and reused: a `complete` marker is written
-last, so an interrupted write is redone. `write_random_diffusers` writes the .fp16 files the hub serves,
-tensor by tensor without building the models (bench/peak_memory.py). The reference builders here are
-also the tests' (tests/tiny_sd.py re-exports them; bench imports nothing from tests/).
+kernels); only the outputs are meaningless. Each folder is written once into a cache folder and reused:
+a `complete` marker is written last, so an interrupted write is redone.
+- `random_sd(cache, model, tiny)`: SD1.5 or SD2.x (MODELS) written by the reference libraries' own
+  `save_pretrained` (default initialisation, fp32 files): the headline run (run.py);
+- `random_hub_sd15()`: full-size SD1.5 as the .fp16 files the hub serves and `minidiffseg download`
+  fetches, tensor by tensor without building the models: the experiments (bench/experiments/).
+The reference builders and the model configs are the tests' (tests/reference_sd.py); the tests import
+nothing from bench/.
 """
 
 from __future__ import annotations
@@ -13,39 +16,21 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-from dataclasses import replace
+import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from minidiffseg.sd.config import CLIPTextConfig, UNetConfig, VAEConfig
 from minidiffseg.errors import UserError
+from minidiffseg.sd.config import CLIPTextConfig, UNetConfig, VAEConfig
 from minidiffseg.sd.tokenizer import CLIPTokenizer
+# tests/reference_sd.py (bench/__init__.py puts tests/ on the path)
+from reference_sd import MODELS, reference_text_config, reference_unet, reference_vae, write_random_diffusers
 
 MARKER = "complete"
 # CLIP's BPE merges ship with open-clip-torch (installed with --no-deps, never imported: it needs torchvision)
 BPE_FILE = ("open_clip", "bpe_simple_vocab_16e6.txt.gz")
-
-
-# SD2.x at full size: the values of the hub's config.json files (stabilityai/stable-diffusion-2-1-base and -2-1;
-# docs/sd2.md §1): 64-channel heads, linear projections, context 1024, the 23-layer GELU OpenCLIP text tower;
-# the 768-v model also trains on 96² latents and computes attention in float32
-SD2_TEXT = CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-                          projection_dim=512, hidden_act="gelu")
-SD2_UNET = UNetConfig(num_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True)
-# the same options at tiny sizes (tests/tiny_sd2.py's): per-level heads, linear projections, a GELU tower
-TINY_SD2_TEXT = CLIPTextConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
-                               projection_dim=16, hidden_act="gelu")
-TINY_SD2_UNET = UNetConfig(block_out_channels=(32, 32, 64, 64), num_heads=(2, 2, 4, 4), cross_attention_dim=48,
-                           use_linear_projection=True, norm_num_groups=8, sample_size=16)
-MODELS = {  # name -> (full-size configs, tiny configs, the scheduler's prediction type)
-    "sd15": ((UNetConfig(), VAEConfig(), CLIPTextConfig()), (UNetConfig.tiny(), VAEConfig.tiny(), CLIPTextConfig.tiny()),
-             None),
-    "sd21-base": ((SD2_UNET, VAEConfig(), SD2_TEXT), (TINY_SD2_UNET, VAEConfig.tiny(), TINY_SD2_TEXT), "epsilon"),
-    "sd21": ((replace(SD2_UNET, sample_size=96, upcast_attention=True), VAEConfig(), SD2_TEXT),
-             (replace(TINY_SD2_UNET, upcast_attention=True), VAEConfig.tiny(), TINY_SD2_TEXT), "v_prediction"),
-}
+HUB_SD15 = Path(__file__).resolve().parent / ".cache" / "peak-memory-sd15"  # random_hub_sd15's folder (git-ignored)
 
 
 def configs(tiny: bool, model: str = "sd15") -> tuple[UNetConfig, VAEConfig, CLIPTextConfig]:
@@ -60,54 +45,6 @@ def bpe_path() -> Path:
         raise UserError(f"CLIP's BPE file {name} is needed for the tokenizer of the random checkpoint: "
                         "pip install --no-deps open-clip-torch (or pass --weights with a real SD1.5 folder)")
     return path
-
-
-def reference_unet(cfg: UNetConfig):
-    """diffusers' UNet2DConditionModel at `cfg` (default initialisation); also the tests' reference."""
-    import diffusers
-
-    n = len(cfg.block_out_channels)  # SD1.5 and SD2.x: cross-attention in every level but the deepest
-    return diffusers.UNet2DConditionModel(
-        sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
-        # diffusers' `attention_head_dim` is the head count: one (SD1.5) or one per level (SD2.x)
-        attention_head_dim=list(cfg.num_heads) if isinstance(cfg.num_heads, tuple) else cfg.num_heads,
-        cross_attention_dim=cfg.cross_attention_dim, use_linear_projection=cfg.use_linear_projection,
-        upcast_attention=cfg.upcast_attention, norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps,
-        flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
-
-
-def reference_vae(cfg: VAEConfig):
-    """diffusers' AutoencoderKL at `cfg`, decoder included as the hub folder has it (we build only the encoder)."""
-    import diffusers
-
-    n = len(cfg.block_out_channels)
-    return diffusers.AutoencoderKL(
-        sample_size=512, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
-        latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
-        scaling_factor=cfg.scaling_factor)
-
-
-def reference_text_config(cfg: CLIPTextConfig):
-    """transformers' CLIPTextConfig at `cfg` (SD1.5's QuickGELU tower, SD2.x's GELU one)."""
-    import transformers
-
-    return transformers.CLIPTextConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        max_position_embeddings=cfg.max_position_embeddings, layer_norm_eps=cfg.layer_norm_eps,
-        projection_dim=cfg.projection_dim, hidden_act=cfg.hidden_act)
-
-
-def text_state(text) -> dict[str, torch.Tensor]:
-    """A transformers CLIPTextModel's parameters under our (and the official files') names: `text_model.…`
-    (transformers >= 5 drops that prefix in its own state dict)."""
-    return {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in text.state_dict().items()
-            if not k.endswith("position_ids")}
 
 
 def random_sd15(cache: Path, tiny: bool = False, seed: int = 0) -> Path:
@@ -145,33 +82,11 @@ def random_sd(cache: Path, model: str = "sd15", tiny: bool = False, seed: int = 
     return folder
 
 
-def write_random_diffusers(dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float16,
-                           variant: str | None = "fp16",
-                           configs: tuple = (UNetConfig(), VAEConfig(), CLIPTextConfig())) -> Path:
-    """Random weights in the official diffusers layout, full size by default, as the hub files have
-    them: the U-Net, the whole VAE (decoder included), the text tower under `text_model.` with its
-    int64 position_ids buffer. Tensors are drawn from the reference models' key/shape inventory
-    (built on meta), one at a time, so no model is ever materialised."""
-    import transformers
-
-    dir = Path(dir)
-    g = torch.Generator().manual_seed(seed)
-    suffix = f".{variant}" if variant else ""
-    unet_cfg, vae_cfg, text_cfg = configs
-    with torch.device("meta"):
-        unet, vae = reference_unet(unet_cfg), reference_vae(vae_cfg)
-        text = transformers.CLIPTextModel(reference_text_config(text_cfg))
-    for name, model, file in (("unet", unet, "diffusion_pytorch_model"), ("vae", vae, "diffusion_pytorch_model"),
-                              ("text_encoder", text, "model")):
-        if name == "text_encoder":
-            model.config.save_pretrained(dir / name)
-            state = text_state(model)
-        else:
-            model.save_config(dir / name)
-            state = model.state_dict()
-        tensors = {k: torch.randn(v.shape, generator=g, dtype=dtype) * 0.02 for k, v in state.items()}
-        if name == "text_encoder":
-            tensors["text_model.embeddings.position_ids"] = torch.arange(text_cfg.max_position_embeddings)[None]
-        save_file(tensors, dir / name / f"{file}{suffix}.safetensors", metadata={"format": "pt"})
-    CLIPTokenizer.from_bpe_gz(bpe_path()).save(dir / "tokenizer")
-    return dir
+def random_hub_sd15(folder: Path = HUB_SD15) -> Path:
+    """Full-size random SD1.5 as the hub's .fp16 files (~2.1 GB), written into `folder` on first use (needs
+    diffusers + transformers for the reference models' key inventory)."""
+    if not (folder / MARKER).is_file():
+        print(f"writing full-size random SD1.5 (fp16 files, ~2.1 GB) to {folder} ...", file=sys.stderr)
+        write_random_diffusers(folder, bpe_path())
+        (folder / MARKER).write_text("")
+    return folder

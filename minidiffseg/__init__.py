@@ -3,8 +3,7 @@ from Stable Diffusion 1.5 (or 2.x) attention) in plain PyTorch."""
 
 from .errors import UserError
 from .method.segmenter import SegmentationResult, Segmenter
-from .sd import SD15, AttentionStore, StableDiffusion, load_sd, load_sd15
+from .sd import AttentionStore, StableDiffusion, load_sd
 
-__all__ = ["AttentionStore", "SD15", "SegmentationResult", "Segmenter", "StableDiffusion", "UserError", "load_sd",
-           "load_sd15"]
+__all__ = ["AttentionStore", "SegmentationResult", "Segmenter", "StableDiffusion", "UserError", "load_sd"]
 __version__ = "0.1.0"

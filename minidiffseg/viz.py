@@ -1,5 +1,6 @@
-"""Pictures: VOC-palette masks, overlays with a legend, heat maps and attention-map grids (PNG).
-Pure PIL + torch; nothing here computes the method."""
+"""Pictures: VOC-palette masks, overlays with a legend, heat maps, attention-map grids (PNG), the explorer's
+map pictures, and the short display names of U-Net attention layers. Pure PIL + torch; nothing here
+computes the method."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .image import pixels
+
+DISPLAY = 384  # px: the longer side of the explorer's pictures (cells drawn as blocks, so 16² and 64² grids both show)
+LABEL_CHARS = 16  # characters of a grid label per line
 
 
 def voc_palette(n: int = 256) -> list[int]:
@@ -86,7 +90,8 @@ def heatmap(scores: torch.Tensor) -> Image.Image:
 
 def grid(rows: list[tuple[str, list[tuple[str, torch.Tensor]]]], cell: int = 96) -> Image.Image:
     """A labelled grid: rows of (row label, [(column label, (h, w) map), ...]), each map min-max
-    scaled and resized (nearest, so the native resolution stays visible) to cell×cell."""
+    scaled and resized (nearest, so the native resolution stays visible) to cell×cell. A column label
+    longer than a line goes on two, broken at a space where there is one."""
     font = _font(11)
     ncols = max(len(cols) for _, cols in rows)
     left, top = 110, 30
@@ -94,12 +99,90 @@ def grid(rows: list[tuple[str, list[tuple[str, torch.Tensor]]]], cell: int = 96)
     draw = ImageDraw.Draw(out)
     for r, (label, cols) in enumerate(rows):
         y = top + r * (cell + 4)
-        draw.text((4, y + cell // 2 - 6), label[:16], fill=(0, 0, 0), font=font)
+        draw.text((4, y + cell // 2 - 6), label[:LABEL_CHARS], fill=(0, 0, 0), font=font)
         for c, (name, m) in enumerate(cols):
             x = left + c * (cell + 4)
             if r == 0:
-                draw.text((x, 2), name[:16], fill=(0, 0, 0), font=font)
-                if len(name) > 16:
-                    draw.text((x, 15), name[16:32], fill=(0, 0, 0), font=font)
+                first, second = _two_lines(name)
+                draw.text((x, 2), first, fill=(0, 0, 0), font=font)
+                if second:
+                    draw.text((x, 15), second, fill=(0, 0, 0), font=font)
             out.paste(heatmap(m).resize((cell, cell), Image.NEAREST), (x, y))
+    return out
+
+
+def _two_lines(label: str, n: int = LABEL_CHARS) -> tuple[str, str]:
+    """`label` as at most two lines of n characters: broken at its last space within the first line, else
+    after n characters."""
+    if len(label) <= n:
+        return label, ""
+    cut = label.rfind(" ", 0, n + 1)
+    if cut <= 0:
+        return label[:n], label[n:2 * n]
+    return label[:cut], label[cut + 1:cut + 1 + n]
+
+
+def short_layer_name(name: str) -> str:
+    """A U-Net attention layer's state-dict path, short for display: its block, the attention's index in
+    it, and its kind. "up_blocks.1.attentions.2.transformer_blocks.0.attn2" -> "up1.2 attn2",
+    "down_blocks.0.attentions.1.transformer_blocks.0.attn1" -> "down0.1 attn1", the mid block's
+    "mid_block.attentions.0.transformer_blocks.0.attn2" -> "mid.0 attn2"."""
+    parts = name.split(".")
+    if parts[0] == "mid_block":
+        return f"mid.{parts[2]} {parts[-1]}"
+    return f"{parts[0].split('_')[0]}{parts[1]}.{parts[3]} {parts[-1]}"
+
+
+def attention_grid(r, level_of: dict[str, int]) -> Image.Image:
+    """The grid of `minidiffseg maps` for a SegmentationResult `r`: a row per class, with its map of every
+    cross-attention layer (finest level first), each level's mean, the fused map A, the refined map M
+    and the scores. `level_of`: layer name -> level (1 = the finest grid)."""
+    names = sorted(r.layers, key=lambda n: (level_of[n], n))
+    rows = []
+    for i, c in enumerate(r.classes):
+        cols = [(f"{short_layer_name(n)} 1/{level_of[n]}", r.layers[n][i]) for n in names]
+        cols += [(f"level 1/{lvl} mean", r.levels[lvl][i]) for lvl in sorted(r.levels)]
+        cols += [("fused A", r.fused[i]), ("refined M=S·A", r.refined[i]), ("scores", r.scores[i])]
+        rows.append((c, cols))
+    return grid(rows)
+
+
+# ---- the explorer's pictures ------------------------------------------------------------------
+
+
+def display_size(image: Image.Image, longer: int = DISPLAY) -> tuple[int, int]:
+    """(width, height) of `image` scaled to `longer` px on its longer side."""
+    scale = longer / max(image.width, image.height)
+    return max(1, round(image.width * scale)), max(1, round(image.height * scale))
+
+
+def map_picture(image: Image.Image, m: torch.Tensor, blend: bool, cell: tuple[int, int] | None = None) -> Image.Image:
+    """An (h, w) map as a heat map at the image's aspect, DISPLAY px on its longer side, cells as blocks;
+    `blend`: 45 % image under 55 % map; `cell`: the (row, col) cell outlined."""
+    size = display_size(image)
+    out = heatmap(m.detach().float().cpu()).resize(size, Image.NEAREST)
+    if blend:
+        out = Image.blend(image.convert("RGB").resize(size, Image.BILINEAR), out, 0.55)
+    if cell is not None:
+        h, w = m.shape
+        sx, sy = size[0] / w, size[1] / h
+        ImageDraw.Draw(out).rectangle((cell[1] * sx, cell[0] * sy, (cell[1] + 1) * sx, (cell[0] + 1) * sy),
+                                      outline=(0, 255, 255), width=2)
+    return out
+
+
+def marked_pixel(image: Image.Image, x: float, y: float, grid_hw: tuple[int, int]) -> Image.Image:
+    """The image at display size with a cross at image pixel (x, y) and the cell of an (h, w) grid over the
+    image that it falls in outlined."""
+    size = display_size(image)
+    out = image.convert("RGB").resize(size, Image.BILINEAR)
+    px, py = x * size[0] / image.width, y * size[1] / image.height
+    h, w = grid_hw
+    cw, ch = size[0] / w, size[1] / h
+    gx, gy = min(int(px / cw), w - 1), min(int(py / ch), h - 1)
+    draw = ImageDraw.Draw(out)
+    draw.rectangle((gx * cw, gy * ch, (gx + 1) * cw, (gy + 1) * ch), outline=(0, 255, 255), width=2)
+    for colour, width in (((255, 255, 255), 5), ((255, 0, 0), 2)):  # a red cross, outlined in white
+        draw.line((px - 10, py, px + 10, py), fill=colour, width=width)
+        draw.line((px, py - 10, px, py + 10), fill=colour, width=width)
     return out

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 REPO = str(Path(__file__).resolve().parents[1])
-if REPO not in sys.path:  # the tests share bench/'s diffusers reference builders (bench/weights.py, bench/baseline.py)
+if REPO not in sys.path:  # test_bench.py and test_gpu_check.py import the bench/ they test
     sys.path.append(REPO)
 
 

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from minidiffseg.sd import ldm
 from minidiffseg.cli import main
 from minidiffseg.image import load_image, pixels
-from minidiffseg.sd import load_sd15
+from minidiffseg.sd import load_sd
 from reference_decode import reference_rgb
 
 import tiny_sd  # noqa: E402  (needs diffusers and transformers: assets.require)
@@ -216,8 +216,8 @@ def test_bad_checkpoint_inspect(case, tiny_sd_dir, single_file, tmp_path, capsys
 
 def test_inspect_good_copies(tiny_sd_dir, single_file, capsys):
     """Both layouts of the same weights: exit code 0, the layout named, per network the parameter count of
-    the model load_sd15 builds from it, no problem; the single file's ignored keys (decoder, EMA, ...) listed."""
-    sd = load_sd15(tiny_sd_dir)
+    the model load_sd builds from it, no problem; the single file's ignored keys (decoder, EMA, ...) listed."""
+    sd = load_sd(tiny_sd_dir)
     want = {what: sum(t.numel() for t in m.state_dict().values())
             for what, m in (("text encoder", sd.text_encoder), ("VAE", sd.vae), ("U-Net", sd.unet))}
     for path, layout in ((tiny_sd_dir, "diffusers SD1.5 folder"), (single_file, "LDM single file")):

@@ -3,18 +3,21 @@
 Timings are never asserted (they depend on the machine and its load); what is asserted does not:
 every configuration finished, every stage was measured, the FLOP counts say what the two recipes do
 (same U-Net work for the same batch; the official recipe runs each class as a batch of 2), and the
-Markdown tables have their sections and rows.
+Markdown tables have their sections and rows. And the package's command line imports bench/ only when
+`minidiffseg bench` runs.
 """
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from assets import require
 from minidiffseg.cli import main
 
-require("diffusers")  # the baseline runs on diffusers (the bench extra)
-require("transformers")  # the baseline's text encoder is transformers' CLIPTextModel
+REPO = Path(__file__).resolve().parents[1]
 
 STAGES = ["weight loading", "text encode", "VAE encode", "U-Net pass", "U-Net + capture", "fusion",
                "refinement", "post-processing", "end to end"]
@@ -24,6 +27,8 @@ STAGES = ["weight loading", "text encode", "VAE encode", "U-Net pass", "U-Net + 
 def tiny_run(tmp_path_factory):
     from assets import clip_bpe_path
 
+    require("diffusers")  # the baseline runs on diffusers (the bench extra)
+    require("transformers")  # the baseline's text encoder is transformers' CLIPTextModel
     clip_bpe_path()  # skips without open-clip-torch's BPE file (the random checkpoint's tokenizer)
     out = tmp_path_factory.mktemp("bench")
     code = main(["bench", "--tiny", "--device", "cpu", "--out", str(out), "--cache", str(out / "cache")])
@@ -120,3 +125,25 @@ def test_models_table_puts_runs_side_by_side(tiny_run, tmp_path):
     assert row["baseline end to end s"] == fmt(base["result"]["stages"]["end to end"]["seconds"])
     md = "\n".join(lines)
     assert "`a.json`" in md and "`b.json`" in md and results["meta"]["command"] in md
+
+
+def test_the_command_line_imports_bench_only_when_the_command_runs():
+    """Building minidiffseg's parser, and parsing a bench command line, import no bench module (from the
+    repository root, where bench/ is importable)."""
+    code = ("import sys; from minidiffseg.cli import build_parser; "
+            "args = build_parser().parse_args(['bench', '--quick', '--device', 'cpu']); "
+            "print(args.command, sorted(m for m in sys.modules if m == 'bench' or m.startswith('bench.')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "bench []", done.stdout
+
+
+def test_bench_help_lists_the_benchmark_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: minidiffseg bench"), out
+    assert all(option in out for option in ("--quick", "--tiny", "--weights", "--sections")), out
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--no-such-option"])
+    assert e.value.code == 2 and "--no-such-option" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The dense CRF (minidiffseg/method/crf.py, permutohedral.py; docs/crf.md).
+"""The dense CRF (minidiffseg/crf/: dense.py, permutohedral.py; docs/crf.md).
 
 - the lattice filter against the exact Gaussian filter (brute force) on real photos: error bounds
 - parity with the reference C++ implementation (pydensecrf, the `crf-reference` extra) on real photos
@@ -17,10 +17,10 @@ from PIL import Image
 
 from assets import require
 from minidiffseg.errors import UserError
-from minidiffseg.method.crf import IGNORE, MAX_ITERATIONS, PRESETS, CRFParams, DenseCRF, parse, probabilities, \
+from minidiffseg.crf.dense import IGNORE, MAX_ITERATIONS, PRESETS, CRFParams, DenseCRF, parse, probabilities, \
     pseudo_labels
+from minidiffseg.crf.permutohedral import Exact, Lattice
 from minidiffseg.method.decision import decide
-from minidiffseg.method.permutohedral import Exact, Lattice
 
 PHOTOS = ["astronaut", "chelsea"]
 

@@ -1,7 +1,8 @@
 """`minidiffseg explore` on the tiny random SD1.5 (docs/explore.md §4): the library's `Exploration`
-(values against the Segmenter and the naive S, without gradio), then the page through gradio_client
-against a server on 127.0.0.1 (run, views, bad inputs, two sessions, memory), a real headless
-Chromium driving the page, and the command's one-line errors."""
+(values against the Segmenter and the naive S, without gradio), the page's handlers (explorer/views.py)
+called directly, without gradio or a browser, then the page through gradio_client against a server on
+127.0.0.1 (run, views, bad inputs, two sessions, memory), a real headless Chromium driving the page, and
+the command's one-line errors."""
 
 import io
 import os
@@ -21,7 +22,7 @@ from assets import missing, require
 from minidiffseg.cli import main
 from minidiffseg.errors import UserError
 from minidiffseg.method.decision import decide
-from minidiffseg.method.explore import MAX_CLASSES, Exploration
+from minidiffseg.explorer.state import MAX_CLASSES, Exploration
 from minidiffseg.method.refine import refine_naive, self_attention_matrix
 from minidiffseg.method.segmenter import Segmenter
 
@@ -186,6 +187,124 @@ def test_bad_views_are_user_errors(seg32, image):
             call()
 
 
+# ---- the page's handlers, called directly (no gradio, no browser) -------------------------------
+
+
+def test_the_run_handler_shows_the_result_and_the_first_views(monkeypatch, seg32, image, tmp_path):
+    from minidiffseg.explorer import views
+    from minidiffseg.outputs import write_result
+    from minidiffseg.viz import map_picture, marked_pixel
+
+    calls = count_unet_calls(monkeypatch, seg32)
+    seen = []
+    ex, v = views.on_run(seg32, str(image), "cat, sofa", "", "100", 0, 0.4, "batched", tmp_path / "session",
+                         progress=lambda f, what: seen.append(f))
+    assert len(calls) == 1 and seen[0] == 0 and seen[-1] == 1
+    # the result column: the files `segment` writes for the same run, in the session's folder
+    want = seg32(image, CLASSES, seed=0)
+    write_result(tmp_path / "want", "shapes", image, want)
+    assert Path(v.result.overlay) == tmp_path / "session" / "shapes_overlay.png"
+    assert pixels(v.result.overlay) == pixels(tmp_path / "want" / "shapes_overlay.png")
+    mask, scores = (Path(p) for p in v.result.downloads)
+    assert mask.read_bytes() == (tmp_path / "want" / "shapes_mask.png").read_bytes()
+    assert same_scores_file(scores, tmp_path / "want" / "shapes_scores.safetensors")
+    assert [c for c, _ in v.result.area] == ["background", "cat", "sofa"]
+    assert abs(sum(share for _, share in v.result.area) - 100) < 0.05
+    assert [(Path(p).name, caption) for p, caption in v.result.gallery] == [
+        ("shapes_heat_1_cat.png", "cat: score map"), ("shapes_heat_2_sofa.png", "sofa: score map")]
+    assert v.result.summary.startswith("**2 class(es)**, τ = 0.40") and "`a photograph of sofa`" in v.result.summary
+    # the dropdowns: row 0 and its class map chosen, the fused view; layers named short, with their level
+    assert v.row.rows == views.Choices([("row 0: a photograph of cat", 0), ("row 1: a photograph of sofa", 1)], 0)
+    assert v.row.columns == views.Choices(ex.columns(0), 0) and v.row.columns.choices[0] == ("cat (class map)", 0)
+    labels = [label for label, _ in v.row.views.choices]
+    assert v.row.views.value == "fused" and labels[0] == "fused A (all levels)"
+    assert labels[1:1 + len(ex.levels)] == [f"level 1/{lvl} mean" for lvl in sorted(ex.levels)]
+    assert len(labels) == 1 + len(ex.levels) + len(ex.layers) and "up1.0 attn2 (1/4)" in labels, labels
+    assert v.layers.value == "mean" and [n for _, n in v.layers.choices] == ["mean", *ex.self_layers]
+    assert all(label.endswith(" attn1") for label, _ in v.layers.choices[1:]), v.layers.choices
+    assert v.heads == views.Choices([("mean", "mean")] + [(str(h), str(h)) for h in range(8)], "mean")
+    # the first maps: the class map of row 0, fused, over the image; the self-attention at the centre
+    assert same_picture(v.cross.picture, map_picture(ex.image, ex.cross(0, 0, "fused"), True))
+    assert v.cross.caption.startswith("`cat (class map)` · fused A (levels weighted 1/")
+    assert (v.x, v.y) == (75, 50) and ex.pixel(75, 50) == (8, 8)
+    assert same_picture(v.pixel.clicked, marked_pixel(ex.image, 75, 50, ex.size))
+    assert same_picture(v.pixel.s_row, map_picture(ex.image, ex.self_attention(0, 8, 8), False, (8, 8)))
+    assert same_picture(v.pixel.m_map, map_picture(ex.image, ex.refined_map(0, 0), False))
+    assert "latent cell (row 8, col 8) of 16×16" in v.pixel.caption and "sum 1.0000" in v.pixel.caption
+
+
+def test_the_view_handlers_read_the_stored_run(monkeypatch, seg32, image, tmp_path):
+    from minidiffseg.explorer import views
+    from minidiffseg.outputs import write_result
+    from minidiffseg.viz import map_picture
+
+    ex, _ = views.on_run(seg32, str(image), "cat, sofa", "", "100", 0, 0.4, "batched", tmp_path / "s")
+    calls = count_unet_calls(monkeypatch, seg32)
+    weights = seg32.level_weights
+    layer = sorted(ex.layers)[3]
+    for row, column, view in ((0, 5, "fused"), (1, 2, "2"), (1, 6, layer), (0, 0, "8")):  # as Gradio passes them
+        cross, pixel = views.on_cross(ex, str(row), str(column), view, False, "mean", "mean", 30, 80, weights)
+        assert same_picture(cross.picture, map_picture(ex.image, ex.cross(row, column, view), False))
+        gy, gx = ex.pixel(30, 80)
+        assert same_picture(pixel.s_row, map_picture(ex.image, ex.self_attention(row, gy, gx), False, (gy, gx)))
+        assert same_picture(pixel.a_map, map_picture(ex.image, ex.cross(row, column, "fused"), False))
+        assert same_picture(pixel.m_map, map_picture(ex.image, ex.refined_map(row, column), False))
+    assert f"layer {layer}" in views.on_cross(ex, 1, 6, layer, True, "mean", "mean", 0, 0, weights)[0].caption
+    # one layer and head at a typed pixel; a click on the shown picture (384×256 for 150×100)
+    name = ex.self_layers[2]
+    pixel = views.on_self(ex, 1, 0, name, "3", 140, 5)
+    gy, gx = ex.pixel(140, 5)
+    assert same_picture(pixel.s_row, map_picture(ex.image, ex.self_attention(1, gy, gx, name, 3), False, (gy, gx)))
+    assert f"S row: {name}, head 3" in pixel.caption
+    pixel, x, y = views.on_click(ex, 0, 0, "mean", "mean", (384 * 4.5 / 16, 256 * 12.5 / 16))
+    assert (x, y) == (42, 78) and "→ latent cell (row 12, col 4)" in pixel.caption
+    # another row: its own maps to choose from, its class map chosen
+    columns, cross, _ = views.on_row(ex, "1", "fused", True, "mean", "mean", 30, 80, weights)
+    assert columns.value == 0 and ("sofa (class map)", 0) in columns.choices and ("4: sofa", 5) in columns.choices
+    assert cross.caption.startswith("`sofa (class map)`")
+    # τ: the mask decided again and the files rewritten; before any run, nothing to redo
+    result = views.on_tau(ex, 0.9, tmp_path / "s", str(image))
+    write_result(tmp_path / "want", "shapes", image, ex.segmentation(0.9))
+    assert Path(result.downloads[0]).read_bytes() == (tmp_path / "want" / "shapes_mask.png").read_bytes()
+    assert "τ = 0.90" in result.summary
+    assert views.on_tau(None, 0.9, tmp_path / "s", str(image)) is None
+    assert calls == [], f"{len(calls)} U-Net call(s) for views"
+
+
+def test_the_handlers_bad_inputs_are_user_errors(seg32, image, tmp_path):
+    from minidiffseg.explorer import views
+
+    def run(path=str(image), classes="cat", prompts="", timesteps="100", tau=0.4):
+        return views.on_run(seg32, path, classes, prompts, timesteps, 0, tau, "batched", tmp_path / "s")
+
+    bad = tmp_path / "notimage.png"
+    bad.write_bytes(b"not an image at all")
+    for call, message in ((lambda: run(path=None), "no image"), (lambda: run(classes=" , "), "the class list is empty"),
+                          (lambda: run(classes="cat," * 300), "characters long"),
+                          (lambda: run(classes="cat, Cat"), "listed twice"),
+                          (lambda: run(timesteps="1,x"), "timesteps '1,x'"), (lambda: run(tau=1.5), "[0, 1]"),
+                          (lambda: run(path=str(bad)), "not a readable image"),
+                          (lambda: views.preview(str(bad)), "not a readable image"),
+                          (lambda: views.on_cross(None, 0, 0, "fused", True, "mean", "mean", 1, 1, {}),
+                           "nothing to show yet"),
+                          (lambda: views.on_self(run()[0], 0, 0, "mean", "mean", None, 3), "give the pixel"),
+                          (lambda: views.on_self(run()[0], 0, 0, "mean", "mean", 150, 3), "outside")):
+        with pytest.raises(UserError, match=message.replace("[", r"\[").replace(".", r"\.")):
+            call()
+    assert views.preview(None) is None and views.preview(str(image)).size == (150, 100)  # no larger than shown
+
+
+def test_fill_prompts_and_short_layer_names():
+    from minidiffseg.explorer.views import fill_prompts
+    from minidiffseg.viz import short_layer_name
+
+    assert fill_prompts("a photograph of {}", " cat, sofa ,", "batched") == "a photograph of cat\na photograph of sofa"
+    assert fill_prompts("a photograph of {}", "cat, sofa", "joint") == ""
+    assert short_layer_name("up_blocks.1.attentions.2.transformer_blocks.0.attn2") == "up1.2 attn2"
+    assert short_layer_name("down_blocks.0.attentions.1.transformer_blocks.0.attn1") == "down0.1 attn1"
+    assert short_layer_name("mid_block.attentions.0.transformer_blocks.0.attn2") == "mid.0 attn2"
+
+
 # ---- the page, through gradio_client against a server on 127.0.0.1 -----------------------------
 
 
@@ -201,7 +320,7 @@ def server(seg32, tmp_path_factory):
     Segmenter on the same networks (so the tests can count U-Net calls)."""
     require("gradio", EXPLORE_EXTRA)
     require("gradio_client", EXPLORE_EXTRA)
-    from minidiffseg.cli.explore import build_app, launch
+    from minidiffseg.explorer.app import build_app, launch
 
     cache = os.environ.get("GRADIO_TEMP_DIR")
     os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio"))  # Gradio's file cache
@@ -235,7 +354,9 @@ def run_page(client, image, classes="cat, sofa", prompts="", timesteps="100", se
 
 
 def pixels(file) -> bytes:
-    """An image output of the page (FileData dict or path) as RGB bytes."""
+    """An image output of the page (FileData dict or path) or of a handler (a PIL image) as RGB bytes."""
+    if isinstance(file, Image.Image):
+        return file.convert("RGB").tobytes()
     with Image.open(file["path"] if isinstance(file, dict) else file) as im:
         return im.convert("RGB").tobytes()
 
@@ -253,8 +374,8 @@ def same_scores_file(a: Path, b: Path) -> bool:
 
 
 def test_the_page_runs_and_every_view_shows_the_stored_run(server, seg32, image, tmp_path, monkeypatch):
-    from minidiffseg.cli.explore import picture
-    from minidiffseg.cli.segment import write_result
+    from minidiffseg.outputs import write_result
+    from minidiffseg.viz import map_picture as picture
 
     calls = count_unet_calls(monkeypatch, seg32)
     client = connect(server)

@@ -30,11 +30,11 @@ CHILD = r"""
 import sys, time
 from pathlib import Path
 
-import minidiffseg.cli.segment as segment
+import minidiffseg.outputs as outputs
 from minidiffseg.cli import main
 
 marker, stop_at = Path(sys.argv[1]), int(sys.argv[2])
-real, calls = segment.write_atomic, []
+real, calls = outputs.write_atomic, []
 
 
 def write_atomic(path, data):
@@ -52,7 +52,7 @@ def write_atomic(path, data):
     return real(path, write_then_wait)
 
 
-segment.write_atomic = write_atomic
+outputs.write_atomic = write_atomic  # the writer of every output file
 sys.exit(main(sys.argv[3:]))
 """
 

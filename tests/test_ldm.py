@@ -130,6 +130,20 @@ def test_ignored_keys_by_name():
     assert unknown == ["my_betas"]
 
 
+def test_both_layouts_ignore_the_keys_of_one_list():
+    """The keys no network of ours holds are listed once, under our names (names.NOT_BUILT): the diffusers
+    folders skip them as named, the single file under its prefixes (ldm.IGNORED)."""
+    from minidiffseg.sd.names import NOT_BUILT, not_built
+
+    ours = {"vae": ["decoder.up.0.block.0.conv1.weight", "post_quant_conv.bias"],
+            "text_encoder": ["text_model.embeddings.position_ids"]}
+    prefix = {"vae": ldm.VAE, "text_encoder": ldm.TEXT}
+    for component, keys in ours.items():
+        assert all(not_built(component, k) and ldm.is_ignored(prefix[component] + k) for k in keys), component
+        assert {f"{prefix[component]}{p}" for p in NOT_BUILT[component]} <= set(ldm.IGNORED)
+    assert not NOT_BUILT["unet"] and not not_built("vae", "encoder.conv_in.weight")
+
+
 def with_ema(ldm_sd: dict[str, torch.Tensor], drop: int = 0) -> dict[str, torch.Tensor]:
     """`ldm_sd` as a non-"emaonly" file: every U-Net tensor also as its EMA twin (other values), named the way
     LDM's LitEma names its buffers (the dots removed), and its counters; `drop` twins left out."""

@@ -1,4 +1,4 @@
-"""`load_sd15` on tiny random checkpoints written by the reference libraries (tests/tiny_sd.py): the
+"""`load_sd` on tiny random checkpoints written by the reference libraries (tests/tiny_sd.py): the
 diffusers folder and the LDM single file give identical models, equal to the references'; the fp16
 variant; dtype/device; one clear error per kind of bad checkpoint; and (slow) the peak memory of
 loading a full-size checkpoint."""
@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from minidiffseg.sd import ldm
 from minidiffseg.errors import UserError
 from minidiffseg.sd.loading import RELEASE_BYTES
-from minidiffseg.sd import load_sd15
+from minidiffseg.sd import load_sd
 from minidiffseg.sd.tokenizer import CLIPTokenizer
 
 import tiny_sd  # noqa: E402  (needs diffusers and transformers: assets.require)
@@ -68,17 +68,18 @@ def params(model) -> dict[str, torch.Tensor]:
 # ---- the two layouts -----------------------------------------------------------------------------
 
 def test_folder_and_single_file_give_identical_outputs(tiny_sd_dir, single_file):
-    folder, single = load_sd15(tiny_sd_dir), load_sd15(single_file)
+    folder, single = load_sd(tiny_sd_dir), load_sd(single_file)
     assert (folder.unet.cfg, folder.vae.cfg, folder.text_encoder.cfg) == \
            (single.unet.cfg, single.vae.cfg, single.text_encoder.cfg)
+    assert (folder.kind, folder.name) == (single.kind, single.name) == ("sd1", "SD1.5")
     a, b = outputs(folder), outputs(single)
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k}: {errors(b[k], a[k])}"
 
 
 def test_loaded_models_match_the_reference_libraries(tiny_sd_dir):
-    """Our models as load_sd15 fills them vs the references loading the same folder themselves."""
-    sd = load_sd15(tiny_sd_dir)
+    """Our models as load_sd fills them vs the references loading the same folder themselves."""
+    sd = load_sd(tiny_sd_dir)
     ours = outputs(sd)
     unet = diffusers.UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet").eval()
     vae = diffusers.AutoencoderKL.from_pretrained(tiny_sd_dir / "vae").eval()
@@ -96,7 +97,7 @@ def test_loaded_models_match_the_reference_libraries(tiny_sd_dir):
 
 
 def test_fp16_variant(tiny_sd_dir, tmp_path):
-    fp32, fp16 = load_sd15(tiny_sd_dir), load_sd15(tiny_sd_dir, variant="fp16")
+    fp32, fp16 = load_sd(tiny_sd_dir), load_sd(tiny_sd_dir, variant="fp16")
     for m in ("unet", "vae", "text_encoder"):
         a, b = params(getattr(fp32, m)), params(getattr(fp16, m))
         assert all(b[k].dtype == torch.float32 and torch.equal(b[k], a[k].half().float()) for k in a), m
@@ -105,15 +106,15 @@ def test_fp16_variant(tiny_sd_dir, tmp_path):
     for f in only_fp16.glob("*/*.safetensors"):
         if ".fp16." not in f.name:
             f.unlink()
-    fallback = load_sd15(only_fp16)  # variant=None falls back to the .fp16 files
+    fallback = load_sd(only_fp16)  # variant=None falls back to the .fp16 files
     assert torch.equal(fallback.unet.conv_in.weight, fp16.unet.conv_in.weight)
     with pytest.raises(UserError, match=r"text_encoder: no model\.ema\.safetensors found; .*minidiffseg download"):
-        load_sd15(tiny_sd_dir, variant="ema")
+        load_sd(tiny_sd_dir, variant="ema")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_dtype_eval_no_grad(tiny_sd_dir, dtype):
-    sd = load_sd15(tiny_sd_dir, dtype=dtype, variant="fp16" if dtype == torch.float16 else None)
+    sd = load_sd(tiny_sd_dir, dtype=dtype, variant="fp16" if dtype == torch.float16 else None)
     for m in (sd.unet, sd.vae, sd.text_encoder):
         assert not m.training
         for name, p in m.named_parameters():
@@ -136,21 +137,21 @@ def file_mappings(path: Path) -> list[tuple[int, int]]:
 def test_same_dtype_on_cpu_is_memory_mapped_not_copied(tiny_sd_dir, single_file):
     """With the file's dtype on CPU every parameter points into the mapped file; a cast copies."""
     for path, files in ((single_file, [single_file]), (tiny_sd_dir, list(tiny_sd_dir.glob("*/*[!6].safetensors")))):
-        sd = load_sd15(path)
+        sd = load_sd(path)
         ranges = [r for f in files for r in file_mappings(f)]
         for m in (sd.unet, sd.vae, sd.text_encoder):
             copied = [n for n, p in m.named_parameters() if not any(lo <= p.data_ptr() < hi for lo, hi in ranges)]
             assert copied == [], f"{path}: copied instead of mapped: {copied[:3]}"
-    cast = load_sd15(single_file, dtype=torch.bfloat16)
+    cast = load_sd(single_file, dtype=torch.bfloat16)
     ranges = file_mappings(single_file)
     assert not any(lo <= p.data_ptr() < hi for p in cast.unet.parameters() for lo, hi in ranges)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda(tiny_sd_dir, single_file):
-    cpu = outputs(load_sd15(single_file))
+    cpu = outputs(load_sd(single_file))
     for path in (tiny_sd_dir, single_file):
-        sd = load_sd15(path, device="cuda", dtype=torch.float16, variant="fp16")
+        sd = load_sd(path, device="cuda", dtype=torch.float16, variant="fp16")
         assert all(p.is_cuda and p.dtype == torch.float16 for p in sd.unet.parameters())
         ids = sd.tokenizer(PROMPTS).cuda()
         with torch.no_grad():
@@ -178,7 +179,7 @@ def test_official_spellings(tiny_sd_dir, tmp_path):
         return out
 
     rewrite(vae, vae, to_legacy)
-    a, b = load_sd15(tiny_sd_dir), load_sd15(folder)
+    a, b = load_sd(tiny_sd_dir), load_sd(folder)
     for m in ("vae", "text_encoder"):
         pa, pb = params(getattr(a, m)), params(getattr(b, m))
         assert all(torch.equal(pa[k], pb[k]) for k in pa), m
@@ -187,17 +188,17 @@ def test_official_spellings(tiny_sd_dir, tmp_path):
 def test_tokenizer_argument(single_file, tmp_path):
     alone = shutil.copy(single_file, tmp_path / "alone.safetensors")
     with pytest.raises(UserError, match=r"alone\.safetensors: no tokenizer folder .*tokenizer=.*minidiffseg download"):
-        load_sd15(alone)
+        load_sd(alone)
     tok = CLIPTokenizer.from_dir(single_file.parent / "tokenizer")
-    assert load_sd15(alone, tokenizer=tok).tokenizer is tok
-    assert load_sd15(alone, tokenizer=single_file.parent / "tokenizer").tokenizer(PROMPTS).shape == (2, 77)
+    assert load_sd(alone, tokenizer=tok).tokenizer is tok
+    assert load_sd(alone, tokenizer=single_file.parent / "tokenizer").tokenizer(PROMPTS).shape == (2, 77)
 
 
 # ---- bad checkpoints: one clear error naming the file and the key --------------------------------
 
 def test_missing_path():
-    with pytest.raises(UserError, match=r"nowhere: not found; fetch SD1\.5 with `minidiffseg download`"):
-        load_sd15("/nowhere")
+    with pytest.raises(UserError, match=r"nowhere: not found; fetch Stable Diffusion with `minidiffseg download`"):
+        load_sd("/nowhere")
 
 
 @pytest.mark.parametrize("name", ["v1-5-pruned-emaonly.ckpt", "model.bin", "model.pt"])
@@ -205,7 +206,7 @@ def test_pickles_refused(tmp_path, name):
     path = tmp_path / name
     path.write_bytes(b"\x80\x02}q\x00.")  # a pickle: never opened
     with pytest.raises(UserError, match=rf"{name}: .* pickles, which minidiffseg never loads.*\.safetensors"):
-        load_sd15(path)
+        load_sd(path)
 
 
 def test_pickle_only_folder_refused(tiny_sd_dir, tmp_path):
@@ -213,7 +214,7 @@ def test_pickle_only_folder_refused(tiny_sd_dir, tmp_path):
     for f in (folder / "unet").glob("*.safetensors"):
         f.rename(f.with_suffix(".bin"))
     with pytest.raises(UserError, match=r"unet/diffusion_pytorch_model(\.fp16)?\.bin: \.bin files are pickles"):
-        load_sd15(folder)
+        load_sd(folder)
 
 
 def test_not_a_safetensors_file(single_file, tmp_path):
@@ -223,11 +224,11 @@ def test_not_a_safetensors_file(single_file, tmp_path):
                           ("zip.safetensors", b"PK\x03\x04" + b"\x00" * 100)):
         (junk / name).write_bytes(content)
         with pytest.raises(UserError, match=rf"{name}: not a safetensors file"):
-            load_sd15(junk / name)
+            load_sd(junk / name)
     bad_json = junk / "json.safetensors"
     bad_json.write_bytes((20).to_bytes(8, "little") + b"{not json at all...}" + bytes(100))
     with pytest.raises(UserError, match=r"json\.safetensors: not a safetensors file \(its header"):
-        load_sd15(bad_json)
+        load_sd(bad_json)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.001])
@@ -237,7 +238,7 @@ def test_truncated_file(single_file, tmp_path, keep):
     cut.write_bytes(data[: int(len(data) * keep)])
     size = cut.stat().st_size
     with pytest.raises(UserError, match=rf"{cut.name}: truncated: .* but the file has {size}.*download it again"):
-        load_sd15(cut)
+        load_sd(cut)
 
 
 def test_missing_key(single_file, tiny_sd_dir, tmp_path):
@@ -247,26 +248,26 @@ def test_missing_key(single_file, tiny_sd_dir, tmp_path):
     shutil.copytree(single_file.parent / "tokenizer", bad.parent / "tokenizer")
     with pytest.raises(UserError, match=r"missing\.safetensors: 1 U-Net tensor\(s\) missing: "
                                         r"down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn2\.to_v\.weight;"):
-        load_sd15(bad)
+        load_sd(bad)
     folder = shutil.copytree(tiny_sd_dir, tmp_path / "f")
     text = folder / "text_encoder" / "model.safetensors"
     rewrite(text, text, lambda t: {k: v for k, v in t.items() if "layers.1." not in k})
     with pytest.raises(UserError, match=r"text_encoder/model\.safetensors: 16 text encoder tensor\(s\) missing: "
                                         r"text_model\.encoder\.layers\.1\.layer_norm1\.bias, .* \(\+11 more\)"):
-        load_sd15(folder)
+        load_sd(folder)
 
 
 def test_unexpected_key(single_file, tiny_sd_dir, tmp_path):
     for extra in (f"{ldm.UNET}input_blocks.1.0.extra.weight", "cond_stage_model.model.text_projection"):
         bad = rewrite(single_file, tmp_path / "s" / "extra.safetensors", lambda t: {**t, extra: torch.zeros(3)})
         with pytest.raises(UserError, match=rf"extra\.safetensors: 1 unexpected .*tensor\(s\): {extra}"):
-            load_sd15(bad, tokenizer=single_file.parent / "tokenizer")
+            load_sd(bad, tokenizer=single_file.parent / "tokenizer")
     folder = shutil.copytree(tiny_sd_dir, tmp_path / "f")
     unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
     rewrite(unet, unet, lambda t: {**t, "add_embedding.linear_1.weight": torch.zeros(3, 3)})
     with pytest.raises(UserError, match=r"unet/diffusion_pytorch_model\.safetensors: 1 unexpected U-Net tensor\(s\): "
                                         r"add_embedding\.linear_1\.weight"):
-        load_sd15(folder)
+        load_sd(folder)
 
 
 def test_wrong_shape(single_file, tiny_sd_dir, tmp_path):
@@ -274,14 +275,14 @@ def test_wrong_shape(single_file, tiny_sd_dir, tmp_path):
     bad = rewrite(single_file, tmp_path / "s" / "shape.safetensors", lambda t: {**t, key: torch.zeros(5)})
     with pytest.raises(UserError, match=rf"shape\.safetensors: tensor {key} has shape \[5\] but the U-Net "
                                         r"expects \[4\]"):
-        load_sd15(bad, tokenizer=single_file.parent / "tokenizer")
+        load_sd(bad, tokenizer=single_file.parent / "tokenizer")
     folder = shutil.copytree(tiny_sd_dir, tmp_path / "f")
     config = folder / "unet" / "config.json"  # the config disagrees with the file
     config.write_text(json.dumps({**json.loads(config.read_text()), "cross_attention_dim": 48}))
     with pytest.raises(UserError, match=r"unet/diffusion_pytorch_model\.safetensors: tensor down_blocks\.0\."
                                         r"attentions\.0\.transformer_blocks\.0\.attn2\.to_k\.weight has shape "
                                         r"\[32, 32\] but the U-Net expects \[32, 48\]"):
-        load_sd15(folder)
+        load_sd(folder)
 
 
 def test_unknown_layout(single_file, tiny_sd_dir, tmp_path):
@@ -289,32 +290,32 @@ def test_unknown_layout(single_file, tiny_sd_dir, tmp_path):
     save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(3)}, other)
     with pytest.raises(UserError, match=r"other\.safetensors: unknown checkpoint layout: no U-Net "
                                         r"\(model\.diffusion_model\.…\), VAE .* tensors"):
-        load_sd15(other, tokenizer=single_file.parent / "tokenizer")
+        load_sd(other, tokenizer=single_file.parent / "tokenizer")
     component = shutil.copy(tiny_sd_dir / "unet" / "diffusion_pytorch_model.safetensors", tmp_path / "unet.safetensors")
     with pytest.raises(UserError, match=r"unet\.safetensors: unknown checkpoint layout"):
-        load_sd15(component, tokenizer=single_file.parent / "tokenizer")
+        load_sd(component, tokenizer=single_file.parent / "tokenizer")
     folder = tmp_path / "folder"
     shutil.copytree(tiny_sd_dir / "tokenizer", folder / "tokenizer")
     with pytest.raises(UserError, match=r"folder: unknown checkpoint layout: .* lacks unet, vae, text_encoder/"):
-        load_sd15(folder)
+        load_sd(folder)
 
 
 def test_missing_config(tiny_sd_dir, tmp_path):
     folder = shutil.copytree(tiny_sd_dir, tmp_path / "f")
     (folder / "vae" / "config.json").unlink()
     with pytest.raises(UserError, match=r"vae/config\.json: not found.*minidiffseg download"):
-        load_sd15(folder)
+        load_sd(folder)
 
 
 # ---- memory (slow) ---------------------------------------------------------------------------------
 
 MEASURE = """
 import json, re, sys, time, torch
-from minidiffseg.sd import load_sd15
+from minidiffseg.sd import load_sd
 # this process's peak RSS; not ru_maxrss, which Linux carries over from the parent across fork + exec
 peak = lambda: int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 base, start = peak(), time.perf_counter()
-sd = load_sd15(sys.argv[1], dtype=getattr(torch, sys.argv[2]), variant="fp16")
+sd = load_sd(sys.argv[1], dtype=getattr(torch, sys.argv[2]), variant="fp16")
 seconds = time.perf_counter() - start
 weights = [p for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters()]
 sum(float(p.sum(dtype=torch.float32)) for p in weights)  # read every weight once: mapped pages count now
@@ -382,21 +383,21 @@ def test_the_ema_unet_of_a_file_holding_both_is_loaded(single_file, tmp_path):
     tok = single_file.parent / "tokenizer"
     emaonly = rewrite(single_file, tmp_path / "emaonly.safetensors", ema_values)
     both = rewrite(single_file, tmp_path / "pruned.safetensors", both_copies)
-    want, trained = params(load_sd15(emaonly, tokenizer=tok).unet), params(load_sd15(single_file).unet)
+    want, trained = params(load_sd(emaonly, tokenizer=tok).unet), params(load_sd(single_file).unet)
     for stream in (False, True):
-        got = load_sd15(both, tokenizer=tok, stream=stream)
+        got = load_sd(both, tokenizer=tok, stream=stream)
         if stream:  # streamed weights are read as the blocks run: compare what the networks compute
-            a, b = outputs(got), outputs(load_sd15(emaonly, tokenizer=tok))
+            a, b = outputs(got), outputs(load_sd(emaonly, tokenizer=tok))
             assert all(torch.equal(a[k], b[k]) for k in a)
         else:
             got = params(got.unet)
             assert all(torch.equal(got[n], want[n]) for n in want) and sorted(got) == sorted(want)
             assert not any(torch.equal(got[n], trained[n]) for n in trained)  # not one trained tensor
     parts, unknown = single_file_parts(both)
-    unet = parts[2]
+    unet = parts["unet"]
     assert unknown == [] and unet.what == "U-Net (EMA)"  # inspect-weights and load errors say which
     assert all(k.startswith("model_ema.") for k in unet.names)
     trained_keys = {k for k in unet.shapes if k.startswith(ldm.UNET)}
     assert trained_keys <= set(unet.ignored) and not set(unet.names) & set(unet.ignored)
     # an emaonly file (no twins) loads its U-Net keys as before
-    assert load_sd15(emaonly, tokenizer=tok) and single_file_parts(emaonly)[0][2].what == "U-Net"
+    assert load_sd(emaonly, tokenizer=tok) and single_file_parts(emaonly)[0]["unet"].what == "U-Net"

@@ -16,7 +16,7 @@ from minidiffseg.cli import main
 from minidiffseg.method.segmenter import Segmenter
 from minidiffseg.sd import load_sd
 from minidiffseg.sd.precision import Precision, decide, fast_on_cpu, precision, probe
-from minidiffseg.sd.stream import RESIDENT, UpcastWeights
+from minidiffseg.sd.stream import RESIDENT, UpcastWeights, weights_of
 
 NO = {"avx512_bf16": False, "amx_tile": False, "amx_fp16": False}
 
@@ -122,7 +122,7 @@ def test_from_pretrained_and_to_follow_the_cpu(tiny_sd_dir, image, monkeypatch):
     same(seg(image, ["cat", "dog"], seed=1), moved(image, ["cat", "dog"], seed=1))
     monkeypatch.setattr(precision_module, "fast_on_cpu", lambda dt: True)  # a CPU with bf16: true bf16
     fast = Segmenter.from_pretrained(tiny_sd_dir, dtype=torch.bfloat16, resolution=TINY_RES)
-    assert fast.dtype == torch.bfloat16 and fast.sd.unet.weights is RESIDENT
+    assert fast.dtype == torch.bfloat16 and weights_of(fast.sd.unet) is RESIDENT
 
 
 def test_cli_warns_once_and_computes_fp32(tiny_sd_dir, image, tmp_path, capsys, monkeypatch):

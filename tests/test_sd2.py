@@ -21,8 +21,7 @@ from minidiffseg.sd.clip import CLIPTextModel
 from minidiffseg.sd.config import CLIPTextConfig, UNetConfig, VAEConfig
 from minidiffseg.sd.tokenizer import CLIPTokenizer
 from minidiffseg.sd.unet import UNet
-from bench.weights import MODELS
-from bench.baseline import StoreEveryMap  # diffusers attention processor keeping every probability map
+from reference_sd import MODELS, StoreEveryMap  # StoreEveryMap: diffusers processor keeping every probability map
 from parity import rel_err
 from tiny_sd import diffusers, encoder_state, randomise_, reference_vae, text_state, transformers
 from tiny_sd2 import (SCHEDULER, TINY2, penultimate, reference_text, reference_unet, sd2_single_file_state,
@@ -287,8 +286,9 @@ def test_load_sd_folder_fp16_variant_and_single_file(sd2_dir, sd2_file):
         assert rel_err(got_text, want_text) <= bound and rel_err(got_eps, want_eps) <= bound, \
             f"{sd.name}: text rel {rel_err(got_text, want_text):.3e}, ε rel {rel_err(got_eps, want_eps):.3e}"
         assert sd.tokenizer.pad_id == 0 and sd.resolution == RES
-    assert load_sd(sd2_dir).name == "SD2.x (128², v-prediction)"
-    assert load_sd(sd2_file).name.startswith("SD2.x (single file")
+    folder, single = load_sd(sd2_dir), load_sd(sd2_file)
+    assert folder.name == "SD2.x (128², v-prediction)" and folder.kind == "sd2-v"
+    assert single.name.startswith("SD2.x (single file") and single.kind == "sd2"
 
 
 def test_names_and_schedule_from_the_folder(sd2_dir, tmp_path):
@@ -297,7 +297,7 @@ def test_names_and_schedule_from_the_folder(sd2_dir, tmp_path):
     config.write_text(json.dumps({**json.loads(config.read_text()), "sample_size": 64}))
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**SCHEDULER, "prediction_type": "epsilon"}))
     sd = load_sd(folder)
-    assert sd.name == "SD2.x-base (512², ε-prediction)" and sd.resolution == 512
+    assert sd.name == "SD2.x-base (512², ε-prediction)" and sd.kind == "sd2-base" and sd.resolution == 512
     betas = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
     want = diffusers.DDPMScheduler(**{k: SCHEDULER[k] for k in betas}).alphas_cumprod
     assert torch.equal(sd.schedule.alphas_cumprod, want)  # SD2.x's schedule = SD1.5's, read from the config
@@ -328,7 +328,7 @@ def test_streamed_sd2_equals_resident(sd2_dir, sd2_file):
 
 def test_sd15_is_still_named_and_padded_as_before(tiny_sd_dir):
     sd = load_sd(tiny_sd_dir)
-    assert sd.name == "SD1.5" and sd.tokenizer.pad_id == 49407 and sd.resolution == 512
+    assert sd.name == "SD1.5" and sd.kind == "sd1" and sd.tokenizer.pad_id == 49407 and sd.resolution == 512
 
 
 def test_a_folder_mixing_sd2_and_sd15_networks_is_refused(sd2_dir, tiny_sd_dir, tmp_path):
@@ -429,7 +429,7 @@ def test_scores_equal_the_official_recipe_on_sd2_in_float64(sd2_dir):
 
 def test_explore_runs_on_sd2(sd2_dir):
     """The exploration library (minidiffseg explore) runs on SD2: its segmentation is the Segmenter's."""
-    from minidiffseg.method.explore import Exploration
+    from minidiffseg.explorer.state import Exploration
     from minidiffseg.method.segmenter import Segmenter
 
     seg = Segmenter.from_pretrained(sd2_dir)

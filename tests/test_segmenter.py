@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from assets import require, sample_image_paths
-from bench.baseline import StoreEveryMap
+from reference_sd import StoreEveryMap
 from reference_decode import reference_rgb
 from minidiffseg.errors import UserError
 from minidiffseg.image import load_image, pixels

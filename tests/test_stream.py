@@ -15,8 +15,13 @@ import minidiffseg.sd.precision as precision
 import tiny_sd
 from minidiffseg.errors import UserError
 from minidiffseg.method.segmenter import Segmenter
-from minidiffseg.sd import load_sd15
-from minidiffseg.sd.stream import ALIGN, ARENA, RESIDENT, StreamedWeights
+from minidiffseg.sd import load_sd
+from minidiffseg.sd.clip import CLIPTextModel
+from minidiffseg.sd.config import CLIPTextConfig, UNetConfig, VAEConfig
+from minidiffseg.sd.loading import build_on_meta
+from minidiffseg.sd.stream import ALIGN, ARENA, RESIDENT, StreamedWeights, blocks, weights_of
+from minidiffseg.sd.unet import UNet
+from minidiffseg.sd.vae import VAEEncoder
 
 RES = 128  # image side for the tiny model: a 16² latent
 
@@ -54,7 +59,7 @@ def test_streamed_equals_resident(tiny_sd_dir, single_file, image, layout, dtype
     path, variant = (single_file, None) if layout == "single file" else (tiny_sd_dir, "fp16" if "fp16" in layout else None)
     results = []
     for stream in (False, True):
-        seg = Segmenter(load_sd15(path, dtype=dtype, variant=variant, stream=stream), resolution=RES)
+        seg = Segmenter(load_sd(path, dtype=dtype, variant=variant, stream=stream), resolution=RES)
         results.append(seg(image, ["cat", "dog", "sofa"], seed=3))
     assert results[0].scores.std() > 0  # a real map, not a constant that would match anything
     assert_same_result(*results)
@@ -66,12 +71,11 @@ def streamed_starts(sd) -> dict[tuple[str, str], int]:
     for net_name, net in networks(sd).items():
         weights, read = net.weights, net.weights.read
 
-        def record(modules, weights=weights, read=read, net_name=net_name):
-            states = read(modules)
-            for m, state in zip(modules, states):
-                prefix = weights.prefix[m] + "." if weights.prefix[m] else ""
-                starts.update({(net_name, prefix + n): t.data_ptr() % ALIGN for n, t in state.items()})
-            return states
+        def record(module, weights=weights, read=read, net_name=net_name):
+            state = read(module)
+            prefix = weights.prefix[module] + "." if weights.prefix[module] else ""
+            starts.update({(net_name, prefix + n): t.data_ptr() % ALIGN for n, t in state.items()})
+            return state
         weights.read = record
     return starts
 
@@ -84,9 +88,9 @@ def test_streamed_tensors_start_where_resident_ones_do(tiny_sd_dir, single_file,
     starts at its resident twin's address mod ALIGN (a view of the mapped file, or a fresh allocation).
     Checked on the addresses, so it fails on a CPU whose BLAS happens not to care as well."""
     path, variant = (single_file, None) if layout == "single file" else (tiny_sd_dir, "fp16" if "fp16" in layout else None)
-    resident = load_sd15(path, dtype=dtype, variant=variant)
+    resident = load_sd(path, dtype=dtype, variant=variant)
     want = {(n, p): t.data_ptr() % ALIGN for n, net in networks(resident).items() for p, t in net.named_parameters()}
-    streamed = load_sd15(path, dtype=dtype, variant=variant, stream=True)
+    streamed = load_sd(path, dtype=dtype, variant=variant, stream=True)
     got = streamed_starts(streamed)
     Segmenter(streamed, resolution=RES)(image, ["cat", "dog"], seed=0)
     assert got and got.keys() <= want.keys()  # what the method runs (it skips the U-Net's last blocks)
@@ -106,7 +110,7 @@ def test_device_path_equals_resident(tiny_sd_dir, image, layout, dtype, monkeypa
     monkeypatch.setattr(StreamedWeights, "staged", True)
     read = []
     monkeypatch.setattr(StreamedWeights, "host_buffer", lambda self, n: read.append(n) or ARENA.take(n))
-    results = [Segmenter(load_sd15(tiny_sd_dir, dtype=dtype, variant=variant, stream=stream), resolution=RES)(
+    results = [Segmenter(load_sd(tiny_sd_dir, dtype=dtype, variant=variant, stream=stream), resolution=RES)(
         image, ["cat", "dog", "sofa"], seed=3) for stream in (False, True)]
     assert read, "the device path did not run"
     assert_same_result(*results)
@@ -117,7 +121,7 @@ def test_device_path_equals_resident(tiny_sd_dir, image, layout, dtype, monkeypa
 def test_cuda_streamed_equals_resident(tiny_sd_dir, image, dtype):
     """On a GPU (python -m bench.gpu_check runs it): streamed through pinned memory as resident, within fp16's
     rounding at most (the maps' difference printed)."""
-    results = [Segmenter(load_sd15(tiny_sd_dir, dtype=dtype, variant="fp16", stream=stream, device="cuda"),
+    results = [Segmenter(load_sd(tiny_sd_dir, dtype=dtype, variant="fp16", stream=stream, device="cuda"),
                          resolution=RES)(image, ["cat", "dog"], seed=3) for stream in (False, True)]
     err = (results[0].refined - results[1].refined).abs().max().item()
     assert err <= (1e-3 if dtype == torch.float16 else 1e-6), f"streamed vs resident on CUDA: max abs {err:.3e}"
@@ -127,7 +131,7 @@ def test_cuda_streamed_equals_resident(tiny_sd_dir, image, dtype):
 def test_streamed_networks_equal_resident(tiny_sd_dir, dtype):
     """Each network's full output (the U-Net's ε through conv_out too, which the method skips), and every
     parameter fetched exactly once per pass: the bytes fetched equal the network's parameter bytes."""
-    resident, streamed = load_sd15(tiny_sd_dir, dtype=dtype), load_sd15(tiny_sd_dir, dtype=dtype, stream=True)
+    resident, streamed = load_sd(tiny_sd_dir, dtype=dtype), load_sd(tiny_sd_dir, dtype=dtype, stream=True)
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(1, 3, RES, RES, generator=g) * 2 - 1).to(dtype)
     ids = resident.tokenizer(["a photograph of a cat", "a dog"])
@@ -137,29 +141,76 @@ def test_streamed_networks_equal_resident(tiny_sd_dir, dtype):
         runs = {"vae": lambda sd: sd.vae.moments(x)[0], "text_encoder": lambda sd: sd.text_encoder(ids),
                 "unet": lambda sd: sd.unet(z, 100, ctx)}
         for name, run in runs.items():
-            weights = networks(streamed)[name].weights
-            before = weights.fetched
+            weights, fetched = networks(streamed)[name].weights, []
+            read = weights.read
+            weights.read = lambda module: fetched.append(state := read(module)) or state
             want, got = run(resident), run(streamed)
             assert torch.equal(want, got), f"{name}: max abs diff {(want - got).abs().max():.3g}"
             params = sum(p.numel() * p.element_size() for p in networks(resident)[name].parameters())
-            assert weights.fetched - before == params, f"{name}: fetched {weights.fetched - before} of {params} bytes"
+            nbytes = sum(t.numel() * t.element_size() for state in fetched for t in state.values())
+            assert nbytes == params, f"{name}: fetched {nbytes} of {params} bytes"
 
 
 def test_no_weight_resident(tiny_sd_dir):
     """Streamed networks hold only placeholders (one NaN scalar expanded: no memory) outside a block, with
     the compute dtype and device; resident networks have RESIDENT as their (no-op) weight source."""
-    sd = load_sd15(tiny_sd_dir, dtype=torch.bfloat16, stream=True)
+    sd = load_sd(tiny_sd_dir, dtype=torch.bfloat16, stream=True)
     for name, net in networks(sd).items():
         assert isinstance(net.weights, StreamedWeights), name
         for pname, p in net.named_parameters():
             assert p.dtype == torch.bfloat16 and p.device.type == "cpu", pname
             assert all(s == 0 for s in p.stride()) and p.untyped_storage().nbytes() == 2, pname
             assert torch.isnan(p.flatten()[0]), pname
-    assert all(net.weights is RESIDENT for net in networks(load_sd15(tiny_sd_dir)).values())
+    assert all(weights_of(net) is RESIDENT for net in networks(load_sd(tiny_sd_dir)).values())
+
+
+@pytest.mark.parametrize("cls, cfg", [(UNet, UNetConfig()), (VAEEncoder, VAEConfig()), (CLIPTextModel, CLIPTextConfig()),
+                                      (UNet, UNetConfig.tiny()), (CLIPTextModel, CLIPTextConfig.tiny())])
+def test_blocks_hold_every_parameter_once(cls, cfg):
+    """The streaming grain a network declares (`stream_blocks`) covers each parameter exactly once, so a
+    streamed pass fetches all weights and none twice; no full-size U-Net block holds more than the 34.8 M
+    parameters of a 1280-wide transformer (docs/memory.md §2: a whole up resnet, 49 M, set the peak)."""
+    net = build_on_meta(cls, cfg)
+    owner = {}
+    for b in blocks(net):
+        for p in b.parameters():
+            assert id(p) not in owner, f"a parameter in two blocks: {type(owner[id(p)]).__name__}, {type(b).__name__}"
+            owner[id(p)] = b
+    missing = [n for n, p in net.named_parameters() if id(p) not in owner]
+    assert not missing, f"parameters in no block: {missing[:5]}"
+    assert len(blocks(net)) > 3
+    if cls is UNet and cfg == UNetConfig():
+        largest = max(sum(p.numel() for p in b.parameters()) for b in blocks(net))
+        assert largest <= 34_760_960, f"the largest U-Net block holds {largest:,} parameters"
+
+
+def test_networks_know_nothing_of_weight_storage():
+    """The U-Net, VAE and text encoder modules import nothing of sd/stream.py: streaming is applied from outside."""
+    import re
+    from pathlib import Path
+
+    import minidiffseg.sd as sd
+    for name in ("unet.py", "vae.py", "clip.py", "attention.py"):
+        text = (Path(sd.__file__).parent / name).read_text()
+        assert not re.search(r"^\s*(from|import)\s+\S*(stream|arena|weightfile)", text, re.M), f"{name} imports streaming"
+        assert not re.search(r"weights\.block|RESIDENT|weights=", text), f"{name} asks for its weights"
+
+
+def test_an_interrupted_block_is_released(tiny_sd_dir, image):
+    """A KeyboardInterrupt inside a streamed block (it skips torch's hooks) leaves no block held: the next
+    run streams and gives the resident result."""
+    seg = Segmenter(load_sd(tiny_sd_dir, stream=True), resolution=RES)
+    target = seg.sd.unet.mid_block.attentions[0]
+    hit = target.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        seg(image, ["cat", "dog"], seed=0)
+    hit.remove()
+    assert_same_result(Segmenter(load_sd(tiny_sd_dir), resolution=RES)(image, ["cat", "dog"], seed=0),
+                       seg(image, ["cat", "dog"], seed=0))
 
 
 def test_block_holds_the_weights_only_inside(tiny_sd_dir):
-    resident, streamed = load_sd15(tiny_sd_dir), load_sd15(tiny_sd_dir, stream=True)
+    resident, streamed = load_sd(tiny_sd_dir), load_sd(tiny_sd_dir, stream=True)
     resnet, want = streamed.unet.down_blocks[0].resnets[0], resident.unet.down_blocks[0].resnets[0]
     with streamed.unet.weights.block(resnet):
         for (name, p), q in zip(resnet.named_parameters(), want.parameters()):
@@ -176,14 +227,14 @@ def test_to_moves_the_weight_source(tiny_sd_dir, image, stream, monkeypatch):
     streamed one keeps streaming, now in bf16, its placeholders moved without building any weight. (On a
     CPU without fast bf16, `.to` would choose fp32 arithmetic: tests/test_precision.py; here bf16 is taken.)"""
     monkeypatch.setattr(precision, "fast_on_cpu", lambda dtype: True)
-    seg = Segmenter(load_sd15(tiny_sd_dir, dtype=torch.float32, variant="fp16", stream=stream), resolution=RES)
+    seg = Segmenter(load_sd(tiny_sd_dir, dtype=torch.float32, variant="fp16", stream=stream), resolution=RES)
     seg.to(dtype=torch.bfloat16)
     assert seg.dtype == torch.bfloat16
     for name, net in networks(seg.sd).items():
-        assert isinstance(net.weights, StreamedWeights) if stream else net.weights is RESIDENT, name
+        assert isinstance(weights_of(net), StreamedWeights) if stream else weights_of(net) is RESIDENT, name
         if stream:  # placeholders: one bf16 NaN each
             assert all(p.untyped_storage().nbytes() == 2 for p in net.parameters()), name
-    want = Segmenter(load_sd15(tiny_sd_dir, dtype=torch.bfloat16, variant="fp16"), resolution=RES)
+    want = Segmenter(load_sd(tiny_sd_dir, dtype=torch.bfloat16, variant="fp16"), resolution=RES)
     assert_same_result(want(image, ["cat", "dog"], seed=1), seg(image, ["cat", "dog"], seed=1))
 
 
@@ -201,7 +252,7 @@ def test_bad_file_fails_at_load_with_the_resident_error(tiny_sd_dir, tmp_path):
     errors = []
     for stream in (False, True):
         with pytest.raises(UserError) as e:
-            load_sd15(broken, stream=stream)
+            load_sd(broken, stream=stream)
         errors.append(str(e.value))
     assert errors[0] == errors[1] and "truncated" in errors[0], errors
 
@@ -212,7 +263,7 @@ def test_file_changed_during_a_run(tiny_sd_dir, tmp_path, image, change):
     the model works again once nothing changes (a fresh load)."""
     folder = shutil.copytree(tiny_sd_dir, tmp_path / "sd")
     unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
-    seg = Segmenter(load_sd15(folder, stream=True), resolution=RES)
+    seg = Segmenter(load_sd(folder, stream=True), resolution=RES)
     seg(image, ["cat"])
     data = unet.read_bytes()
     if change == "cut short":
@@ -231,8 +282,8 @@ def test_file_changed_during_a_run(tiny_sd_dir, tmp_path, image, change):
 def test_file_replaced_during_a_run_is_harmless(tiny_sd_dir, tmp_path, image):
     """A new file moved over the old one (how downloads finish): the open file is still the one read."""
     folder = shutil.copytree(tiny_sd_dir, tmp_path / "sd")
-    want = Segmenter(load_sd15(folder), resolution=RES)(image, ["cat", "dog"])
-    seg = Segmenter(load_sd15(folder, stream=True), resolution=RES)
+    want = Segmenter(load_sd(folder), resolution=RES)(image, ["cat", "dog"])
+    seg = Segmenter(load_sd(folder, stream=True), resolution=RES)
     unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
     other = tiny_sd.write_tiny_diffusers(tmp_path / "other", seed=1) / "unet" / "diffusion_pytorch_model.safetensors"
     os.replace(other, unet)

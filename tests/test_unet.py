@@ -8,7 +8,7 @@ from minidiffseg.sd.attention import AttentionStore
 from minidiffseg.sd.config import UNetConfig
 from minidiffseg.sd.unet import FeedForward, UNet
 
-from bench.baseline import StoreEveryMap  # diffusers attention processor keeping every probability map
+from reference_sd import StoreEveryMap  # diffusers attention processor keeping every probability map
 from parity import rel_err
 from tiny_sd import randomise_, reference_unet  # diffusers: the reference U-Net
 

@@ -7,8 +7,10 @@ themselves, so the loader is tested on files it did not write (docs/design.md §
 - `write_tiny_single_file(path)`: the same weights (same seed) in the original LDM single-file
   layout via `minidiffseg.sd.ldm.to_ldm`, with the extra keys a real file carries (decoder, EMA
   counters, schedule buffers, position_ids) so that ignoring them by name is exercised.
-- `write_random_diffusers(dir, ...)` (from bench/weights.py): full-size random files in the official
-  diffusers layout, written tensor by tensor without building the models (for the memory measurement).
+- `write_random_diffusers(dir, ...)` (tests/reference_sd.py's, with CLIP's real BPE file): full-size
+  random files in the official diffusers layout, written tensor by tensor without building the models.
+
+The reference models themselves come from tests/reference_sd.py (re-exported here).
 
 Import from a test as `from tiny_sd import ...` (pytest puts tests/ on sys.path).
 """
@@ -21,9 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from assets import require, write_sd15_tokenizer
-from bench.weights import (reference_text_config, reference_unet, reference_vae, text_state,  # noqa: F401
-                           write_random_diffusers)  # (re-exported for the tests)
+import reference_sd
+from assets import clip_bpe_path, require, write_sd15_tokenizer
+from reference_sd import reference_text_config, reference_unet, reference_vae, text_state  # noqa: F401  (re-exported)
 from minidiffseg.sd import ldm
 from minidiffseg.sd.config import CLIPTextConfig, UNetConfig, VAEConfig
 from minidiffseg.sd.schedule import NoiseSchedule
@@ -62,6 +64,12 @@ def tiny_reference(seed: int = 0):
 def encoder_state(vae) -> dict[str, torch.Tensor]:
     """What VAEEncoder holds of an AutoencoderKL: `encoder.*` and `quant_conv.*`."""
     return {k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+
+
+def write_random_diffusers(dir: str | Path, **options) -> Path:
+    """Full-size random weights in the official diffusers layout (reference_sd.write_random_diffusers), the
+    tokenizer from CLIP's real BPE file (a skip without it: tests/assets.py)."""
+    return reference_sd.write_random_diffusers(dir, clip_bpe_path(), **options)
 
 
 def write_tiny_diffusers(dir: str | Path, seed: int = 0, variant: str | None = None) -> Path:

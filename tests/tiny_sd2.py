@@ -1,7 +1,7 @@
 """Random-weight SD2.x checkpoints in the official layouts, written by the reference libraries themselves
 (docs/sd2.md §4), reusing tests/tiny_sd.py's helpers.
 
-- `TINY2` (bench/weights.py's tiny SD2.1): every SD2.x option on: per-level head counts, linear
+- `TINY2` (tests/reference_sd.py's tiny SD2.1): every SD2.x option on: per-level head counts, linear
   proj_in/proj_out, float32 attention (upcast, as SD2.1 768-v), a GELU text tower, a context width (48)
   unlike the tiny SD1.5's (32), so that mixing the two is a context-width mismatch.
 - `write_tiny_sd2_diffusers(dir)`: diffusers UNet2DConditionModel / AutoencoderKL and transformers
@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from assets import write_sd15_tokenizer
-from bench.weights import MODELS, reference_text_config, reference_unet  # noqa: F401  (reference_unet re-exported)
+from reference_sd import MODELS, reference_text_config, reference_unet  # noqa: F401  (reference_unet re-exported)
 from minidiffseg.sd import ldm, openclip
 from minidiffseg.sd.config import CLIPTextConfig
 from tiny_sd import diffusers, encoder_state, extra_ldm_keys, randomise_, reference_vae, text_state, transformers  # noqa: F401

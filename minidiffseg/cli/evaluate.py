@@ -1,7 +1,7 @@
 """`minidiffseg eval` and `minidiffseg calibrate`: thin commands over `runner.run`.
 
   eval       mIoU of a split; τ = --tau, or --tau-file (written by calibrate on *other* images;
-             refused if the two image sets overlap), or Segmenter.default_tau.
+             refused if the two image sets overlap), or the recipe's default τ (method/recipe.py DEFAULT_TAU).
              --sweep adds mIoU over a τ grid on the evaluated split, labelled as an oracle.
   calibrate  picks τ as the best mIoU over a grid on a split that is not reported (e.g.
              `--split train --limit 300` of VOC) and writes OUT/tau.json.
@@ -28,7 +28,8 @@ from ..evaluation.datasets import Dataset, open_dataset
 from ..evaluation.metrics import mean_iou
 from ..evaluation.report import summarize, write_report
 from ..evaluation.runner import Ranks, run
-from ..method import crf
+from .. import crf
+from ..method.recipe import DEFAULT_TAU
 
 OFFICIAL_TAUS = "0.30:0.74:0.01"  # the official code's τ range (docs/design.md §5, known defects)
 
@@ -174,8 +175,7 @@ def _tau(args, ds: Dataset) -> tuple[float | None, str]:
                             f"evaluated here (e.g. {shared[0]}); calibrate on another split")
         return tau, (f"calibrated on {cal.get('dataset')} {cal.get('split')} ({len(names)} images, "
                      f"mIoU {cal.get('miou')} there), disjoint from this split")
-    from ..method.segmenter import Segmenter
-    return float(Segmenter.default_tau), "default (Segmenter.default_tau), not tuned"
+    return DEFAULT_TAU, "default (the recipe's τ, method/recipe.py), not tuned"
 
 
 # ------------------------------------------------------------------------------------ commands

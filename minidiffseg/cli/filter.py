@@ -14,11 +14,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..class_source import resolve_vocabulary
 from ..errors import UserError
-from .options import add_model_args, device_of, filter_dtype_of
-from ..vocabularies import Vocabulary, get_vocabulary, load_vocabulary
 from ..filter.filters import CLIP_RATIO, DEFAULT_BLIP_DIR, DEFAULT_CLIP_DIR, make_filter
 from ..filter.labels import LabelWriter, image_key
+from .options import add_model_args, device_of, filter_dtype_of
 
 
 def register(subparsers) -> None:
@@ -36,11 +36,6 @@ def register(subparsers) -> None:
     add_model_args(p, weights=False)
     p.add_argument("--save-every", type=int, default=20, metavar="N", help="save the label file every N images")
     p.set_defaults(func=run)
-
-
-def resolve_vocabulary(arg: str) -> Vocabulary:
-    """A benchmark name, or a vocabulary file when `arg` is an existing file."""
-    return load_vocabulary(arg) if Path(arg).is_file() else get_vocabulary(arg)
 
 
 def run(args) -> int:

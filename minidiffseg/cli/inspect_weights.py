@@ -17,7 +17,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..sd import loading
-from ..sd.checkpoint import WEIGHTS, Part, diffusers_parts, model_name, part_of, scheduler_config, single_file_parts
+from ..sd.checkpoint import (WEIGHTS, Part, Parts, diffusers_parts, model_kind, model_name, part_of, scheduler_config,
+                              single_file_parts)
 from ..sd.hub import KNOWN_SHA256, gb
 from ..sd.loading import Report, build_on_meta, check_suffix, keys_text, read_header
 
@@ -25,8 +26,9 @@ from ..sd.loading import Report, build_on_meta, check_suffix, keys_text, read_he
 def register(subparsers) -> None:
     p = subparsers.add_parser("inspect-weights", help="check a copy of the weights: layout, dtypes, parameter "
                               "counts, missing/unexpected keys",
-                              description="Check a diffusers SD1.5 folder, an LDM single file or a CLIP/BLIP hub "
-                              "folder against the models minidiffseg builds, without loading the weights.")
+                              description="Check a diffusers Stable Diffusion folder (SD1.5 or SD2.x), an LDM single "
+                              "file or a CLIP/BLIP hub folder against the models minidiffseg builds, without loading "
+                              "the weights.")
     p.add_argument("path", metavar="PATH")
     p.add_argument("--sha256", action="store_true", help="also hash the files (reads them whole) and name the "
                    "official ones")
@@ -36,7 +38,7 @@ def register(subparsers) -> None:
 def run_inspect(args) -> int:
     path = Path(args.path)
     layout, parts = detect(path)
-    reports = [(p, check(p)) for p in parts]
+    reports = [(p, check(p)) for p in parts.values()]
     print(f"{path}: {layout}")
     print(f"  {'network':<14} {'file':<46} {'size':>9}  {'dtype':<10} {'parameters':>13}  problems")
     for p, r in reports:
@@ -66,24 +68,28 @@ def run_inspect(args) -> int:
     return 0
 
 
-def detect(path: Path) -> tuple[str, list[Part]]:
-    """(layout description, networks) of a checkpoint path; UserError when it is none of the known layouts."""
+def detect(path: Path) -> tuple[str, Parts]:
+    """(layout description, networks by component name) of a checkpoint path; UserError when it is none of the
+    known layouts."""
     if not path.exists():
-        raise UserError(f"{path}: not found; fetch SD1.5 (or SD2.x, or the filter's CLIP/BLIP) with `minidiffseg "
-                        f"download --what sd15|sd21-base|sd21|sd-turbo|clip|blip --dir {path}` (weights/README.md)")
+        raise UserError(f"{path}: not found; fetch Stable Diffusion (SD1.5 or SD2.x) or the filter's CLIP/BLIP with "
+                        f"`minidiffseg download --what sd15|sd21-base|sd21|sd-turbo|clip|blip --dir {path}` "
+                        "(weights/README.md)")
     if path.is_file():
         check_suffix(path)
         parts, unknown = single_file_parts(path)
         for key in unknown:  # neither translated nor ignored: reported as unexpected
             part_of(parts, key).names[key] = key
-        return f"LDM single file (original layout): {model_name(parts[2].module.cfg, single_file=True)}", parts
+        kind = model_kind(parts["unet"].module.cfg, single_file=True)
+        return f"LDM single file (original layout): {model_name(kind, parts['unet'].module.cfg)}", parts
     if all((path / c).is_dir() for c in WEIGHTS):
         parts = diffusers_parts(path)
-        return f"diffusers {model_name(parts[2].module.cfg, scheduler_config(path))} folder", parts
+        unet = parts["unet"].module.cfg
+        return f"diffusers {model_name(model_kind(unet), unet, scheduler_config(path))} folder", parts
     config = path / "config.json"
     kind = json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
     if kind in ("clip", "blip"):
-        return f"{kind.upper()} hub folder (the class filter's)", [_hub_folder(path, kind)]
+        return f"{kind.upper()} hub folder (the class filter's)", {kind: _hub_folder(path, kind)}
     raise UserError(f"{path}: unknown layout: neither a diffusers SD1.5/SD2.x folder (unet/, vae/, text_encoder/) nor "
                     "a CLIP or BLIP folder (config.json + model.safetensors) nor a .safetensors file")
 

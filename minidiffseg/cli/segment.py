@@ -6,22 +6,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import re
 import sys
 from pathlib import Path
 
-import torch
-from safetensors.torch import save
 from tqdm import tqdm
 
+from .. import crf
+from ..class_source import ClassSource, resolve_vocabulary
 from ..errors import UserError
 from ..files import remove_stale_temporaries, writable_dir, write_atomic
-from ..method import crf
 from ..method.prompts import TEMPLATES, check_classes
+from ..method.recipe import DEFAULT_TAU, MAX_TIMESTEPS, check_tau, check_timesteps
+from ..method.segmenter import Segmenter
+from ..outputs import scores_file, write_result
 from .options import (add_model_args, device_of, dtype_of, filter_dtype_of, free_memory, is_out_of_memory,
                       memory_options, out_of_memory)
-from ..method.segmenter import Segmenter, SegmentationResult
 
 
 def register(subparsers) -> None:
@@ -62,7 +61,7 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--seed", type=int, default=0, help="seeds the VAE sample and the noise (default 0)")
     p.add_argument("--tau", type=float, help=f"background score τ in [0, 1]: a pixel whose best class score is "
-                   f"below it is background (default {Segmenter.default_tau})")
+                   f"below it is background (default {DEFAULT_TAU})")
     p.add_argument("--joint", action="store_true", help="one prompt naming all classes, one U-Net row (C× cheaper)")
     p.add_argument("--template", help="prompt template with {} for the class (default: the vocabulary's, "
                    "else 'a photograph of {}')")
@@ -71,27 +70,20 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--posterior", choices=["sample", "mean"], default="sample",
                    help="the VAE posterior's sample (official) or its mean (deterministic)")
     p.add_argument("--class-batch", type=int, help="at most N classes per U-Net call (bounds memory)")
-    p.add_argument("--timesteps", default="100", help="comma-separated noise levels whose attention is averaged "
-                   "(official: 100; the paper's Table 5 also tries 1,50,100,150)")
+    p.add_argument("--timesteps", default="100", help=f"comma-separated noise levels in 0..999 whose attention is "
+                   f"averaged, at most {MAX_TIMESTEPS} (official: 100; the paper's Table 5 also tries 1,50,100,150)")
     p.add_argument("--tokens", choices=["last", "all"], default="last",
                    help="class-name tokens read: the last (official) or all of them")
 
 
 def _segmenter(args) -> Segmenter:
-    if args.tau is not None and not 0 <= args.tau <= 1:
-        raise UserError(f"--tau {args.tau}: τ is compared with scores in [0, 1]; give a value in [0, 1]")
+    if args.tau is not None:
+        check_tau(args.tau, what="--tau")
     if args.class_batch is not None and args.class_batch < 1:
         raise UserError(f"--class-batch {args.class_batch}: give a positive number")
-    try:
-        timesteps = tuple(int(t) for t in args.timesteps.split(","))
-    except ValueError:
-        timesteps = ()
-    if not timesteps or not all(0 <= t < 1000 for t in timesteps):
-        raise UserError(f"--timesteps {args.timesteps!r}: give integers in 0..999, e.g. 100 or 1,50,100,150")
+    timesteps = check_timesteps(args.timesteps, what="--timesteps")
     template = args.template
     if template is None and args.classes is None and args.vocabulary is not None:
-        from .filter import resolve_vocabulary
-
         template = resolve_vocabulary(args.vocabulary).template  # "a photography of {}" for Context/COCO
     device = device_of(args)
     try:
@@ -107,82 +99,13 @@ def _segmenter(args) -> Segmenter:
     return seg
 
 
-class ClassSource:
-    """The classes and prompt captions for each image: fixed --classes, or the filter over --vocabulary;
-    BLIP captions when --caption blip. Filter models are loaded only when used."""
-
-    def __init__(self, args, seg: Segmenter):
-        self.args, self.seg = args, seg
-        if args.classes is None and args.vocabulary is None:
-            raise UserError("give --classes cat,dog,... or --vocabulary voc|context|coco|FILE (with --filter)")
-        self.classes = check_classes(args.classes.split(",")) if args.classes is not None else None
-        self.filter = self.captioner = self.vocabulary = None
-        device, dtype = seg.device, filter_dtype_of(args, seg.device)  # CLIP, BLIP: fp32 unless --dtype
-        if self.classes is None:
-            from ..filter import make_filter
-            from .filter import resolve_vocabulary
-
-            self.vocabulary = resolve_vocabulary(args.vocabulary)
-            self.filter = make_filter(args.filter, self.vocabulary, clip_dir=args.clip_weights,
-                                      blip_dir=args.blip_weights, device=device, dtype=dtype)
-        if args.caption == "blip":
-            blip = getattr(self.filter, "blip", self.filter)  # the union/blip filter's captioner, if loaded
-            self.captioner = getattr(blip, "captioner", None)
-            if self.captioner is None:
-                from ..filter.blip import Captioner
-                from ..filter.filters import DEFAULT_BLIP_DIR
-
-                self.captioner = Captioner.from_pretrained(args.blip_weights or DEFAULT_BLIP_DIR, device, dtype)
-
-    def __call__(self, image) -> tuple[list[str], list[str] | None]:
-        from ..image import load_image
-
-        classes = self.classes
-        if classes is None:
-            found = self.filter(load_image(image))  # evaluation names, e.g. "tvmonitor"
-            if not found:
-                raise UserError(f"image {image}: the filter found no candidate class of the vocabulary")
-            classes = [self.vocabulary.prompt_names[self.vocabulary.index(c)] for c in found]  # e.g. "monitor"
-        captions = None
-        if self.captioner is not None:
-            prefixes = [self.seg.template.format(c) for c in classes]
-            captions = self.captioner.caption(load_image(image), prefixes)
-        return classes, captions
-
-
-NAME_CHARS = 64
-
-
-def _safe(name: str) -> str:
-    """A class name as part of a file name: ASCII letters, digits and ._- only, at most NAME_CHARS long
-    (file names are limited to 255 bytes; the heat map's index keeps truncated names apart)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:NAME_CHARS] or "class"
-
-
-def outputs(out: Path, stem: str) -> Path:
-    """The file whose presence marks an image as done (written last)."""
-    return out / f"{stem}_scores.safetensors"
-
-
-def write_result(out: Path, stem: str, image, r: SegmentationResult, mask: torch.Tensor | None = None,
-                 crf_used: str | None = None) -> None:
-    """`mask` replaces r.mask in STEM_mask.png and the scores file (a CRF's pseudo-label, with 255 where
-    unsure); `crf_used` is recorded in the scores file's metadata."""
-    from ..image import load_image
-    from ..viz import heatmap, mask_image, overlay
-
-    mask = r.mask if mask is None else mask
-    write_atomic(out / f"{stem}_mask.png", lambda p: mask_image(mask).save(p, format="PNG"))
-    write_atomic(out / f"{stem}_overlay.png",
-                 lambda p: overlay(load_image(image), r.mask, r.classes, area=r.area()).save(p, format="PNG"))
-    for i, name in enumerate(r.classes, 1):
-        write_atomic(out / f"{stem}_heat_{i}_{_safe(name)}.png", lambda p: heatmap(r.scores[i - 1]).save(p, format="PNG"))
-    meta = {"classes": json.dumps(r.classes), "prompts": json.dumps(r.prompts), "tau": str(r.tau)}
-    if crf_used is not None:
-        meta["crf"] = crf_used
-    tensors = {"scores": r.scores.half().contiguous(), "fused": r.fused.contiguous(), "refined": r.refined.contiguous(),
-               "mask": mask.to(torch.uint8).contiguous()}  # safetensors copies device tensors to the CPU
-    write_atomic(outputs(out, stem), save(tensors, metadata=meta))  # bytes: a full disk raises OSError, not a panic
+def _class_source(args, seg: Segmenter) -> ClassSource:
+    """The classes of each image from --classes, or from --filter over --vocabulary; --caption's captions."""
+    if args.classes is None and args.vocabulary is None:
+        raise UserError("give --classes cat,dog,... or --vocabulary voc|context|coco|FILE (with --filter)")
+    return ClassSource(seg, args.classes.split(",") if args.classes is not None else None, args.vocabulary,
+                       kind=args.filter, caption=args.caption, clip_weights=args.clip_weights,
+                       blip_weights=args.blip_weights, dtype=filter_dtype_of(args, seg.device))  # fp32 unless --dtype
 
 
 def run_segment(args) -> int:
@@ -202,13 +125,13 @@ def run_segment(args) -> int:
     refine = crf_params is not None or args.ignore_below is not None
     crf_used = (crf.describe(crf_params) if crf_params else "off") + \
         (f"; pixels with top probability < {args.ignore_below} are {crf.IGNORE}" if args.ignore_below is not None else "")
-    todo = [p for p in images if not (args.skip_existing and outputs(out, p.stem).is_file())]
+    todo = [p for p in images if not (args.skip_existing and scores_file(out, p.stem).is_file())]
     if len(todo) < len(images):
         print(f"minidiffseg: {len(images) - len(todo)} image(s) already done in {out}, skipped", file=sys.stderr)
     if not todo:
         return 0
     seg = _segmenter(args)
-    source = ClassSource(args, seg)
+    source = _class_source(args, seg)
     failed = []
     for path in tqdm(todo, desc="segment", unit="image", file=sys.stderr, disable=len(todo) < 2):
         error = oom = None
@@ -248,7 +171,7 @@ def run_segment(args) -> int:
 
 
 def run_maps(args) -> int:
-    from ..viz import grid
+    from ..viz import attention_grid
 
     out = Path(args.out)
     writable_dir(out.parent if str(out.parent) else Path("."))
@@ -256,28 +179,14 @@ def run_maps(args) -> int:
         check_classes(args.classes.split(","))
     seg = _segmenter(args)
     try:
-        classes, captions = ClassSource(args, seg)(args.image)
+        classes, captions = _class_source(args, seg)(args.image)
         r = seg(args.image, classes, captions=captions, seed=args.seed, tau=args.tau, posterior=args.posterior)
     except (RuntimeError, MemoryError) as e:
         if not is_out_of_memory(e):
             raise
         raise UserError(out_of_memory(e, f"image {args.image}", seg.device, args)) from None
     levels = {m.name: m.level for m in seg.sd.unet.attention_layers()}
-    names = sorted(r.layers, key=lambda n: (levels[n], n))
-
-    def short(n: str) -> str:  # "up_blocks.1.attentions.2.transformer_blocks.0.attn2" -> "up1.2 /4"
-        parts = n.split(".")
-        block = parts[0].split("_")[0] + (parts[1] if parts[1].isdigit() else "")
-        idx = parts[3] if parts[1].isdigit() else parts[2]
-        return f"{block}.{idx} 1/{levels[n]}"
-
-    rows = []
-    for i, c in enumerate(r.classes):
-        cols = [(short(n), r.layers[n][i]) for n in names]
-        cols += [(f"level 1/{lvl} mean", r.levels[lvl][i]) for lvl in sorted(r.levels)]
-        cols += [("fused A", r.fused[i]), ("refined M=S·A", r.refined[i]), ("scores", r.scores[i])]
-        rows.append((c, cols))
-    write_atomic(out, lambda p: grid(rows).save(p, format="PNG"))
-    print(f"{out}: {len(names)} cross-attention layers, {len(r.levels)} levels, fused and refined maps for "
+    write_atomic(out, lambda p: attention_grid(r, levels).save(p, format="PNG"))
+    print(f"{out}: {len(r.layers)} cross-attention layers, {len(r.levels)} levels, fused and refined maps for "
           f"{len(r.classes)} class(es); {seg.sd.name} at {seg.resolution}²")
     return 0

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..files import write_atomic
-from ..method.crf import IGNORE, CRFParams, pseudo_labels
+from ..crf import IGNORE, CRFParams, pseudo_labels
 from ..method.decision import decide, upsample_scores
 from ..viz import voc_palette
 from .candidates import Candidates

@@ -9,11 +9,6 @@ import torch.nn.functional as F
 
 from .fusion import minmax
 
-# Background score τ: argmax over [τ, M_1..M_C] (docs/design.md §5). The official code picked the best
-# of 0.30..0.74 on the evaluation set itself; ours is a fixed default in the middle of the range the
-# official sweep explored, to be replaced by `minidiffseg calibrate` on a held-out split.
-DEFAULT_TAU = 0.4
-
 
 def upsample_scores(refined: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """M (C, h, w) on the latent grid -> scores (C, H, W): bilinear (align_corners=False), then per-class min-max."""

@@ -1,6 +1,7 @@
-"""Cross-attention fusion (docs/design.md §5 "cross maps"): per U-Net level, the mean over its layers of
-the recorded token maps (heads were averaged as they were recorded) → bilinear to the latent grid →
-min-max → weighted sum over levels.
+"""Cross-attention fusion (docs/design.md §5 "cross maps"): A is computed here and only
+here (`fused_map`). Per layer, the recorded token maps averaged over the passes (heads were averaged as
+they were recorded, sd/attention.py); per level, the mean over its layers → bilinear to the latent grid
+→ min-max → weighted sum over levels with the recipe's `level_weights` (method/recipe.py).
 
 Levels, not pixel sizes: level 8 is the 8×8 map of a 512² image (64×64 latent), level 1 the 64×64
 one, so any input size (multiple of 64) and the tiny test config fuse the same way.
@@ -11,8 +12,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Official DiffSegmenter weights per resolution at 512²: 8:0.3, 16:0.5, 32:0.1, 64:0.1 (docs/design.md §5).
-DEFAULT_LEVEL_WEIGHTS = {8: 0.3, 4: 0.5, 2: 0.1, 1: 0.1}
+from ..sd.attention import AttentionStore
+from .recipe import DEFAULT_LEVEL_WEIGHTS
+
+
+def fused_map(store: AttentionStore, levels: dict[str, int], weights: dict[int, float], size: tuple[int, int]
+              ) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[str, torch.Tensor]]:
+    """A (B, K, h, w) on the latent grid `size` from the store's recorded cross maps, with the
+    per-level {level: (B, K, h_l, w_l)} and per-layer {name: (B, K, h_l, w_l)} maps it was fused from."""
+    layers = {name: layer_map(store, name) for name in store.cross_maps}
+    by_level = level_maps(layers, levels)
+    return fuse(by_level, size, weights), by_level, layers
+
+
+def layer_map(store: AttentionStore, name: str) -> torch.Tensor:
+    """Layer `name`'s token maps averaged over the passes, on its own grid: (B, K, h_l, w_l)."""
+    m = store.mean(store.cross_maps, name)  # (B, h_l·w_l, K)
+    return m.transpose(1, 2).reshape(m.shape[0], m.shape[2], *store.shapes[name])
 
 
 def minmax(x: torch.Tensor, dims=(-2, -1)) -> torch.Tensor:

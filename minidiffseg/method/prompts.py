@@ -21,9 +21,8 @@ import torch
 
 from ..errors import UserError
 from ..sd.tokenizer import CLIPTokenizer
+from .recipe import CLASS_WEIGHT, TEMPLATES  # noqa: F401  (TEMPLATES: re-exported for the CLI)
 
-TEMPLATES = {"photograph": "a photograph of {}", "photography": "a photography of {}"}  # VOC / Context+COCO (§5)
-CLASS_WEIGHT = 1.21  # "++": the official recipe's class-word weight (1.1²)
 _MARK = re.compile(r"^(.*[^+-])(\++|-+)$")
 
 

@@ -6,10 +6,17 @@
 
     seg = Segmenter.from_pretrained("weights/sd15", dtype=torch.bfloat16)
     result = seg(image, ["cat", "dog"])           # SegmentationResult: .mask, .scores, .fused, .refined, ...
+    run = seg.run(image, ["cat", "dog"])          # the same, with every intermediate (Run: rows, z0, stores, ...)
 
-The steps are methods with the method's names, so they can be called one by one (bench/ours.py
-times them): `prompts` → `encode_text` → `encode_image` → `noises` → `record` (the U-Net passes with
-the attention store) → `fuse` (A) → `refine` (M = S·A) → `decision.upsample_scores` / `decision.decide`.
+`Segmenter` talks to its diffusion model only through the backbone contract (minidiffseg/backbone.py:
+encode the image and the prompts, noise a latent, one denoiser pass with an attention store, the
+inventory of attention layers) and reads the method's settings from a frozen `Recipe` (method/recipe.py).
+
+`run` is the one orchestration of the steps, which have the method's names and can be called one by
+one: `prompts` → `encode_image` → `noises` → per group of rows `encode_text` → `record` (the denoiser
+passes with the attention store) → `fuse` (A) → `refine` (M = S·A) → `decision.upsample_scores`
+/ `decision.decide`. `__call__`, the explorer and the benchmarks all go through `run` (a `clock` callback
+times each step).
 
 One U-Net call serves all classes of an image (batch C, conditional prompts only: the official
 unconditional half is discarded there anyway), or a single row in *joint* mode (one prompt naming
@@ -19,24 +26,24 @@ the refinement runs as fused attention (method/refine.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..errors import UserError
 from ..image import load_image, to_tensor
 from ..sd.attention import AttentionStore
 from ..sd.precision import Precision, precision
-from ..sd.stream import RESIDENT, UpcastWeights
+from ..sd.stream import RESIDENT, UpcastWeights, weights_of
 from . import refine as refinement
-from .decision import DEFAULT_TAU, decide, upsample_scores
-from .fusion import DEFAULT_LEVEL_WEIGHTS, fuse, level_maps
-from .prompts import CLASS_WEIGHT, TEMPLATES, ClassPrompt, check_classes, joint_prompt, reweight, \
-    template_prompt, user_prompt
-
-TIMESTEP = 100  # the official single noise level
+from .decision import decide, upsample_scores
+from .fusion import fused_map
+from .prompts import ClassPrompt, check_classes, joint_prompt, reweight, template_prompt, user_prompt
+from .recipe import Recipe, check_tau, recipe_for
 
 
 @dataclass
@@ -93,48 +100,49 @@ def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
 
 
 class Segmenter:
-    """Holds the SD1.5 (or SD2.x) models and the method's settings; `seg(image, classes)` segments one image.
+    """Holds a backbone (SD1.5 or SD2.x) and the method's recipe; `seg(image, classes)` segments one image.
 
+    recipe:        the method's settings (method/recipe.py); default: the backbone's (`recipe_for`);
+                   `**changes` replace fields of it (timesteps=..., level_weights=..., template=..., tau=...)
     resolution:    side of the square the image is stretched to (multiple of 64; official 512); None:
                    the size the model was trained at, `sd.resolution` (512; 768 for SD2.x 768-v)
-    timesteps:     noise levels whose attention is averaged (official: (100,); paper Table 5 also
-                   tries (1, 50, 100, 150))
-    template:      prompt template with '{}' (TEMPLATES: "a photograph of {}" VOC, "a photography of {}")
-    level_weights: fusion weight per U-Net level (1 = 64² ... 8 = 8² at 512²)
-    self_levels:   levels whose self-attention forms S (official: the 64² layers only)
-    tokens:        "last" (official) or "all" tokens of the class name
-    class_weight:  weight on the class's last word ("++" = 1.21; 1.0 disables)
-    ing_token:     the official "-ing" rule: when the word right after the class name ends in "ing"
-                   ("a photograph of a cat sleeping"), its first token joins the class map
     joint:         one prompt naming all classes and a U-Net batch of 1, instead of one row per class
     class_batch:   at most this many classes per U-Net call (bounds memory; None = all at once)
     """
 
-    default_tau = DEFAULT_TAU
-
-    def __init__(self, sd, *, resolution: int | None = None, timesteps: tuple[int, ...] = (TIMESTEP,),
-                 template: str = TEMPLATES["photograph"], level_weights: dict[int, float] = DEFAULT_LEVEL_WEIGHTS,
-                 self_levels: tuple[int, ...] = (1,), tokens: str = "last", class_weight: float = CLASS_WEIGHT,
-                 ing_token: bool = True, joint: bool = False, class_batch: int | None = None):
+    def __init__(self, sd, recipe: Recipe | None = None, *, resolution: int | None = None, joint: bool = False,
+                 class_batch: int | None = None, **changes):
         if resolution is None:
             resolution = getattr(sd, "resolution", 512)  # the model's training size (512 for stand-in models)
         if resolution % 64 or resolution <= 0:
-            raise UserError(f"resolution {resolution} must be a positive multiple of 64 (SD1.5's VAE ×8 and U-Net ×8)")
+            raise UserError(f"resolution {resolution} must be a positive multiple of 64 (the VAE's ×8 and the "
+                            "U-Net's ×8 downsampling)")
         self.sd = sd
+        self.recipe = replace(recipe or recipe_for(sd), **changes)
         self.resolution = resolution
-        self.timesteps = tuple(timesteps)
-        self.template = template
-        self.level_weights = dict(level_weights)
-        self.self_levels = tuple(self_levels)
-        self.prompt_options = dict(tokens=tokens, class_weight=class_weight, ing_token=ing_token)
         self.joint = joint
         self.class_batch = class_batch
-        unet = sd.unet
-        self.cross_layers = {m.name for m in unet.attention_layers("cross") if m.level in self.level_weights}
-        self.self_layers = {m.name for m in unet.attention_layers("self") if m.level in self.self_levels}
-        self.levels = {m.name: m.level for m in unet.attention_layers()}
+        layers = sd.attention_layers()
+        self.cross_layers = {m.name for m in layers if m.kind == "cross" and m.level in self.recipe.level_weights}
+        self.self_layers = {m.name for m in layers if m.kind == "self" and m.level in self.recipe.self_levels}
+        self.levels = {m.name: m.level for m in layers}
         # prompt rows -> re-weighted text embeddings: the same classes over many images are encoded once
         self.text_cache: dict[tuple, torch.Tensor] = {}
+
+    def with_recipe(self, **changes) -> "Segmenter":
+        """A segmenter with these recipe fields replaced, sharing this one's networks and text cache."""
+        other = Segmenter(self.sd, replace(self.recipe, **changes), resolution=self.resolution, joint=self.joint,
+                          class_batch=self.class_batch)
+        other.text_cache = self.text_cache
+        return other
+
+    # the recipe's fields, read-only (a variant: `with_recipe(...)` or `Segmenter(sd, replace(recipe, ...))`)
+    timesteps = property(lambda self: self.recipe.timesteps)
+    template = property(lambda self: self.recipe.template)
+    level_weights = property(lambda self: self.recipe.level_weights)
+    self_levels = property(lambda self: self.recipe.self_levels)
+    prompt_options = property(lambda self: self.recipe.prompt_options)
+    default_tau = property(lambda self: self.recipe.tau)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -156,24 +164,25 @@ class Segmenter:
         returns self."""
         device = torch.device(device) if device is not None else self.device
         p = precision(dtype, device) if dtype is not None else Precision(self.dtype)
-        for net in (self.sd.text_encoder, self.sd.vae, self.sd.unet):
-            if net.weights is RESIDENT and p.keep is not None:  # kept in half precision, up-cast per block
+        for net in self.sd.networks().values():
+            weights = weights_of(net)
+            if weights is RESIDENT and p.keep is not None:  # kept in half precision, up-cast per block
                 state = {k: t.to(p.keep) for k, t in net.state_dict().items()}
-                net.weights = UpcastWeights(net, {k: k for k in state}, state, p.compute, device)
-            elif net.weights is RESIDENT:
+                UpcastWeights(net, {k: k for k in state}, state, p.compute, device)
+            elif weights is RESIDENT:
                 net.to(device=device, dtype=p.compute)
             else:  # weights fetched per block (sd/stream.py): their source moves; nothing is materialised
-                net.weights.to(device, p.compute)
+                weights.to(device, p.compute)
         self.text_cache.clear()
         return self
 
     @property
     def device(self) -> torch.device:
-        return next(self.sd.unet.parameters()).device
+        return self.sd.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.sd.unet.parameters()).dtype
+        return self.sd.dtype
 
     # ---- the steps ----------------------------------------------------------------------------
 
@@ -197,24 +206,23 @@ class Segmenter:
         """(B, 77, D) re-weighted text embeddings z' = z∅ + w·(z − z∅), cached per list of rows."""
         key = tuple((r.text, tuple(r.weights.tolist())) for r in rows)
         if key not in self.text_cache:
-            sd = self.sd
             if len(self.text_cache) > 64:  # bounded: prompts with per-image captions never repeat
                 self.text_cache.clear()
-            z_empty = sd.text_encoder(sd.tokenizer([""]).to(self.device))  # z∅ (1, 77, D)
-            z = sd.text_encoder(sd.tokenizer([r.text for r in rows]).to(self.device))
+            z_empty = self.sd.encode_text([""])  # z∅ (1, 77, D)
+            z = self.sd.encode_text([r.text for r in rows])
             w = torch.stack([r.weights for r in rows]).to(self.device)
             self.text_cache[key] = check_finite(reweight(z, z_empty, w), "the text embeddings (text encoder)")
         return self.text_cache[key]
 
     def encode_image(self, x: torch.Tensor, generator: torch.Generator, posterior: str = "sample") -> torch.Tensor:
-        """x (1, 3, H, W) in [0, 1] -> z0 (1, 4, h, w): stretch to resolution², 2x−1, VAE, ×0.18215.
+        """x (1, 3, H, W) in [0, 1] -> z0 (1, 4, h, w): stretch to resolution², 2x−1, the backbone's encoder.
         posterior: "sample" draws from the VAE's posterior (official), "mean" takes its mean."""
         if posterior not in ("sample", "mean"):
             raise UserError(f"posterior {posterior!r} is unknown: use 'sample' (official) or 'mean'")
         r = self.resolution
         x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False)  # §5: no antialias
         x = (2 * x - 1).to(self.device, self.dtype)
-        return check_finite(self.sd.vae.encode(x, generator=generator, sample=posterior == "sample"),
+        return check_finite(self.sd.encode_image(x, generator, sample=posterior == "sample"),
                             "the image latents (VAE encoder)")
 
     def noises(self, z0: torch.Tensor, generator: torch.Generator, noise: torch.Tensor | None = None
@@ -234,7 +242,7 @@ class Segmenter:
 
     def record(self, z0: torch.Tensor, noises: list[torch.Tensor], context: torch.Tensor,
                select: torch.Tensor, *, probs: set[str] = frozenset(), progress=None) -> AttentionStore:
-        """The U-Net passes, one per timestep, for B prompt rows `context` (B, 77, D), with an attention store
+        """The denoiser passes, one per timestep, for B prompt rows `context` (B, 77, D), with an attention store
         that keeps the cross maps projected on `select` (B, 77, K) and the Q/K of the refinement layers;
         also the head-averaged probabilities of the layers named in `probs` (the explorer's every-token maps).
         `progress(i, n, t)` is called before pass i of n."""
@@ -243,15 +251,14 @@ class Segmenter:
         for i, (t, noise) in enumerate(zip(self.timesteps, noises)):
             if progress is not None:
                 progress(i, len(noises), t)
-            z_t = self.sd.schedule.add_noise(z0, noise.to(z0), t)
-            self.sd.unet(z_t, t, context, store=store, output=False)  # z_t (1, …): batch broadcasts
+            z_t = self.sd.add_noise(z0, noise.to(z0), t)
+            self.sd.denoise(z_t, t, context, store)  # z_t (1, …): batch broadcasts
         return store
 
     def fuse(self, store: AttentionStore, size: tuple[int, int]) -> tuple[torch.Tensor, dict, dict]:
         """A (B, K, h, w) on the latent grid `size`, with the per-level and per-layer maps it was fused from."""
-        layers = {name: store.cross_map(name) for name in store.cross_maps}  # (B, K, h_l, w_l), mean over passes
-        levels = level_maps(layers, self.levels)
-        return check_finite(fuse(levels, size, self.level_weights), "the cross-attention maps (U-Net)"), levels, layers
+        fused, levels, layers = fused_map(store, self.levels, self.level_weights, size)
+        return check_finite(fused, "the cross-attention maps (U-Net)"), levels, layers
 
     def refine(self, store: AttentionStore, fused: torch.Tensor) -> torch.Tensor:
         """M = S·A (B, K, h, w) with S the mean self-attention of the refinement layers, never built."""
@@ -270,6 +277,50 @@ class Segmenter:
     # ---- the whole method ---------------------------------------------------------------------
 
     @torch.inference_mode()
+    def run(self, image, classes: list[str], *, prompts: list[str] | None = None,
+            captions: list[str] | None = None, seed: int = 0, tau: float | None = None,
+            posterior: str = "sample", noise: torch.Tensor | None = None, joint: bool | None = None,
+            class_batch: int | None | str = "default", probs: bool = False, clock=None, progress=None) -> "Run":
+        """Segment `image` into `classes`, keeping every intermediate (see `__call__` for the arguments).
+
+        class_batch: classes per U-Net call for this run (default: the segmenter's; None = all in one).
+        probs:       also keep every token's head-averaged probabilities of the fused layers (the explorer).
+        clock:       `clock(step)` -> a context manager around each step ("prompts", "encode_image", "noises",
+                     "encode_text", "record", "fuse", "refine", "decide"), e.g. a timer.
+        progress:    `progress(i, n, t)` before U-Net pass i of n (at noise level t)."""
+        clock = clock or (lambda step: contextlib.nullcontext())
+        classes = check_classes(classes)
+        joint = self.joint if joint is None else joint
+        tau = self.default_tau if tau is None else check_tau(tau)
+        img = load_image(image)
+        with clock("prompts"):
+            rows = self.prompts(classes, prompts, captions, joint)
+        generator = torch.Generator().manual_seed(int(seed))
+        with clock("encode_image"):
+            z0 = self.encode_image(to_tensor(img, torch.promote_types(self.dtype, torch.float32)), generator, posterior)
+        with clock("noises"):
+            noises = self.noises(z0, generator, noise)
+        step = self.class_batch if class_batch == "default" else class_batch
+        step = step or len(rows)
+        groups, stores = [], []
+        for i in range(0, len(rows), step):  # one U-Net call per group of rows
+            g = rows[i:i + step]
+            with clock("encode_text"):
+                context = self.encode_text(g)  # (B, 77, D)
+            with clock("record"):
+                store = self.record(z0, noises, context, torch.stack([r.select for r in g]),  # select (B, 77, K)
+                                    probs=self.cross_layers if probs else frozenset(), progress=progress)
+            with clock("fuse"):
+                fused, levels, layers = self.fuse(store, tuple(z0.shape[-2:]))
+            with clock("refine"):
+                groups.append(AttentionMaps(fused, self.refine(store, fused), levels, layers))
+            stores.append(store)
+        maps = AttentionMaps.per_class(groups)
+        with clock("decide"):
+            scores = upsample_scores(maps.refined, (img.height, img.width))
+            mask = decide(scores, tau)
+        return Run(img, classes, rows, z0, noises, stores, maps, scores, mask, tau)
+
     def __call__(self, image, classes: list[str], *, prompts: list[str] | None = None,
                  captions: list[str] | None = None, seed: int = 0, tau: float | None = None,
                  posterior: str = "sample", noise: torch.Tensor | None = None,
@@ -279,29 +330,36 @@ class Segmenter:
         prompts:   per-class prompt strings replacing the template (the class word is still located
                    and re-weighted); captions: per-class caption continuations of the template.
         seed:      seeds the VAE posterior sample and the noise draw (deterministic for a seed).
-        tau:       background score τ (default `default_tau`): a pixel whose best class score is below it
+        tau:       background score τ (default: the recipe's): a pixel whose best class score is below it
                    is background.
         posterior: "sample" (official) or "mean" of the VAE posterior.
         noise:     (1, 4, h, w) used instead of the seeded draw (one per timestep: (T, 4, h, w)).
         """
-        classes = check_classes(classes)
-        joint = self.joint if joint is None else joint
-        tau = self.default_tau if tau is None else float(tau)
-        img = load_image(image)
-        rows = self.prompts(classes, prompts, captions, joint)
-        generator = torch.Generator().manual_seed(int(seed))
-        z0 = self.encode_image(to_tensor(img, torch.promote_types(self.dtype, torch.float32)), generator, posterior)
-        noises = self.noises(z0, generator, noise)
-        step = len(rows) if self.class_batch is None else self.class_batch
-        groups = [rows[i:i + step] for i in range(0, len(rows), step)]  # one U-Net call per group of rows
-        maps = AttentionMaps.per_class([self.attend(z0, noises, self.encode_text(g),
-                                                    torch.stack([r.select for r in g]))  # select (B, 77, K)
-                                        for g in groups])
-        scores = upsample_scores(maps.refined, (img.height, img.width))
+        return self.run(image, classes, prompts=prompts, captions=captions, seed=seed, tau=tau, posterior=posterior,
+                        noise=noise, joint=joint).result()
 
+
+@dataclass
+class Run:
+    """Everything one `Segmenter.run` computed, in the order it was computed."""
+
+    image: Image.Image  # the RGB input
+    classes: list[str]
+    rows: list[ClassPrompt]  # the prompt of each U-Net row (one per class, or one joint row)
+    z0: torch.Tensor  # (1, 4, h, w) the image latent
+    noises: list[torch.Tensor]  # one (1, 4, h, w) draw per timestep
+    stores: list[AttentionStore]  # one per U-Net call (group of rows)
+    maps: AttentionMaps  # per class: A, M, per-level and per-layer maps
+    scores: torch.Tensor  # (C, H, W) on the compute device
+    mask: torch.Tensor  # (H, W)
+    tau: float
+
+    def result(self) -> SegmentationResult:
+        """The segmentation on the CPU: maps float32, scores in their dtype, the mask int64."""
         def host(t: torch.Tensor) -> torch.Tensor:  # maps in float32 on the CPU, whatever computed them
             return t.float().cpu()
 
-        return SegmentationResult(classes, [r.text for r in rows], scores.cpu(), decide(scores, tau).cpu(), tau,
-                                  host(maps.fused), host(maps.refined), {k: host(v) for k, v in maps.levels.items()},
-                                  {k: host(v) for k, v in maps.layers.items()})
+        m = self.maps
+        return SegmentationResult(self.classes, [r.text for r in self.rows], self.scores.cpu(), self.mask.cpu(),
+                                  self.tau, host(m.fused), host(m.refined), {k: host(v) for k, v in m.levels.items()},
+                                  {k: host(v) for k, v in m.layers.items()})

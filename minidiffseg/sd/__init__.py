@@ -4,6 +4,7 @@ files. Nothing here knows about segmentation (tests/test_layout.py checks that t
 nothing from method/, filter/, evaluation/ or cli/)."""
 
 from .attention import AttentionStore
-from .checkpoint import SD15, StableDiffusion, load_sd, load_sd15
+from .backbone import StableDiffusion
+from .checkpoint import load_sd
 
-__all__ = ["AttentionStore", "SD15", "StableDiffusion", "load_sd", "load_sd15"]
+__all__ = ["AttentionStore", "StableDiffusion", "load_sd"]

@@ -130,8 +130,3 @@ class AttentionStore:
     def mean(self, maps: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         """A recorded map averaged over the passes that recorded it."""
         return maps[name] / self.count[name]
-
-    def cross_map(self, name: str) -> torch.Tensor:
-        """Layer `name`'s token maps averaged over the passes, on its own grid: (B, K, h_l, w_l)."""
-        m = self.mean(self.cross_maps, name)  # (B, h_l·w_l, K)
-        return m.transpose(1, 2).reshape(m.shape[0], m.shape[2], *self.shapes[name])

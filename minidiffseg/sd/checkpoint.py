@@ -9,10 +9,12 @@ noise schedule — loaded from either official layout (docs/design.md §4, docs/
   beside it or the `tokenizer=` argument.
 
 Either way each network is built on the meta device and filled by minidiffseg.sd.loading (strict,
-memory-mapped, one copy of the weights). Keys we never build are ignored by name. Which model it is
-(SD1.5, SD2.x base or 768-v) is read from the same configs and shapes, never from a file or repo name;
-an SD2.x single file's text tower is OpenCLIP's, loaded under its own names and then split
-(minidiffseg.sd.openclip).
+memory-mapped, one copy of the weights). The networks are called by their component names
+(minidiffseg.sd.names.COMPONENTS: "text_encoder", "vae", "unet"), and keys we never build are ignored by name
+(names.NOT_BUILT). Which model it is, its `kind` (`model_kind`: SD1.x, SD2.x base or 768-v), is read once
+from the same configs and shapes, never from a file or repo name; the display name and the tokenizer's
+default padding follow from it. An SD2.x single file's text tower is OpenCLIP's, loaded under its own names
+and then split (minidiffseg.sd.openclip).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from functools import partial
 from pathlib import Path
 
@@ -28,28 +29,32 @@ import torch
 from torch import nn
 
 from . import hub, ldm, openclip
+from .backbone import StableDiffusion
 from .clip import CLIPTextModel
 from .config import CLIPTextConfig, UNetConfig, VAEConfig
 from ..errors import UserError
 from .loading import PICKLE_SUFFIXES, build_on_meta, check_suffix, keys_text, load_strict, read_header
+from .names import WHAT, not_built
 from .schedule import NoiseSchedule
 from .stream import stream_weights, upcast_weights
 from .tokenizer import EOS, CLIPTokenizer
 from .unet import UNet
 from .vae import VAEEncoder
 
-DOWNLOAD = "fetch SD1.5 with `minidiffseg download --what sd15 --dir FOLDER`"
-WHAT = {"unet": "U-Net", "vae": "VAE", "text_encoder": "text encoder"}
+DOWNLOAD = ("fetch Stable Diffusion with `minidiffseg download --what sd15 --dir FOLDER` (SD1.5; --what sd21-base, "
+            "sd21 or sd-turbo for SD2.x)")
 WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-IGNORED = {"unet": (),  # keys of the diffusers files that we never build
-           "vae": ("decoder.*", "post_quant_conv.*"),  # the decoder half
-           "text_encoder": ("text_model.embeddings.position_ids", "embeddings.position_ids")}  # arange(77)
+# which Stable Diffusion a checkpoint is (`model_kind`), and the family each kind belongs to (for messages)
+KINDS = {"sd1": "SD1.5",  # SD1.x: 1×1-conv projections in the U-Net's transformers, OpenAI's CLIP text tower
+         "sd2": "SD2.x",  # an SD2.x single file: its training size and prediction type are not stored
+         "sd2-base": "SD2.x",  # an SD2.x folder trained at 512² (SD2.1-base, SD-Turbo)
+         "sd2-v": "SD2.x"}  # an SD2.x folder trained at another size (SD2.1 768-v)
 
 
 @dataclass
 class Part:
     """One network of a checkpoint, before loading: its module (built on meta), the file, and which file
-    key fills which parameter. `load_sd15` fills it; `minidiffseg inspect-weights` checks it."""
+    key fills which parameter. `load_sd` fills it; `minidiffseg inspect-weights` checks it."""
 
     what: str
     file: Path
@@ -60,32 +65,14 @@ class Part:
     finish: Callable[[nn.Module], nn.Module] | None = None  # the loaded module -> the network (OpenCLIP's split)
 
 
-@dataclass
-class StableDiffusion:
-    """The networks of one checkpoint. `name` says which Stable Diffusion it is, as its configs and shapes
-    tell (`model_name`): "SD1.5", "SD2.x-base (512², ε-prediction)", "SD2.x (768², v-prediction)", ..."""
-
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    vae: VAEEncoder
-    unet: UNet
-    schedule: NoiseSchedule
-    name: str = "SD1.5"
-
-    @property
-    def resolution(self) -> int:
-        """The image side the U-Net was trained at: its latent sample_size × the VAE's downsampling (8)."""
-        return self.unet.cfg.sample_size * 2 ** (len(self.vae.cfg.block_out_channels) - 1)
-
-
-SD15 = StableDiffusion  # its name while SD1.5 was the only model
+Parts = dict[str, Part]  # the networks of one checkpoint by component name (names.COMPONENTS), in that order
 
 
 def load_sd(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-              variant: str | None = None, tokenizer: str | Path | CLIPTokenizer | None = None,
-              stream: bool = False, keep: torch.dtype | None = None, revision: str | None = None) -> SD15:
+            variant: str | None = None, tokenizer: str | Path | CLIPTokenizer | None = None,
+            stream: bool = False, keep: torch.dtype | None = None, revision: str | None = None) -> StableDiffusion:
     """SD1.5 or SD2.x from a diffusers folder or a single LDM .safetensors file, in `dtype` on `device`, in eval
-    mode without gradients; `.name` says which (decided from the files, docs/sd2.md §2). `variant`: None
+    mode without gradients; `.kind` and `.name` say which (decided from the files, docs/sd2.md §2). `variant`: None
     prefers the fp32 files of a diffusers folder and falls back to the `.fp16` ones; "fp16" takes only those. `tokenizer`: a folder with vocab.json + merges.txt or
     a built CLIPTokenizer, instead of the checkpoint's own tokenizer/ folder. `path` may also be a hub id
     of hub.STABLE_DIFFUSION (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5): its copy in the Hugging Face
@@ -98,58 +85,65 @@ def load_sd(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     if not path.exists() and (what := hub.what_for(str(path))) is not None:
         path = hub.cached(what, revision)  # the hub id: its copy in the Hugging Face cache, found without network
     if not path.exists():
-        there = f": `{hub.command('sd15', dir=path)}` puts it there" if path.suffix != ".safetensors" else ""
-        raise UserError(f"{path}: not found; fetch SD1.5 with `minidiffseg download`{there}; or give a diffusers "
-                        "SD1.5 folder or a single SD1.5 .safetensors file")
-    if path.is_dir():
-        parts = diffusers_parts(path, variant)  # configs and headers: the weights are read below
-        tok = _tokenizer(tokenizer, path / "tokenizer", path, parts[0].module.cfg)
-    else:
+        there = f": `{hub.command('sd15', dir=path)}` puts SD1.5 there" if path.suffix != ".safetensors" else ""
+        raise UserError(f"{path}: not found; fetch Stable Diffusion with `minidiffseg download`{there}; or give a "
+                        "diffusers folder or a single .safetensors file of Stable Diffusion (SD1.5 or SD2.x)")
+    single_file = not path.is_dir()
+    if single_file:
         check_suffix(path)
         parts, unknown = single_file_parts(path)
-        tok = _tokenizer(tokenizer, path.parent / "tokenizer", path, parts[0].module.cfg)
-        if unknown:
-            raise UserError(f"{path}: {len(unknown)} unexpected tensor(s): {keys_text(unknown)}; neither an SD1.5 "
-                            "single-file tensor nor one ignored by name (minidiffseg.sd.ldm.IGNORED)")
+    else:
+        parts, unknown = diffusers_parts(path, variant), []  # configs and headers: the weights are read below
+    kind = model_kind(parts["unet"].module.cfg, single_file)
+    tok = _tokenizer(tokenizer, (path.parent if single_file else path) / "tokenizer", path, kind)
+    if unknown:
+        raise UserError(f"{path}: {len(unknown)} unexpected tensor(s): {keys_text(unknown)}; neither a tensor of an "
+                        f"{KINDS[kind]} single file nor one ignored by name (minidiffseg.sd.ldm.IGNORED)")
     load = stream_weights if stream else partial(upcast_weights, keep=keep) if keep is not None else load_strict
     # an SD2.x single file's text tower is filled under OpenCLIP's names and then split (`finish`): it is
     # loaded resident even when the rest streams (docs/sd2.md §3)
-    text_encoder, vae, unet = ((load_strict if p.finish else load)(p.module, p.file, p.names, dtype, device, p.what)
-                               for p in parts)
-    if parts[0].finish is not None:
-        text_encoder = parts[0].finish(text_encoder)
-    scheduler = scheduler_config(path) if path.is_dir() else None
-    return StableDiffusion(tok, text_encoder, vae, unet, _schedule(scheduler, path),
-                           model_name(unet.cfg, scheduler, single_file=not path.is_dir()))
+    nets = {c: (load_strict if p.finish else load)(p.module, p.file, p.names, dtype, device, p.what)
+            for c, p in parts.items()}
+    nets = {c: parts[c].finish(net) if parts[c].finish is not None else net for c, net in nets.items()}
+    scheduler = None if single_file else scheduler_config(path)
+    return StableDiffusion(tok, nets["text_encoder"], nets["vae"], nets["unet"], _schedule(scheduler, path),
+                           model_name(kind, nets["unet"].cfg, scheduler), kind)
 
 
-load_sd15 = load_sd  # its name while SD1.5 was the only model
-
-
-def _tokenizer(tokenizer, default: Path, path: Path, text: CLIPTextConfig) -> CLIPTokenizer:
+def _tokenizer(tokenizer, default: Path, path: Path, kind: str) -> CLIPTokenizer:
     if isinstance(tokenizer, CLIPTokenizer):
         return tokenizer
     folder = Path(tokenizer) if tokenizer is not None else default
     if not folder.is_dir():
         raise UserError(f"{path}: no tokenizer folder {folder}: put the model's tokenizer/ (vocab.json, merges.txt) "
                         f"there or pass tokenizer=<folder>; {DOWNLOAD}")
-    # the padding token is the one the folder names (special_tokens_map.json); where it names none, the text
-    # tower's own: OpenCLIP's tokenizer pads with "!" (id 0; SD2.x, the GELU tower), OpenAI's CLIP with EOS
-    return CLIPTokenizer.from_dir(folder, default_pad="!" if text.hidden_act == "gelu" else EOS)
+    # the padding token is the one the folder names (special_tokens_map.json); where it names none, the
+    # model's own: SD2.x's OpenCLIP tokenizer pads with "!" (id 0), SD1.x's (OpenAI's CLIP) with EOS
+    return CLIPTokenizer.from_dir(folder, default_pad=EOS if kind == "sd1" else "!")
 
 
-def model_name(unet: UNetConfig, scheduler: dict | None = None, single_file: bool = False) -> str:
-    """Which Stable Diffusion a U-Net is, from its config (never from a file or repo name): SD2.x's
-    transformers have linear projections and per-level heads, SD1.x's 1×1 convs; the training size is
-    its sample_size × 8 and the prediction type the scheduler's (a single file stores neither)."""
+def model_kind(unet: UNetConfig, single_file: bool = False) -> str:
+    """Which Stable Diffusion a checkpoint is (a key of KINDS), from its U-Net's config (never from a file or
+    repo name): SD2.x's transformers have linear projections and per-level heads, SD1.x's 1×1 convs; an
+    SD2.x folder is "sd2-base" when trained at 512² (sample_size × 8), else "sd2-v"; a single file stores
+    no training size, so it is "sd2"."""
     if not unet.use_linear_projection:
-        return "SD1.5"  # SD1.x checkpoints share this architecture
+        return "sd1"  # SD1.x checkpoints share this architecture
     if single_file:
-        return "SD2.x (single file: its training size and prediction type are not stored)"
+        return "sd2"
+    return "sd2-base" if unet.sample_size * 8 == 512 else "sd2-v"
+
+
+def model_name(kind: str, unet: UNetConfig, scheduler: dict | None = None) -> str:
+    """The display name of a checkpoint of `kind` (`model_kind`): "SD1.5", "SD2.x (single file: …)", or an
+    SD2.x folder's training size and its scheduler's prediction type, "SD2.x-base (512², ε-prediction)",
+    "SD2.x (768², v-prediction)"."""
+    if kind in ("sd1", "sd2"):
+        single = " (single file: its training size and prediction type are not stored)" if kind == "sd2" else ""
+        return KINDS[kind] + single
     prediction = {"epsilon": "ε-prediction", "v_prediction": "v-prediction"}.get(
         (scheduler or {}).get("prediction_type"), "prediction type unknown")
-    size = unet.sample_size * 8
-    return f"SD2.x{'-base' if size == 512 else ''} ({size}², {prediction})"
+    return f"{KINDS[kind]}{'-base' if kind == 'sd2-base' else ''} ({unet.sample_size * 8}², {prediction})"
 
 
 def scheduler_config(folder: Path) -> dict | None:
@@ -168,22 +162,22 @@ def _schedule(scheduler: dict | None, path: Path) -> NoiseSchedule:
     steps of scaled-linear betas from 0.00085 to 0.012), or that one when there is no config."""
     if scheduler is None:
         return NoiseSchedule()
-    kind = scheduler.get("beta_schedule", "scaled_linear")
-    if kind != "scaled_linear" or scheduler.get("trained_betas") is not None:
-        raise UserError(f"{path}: scheduler/scheduler_config.json has the {kind!r} noise schedule; minidiffseg "
+    betas = scheduler.get("beta_schedule", "scaled_linear")
+    if betas != "scaled_linear" or scheduler.get("trained_betas") is not None:
+        raise UserError(f"{path}: scheduler/scheduler_config.json has the {betas!r} noise schedule; minidiffseg "
                         "computes Stable Diffusion's scaled_linear schedule only")
     return NoiseSchedule(int(scheduler.get("num_train_timesteps", 1000)), float(scheduler.get("beta_start", 0.00085)),
                          float(scheduler.get("beta_end", 0.012)))
 
 
-def _check_context(where: Path, parts: list[Part]) -> None:
+def _check_context(where: Path, parts: Parts) -> None:
     """The U-Net's cross-attention reads the text encoder's output: their widths, as the files store them
     (a file that disagrees with its own config is the loader's finding), must agree."""
     def stored(part: Part, suffix: str, dim: int) -> int | None:  # a dimension of the tensor filling `*suffix`
         key = next((k for k, name in part.names.items() if name.endswith(suffix)), None)
         return part.shapes[key][dim] if key is not None and len(part.shapes[key]) > dim else None
 
-    text, _, unet = parts
+    text, unet = parts["text_encoder"], parts["unet"]
     reads, gives = stored(unet, "attn2.to_k.weight", 1), stored(text, "token_embedding.weight", 1)  # [C, ctx], [V, W]
     if None not in (reads, gives) and reads != gives:
         raise UserError(f"{where}: context width mismatch: the U-Net's cross-attention reads {reads}-wide text "
@@ -191,7 +185,7 @@ def _check_context(where: Path, parts: list[Part]) -> None:
                         "networks of two models; use one model's unet/ and text_encoder/")
 
 
-def diffusers_parts(folder: Path, variant: str | None = None) -> list[Part]:
+def diffusers_parts(folder: Path, variant: str | None = None) -> Parts:
     """Text encoder, VAE encoder and U-Net of a diffusers folder, sizes from each config.json."""
     absent = [c for c in WEIGHTS if not (folder / c).is_dir()]
     if absent:
@@ -202,13 +196,14 @@ def diffusers_parts(folder: Path, variant: str | None = None) -> list[Part]:
              "vae": (VAEEncoder, VAEConfig.from_diffusers, _vae_name),
              "unet": (UNet, UNetConfig.from_diffusers, lambda key, shape: key)}
     configs = {c: read(_config(folder / c)) for c, (_, read, _) in specs.items()}  # all sizes before any file
-    parts = []
+    parts = {}
     for component, (cls, _, name_of) in specs.items():
         file = _weights(folder / component, variant)
         shapes, _ = read_header(file)
-        ignored = [k for k in shapes if any(fnmatchcase(k, p) for p in IGNORED[component])]
-        names = {k: name_of(k, s) for k, s in shapes.items() if k not in ignored}
-        parts.append(Part(WHAT[component], file, build_on_meta(cls, configs[component]), names, shapes, ignored))
+        ours = {k: name_of(k, s) for k, s in shapes.items()}
+        ignored = [k for k, name in ours.items() if not_built(component, name)]
+        names = {k: name for k, name in ours.items() if k not in ignored}
+        parts[component] = Part(WHAT[component], file, build_on_meta(cls, configs[component]), names, shapes, ignored)
     _check_context(folder, parts)
     return parts
 
@@ -255,7 +250,7 @@ def _weights(component: Path, variant: str | None) -> Path:
     raise UserError(f"{component}: no {' or '.join(tried)} found; {DOWNLOAD}")
 
 
-def single_file_parts(path: Path) -> tuple[list[Part], list[str]]:
+def single_file_parts(path: Path) -> tuple[Parts, list[str]]:
     """Text encoder, VAE encoder and U-Net of an LDM single file (sizes from the tensor shapes), and the
     file keys that are neither translated nor ignored (an error for loading, a finding for inspection)."""
     shapes, metadata = read_header(path)
@@ -273,14 +268,14 @@ def single_file_parts(path: Path) -> tuple[list[Part], list[str]]:
                         "is incomplete or not SD1.5/SD2.x: download it again") from None
     names, unknown = ldm.from_ldm(shapes, unet_cfg, vae_cfg)
     sd2_text = ldm.is_openclip(shapes)  # OpenCLIP's names, filled as they are and split afterwards
-    parts = [Part(WHAT["text_encoder"], path, build_on_meta(openclip.OpenCLIPTextWeights if sd2_text else CLIPTextModel,
-                                                            text_cfg), names["text_encoder"], shapes,
-                  finish=openclip.to_clip_text if sd2_text else None)]
-    parts += [Part(WHAT[c], path, build_on_meta(cls, cfg), names[c], shapes)
-              for c, cls, cfg in (("vae", VAEEncoder, vae_cfg), ("unet", UNet, unet_cfg))]
+    text_cls = openclip.OpenCLIPTextWeights if sd2_text else CLIPTextModel
+    parts = {"text_encoder": Part(WHAT["text_encoder"], path, build_on_meta(text_cls, text_cfg), names["text_encoder"],
+                                  shapes, finish=openclip.to_clip_text if sd2_text else None),
+             "vae": Part(WHAT["vae"], path, build_on_meta(VAEEncoder, vae_cfg), names["vae"], shapes),
+             "unet": Part(WHAT["unet"], path, build_on_meta(UNet, unet_cfg), names["unet"], shapes)}
     if ldm.uses_ema(names):  # a non-"emaonly" file: its EMA U-Net is loaded, the trained copy ignored
-        parts[2].what = f"{parts[2].what} (EMA)"
-    placed = {k for p in parts for k in p.names} | set(unknown)  # loaded, or reported as unexpected
+        parts["unet"].what = f"{parts['unet'].what} (EMA)"
+    placed = {k for p in parts.values() for k in p.names} | set(unknown)  # loaded, or reported as unexpected
     for key in shapes:  # ignored by name, OpenCLIP's unused keys, the U-Net copy not loaded
         if key not in placed:
             part_of(parts, key).ignored.append(key)
@@ -288,7 +283,13 @@ def single_file_parts(path: Path) -> tuple[list[Part], list[str]]:
     return parts, unknown
 
 
-def part_of(parts: list[Part], key: str) -> Part:
+def component_of(key: str) -> str:
     """The network a single-file key belongs to, by prefix; the rest (EMA copy, DDPM schedule) goes with the U-Net."""
-    text = (ldm.TEXT, openclip.PREFIX)  # SD1.5's and SD2.x's text towers
-    return parts[0] if key.startswith(text) else parts[1] if key.startswith(ldm.VAE) else parts[2]
+    if key.startswith((ldm.TEXT, openclip.PREFIX)):  # SD1.5's and SD2.x's text towers
+        return "text_encoder"
+    return "vae" if key.startswith(ldm.VAE) else "unet"
+
+
+def part_of(parts: Parts, key: str) -> Part:
+    """The Part a single-file key belongs to (`component_of`)."""
+    return parts[component_of(key)]

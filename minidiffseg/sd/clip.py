@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CLIPTextConfig
-from .stream import RESIDENT
 
 
 class CLIPAttention(nn.Module):
@@ -78,10 +77,9 @@ class CLIPEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(width, heads, mlp_width, eps, act) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor, causal: bool = False, weights=RESIDENT) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         for layer in self.layers:
-            with weights.block(layer):
-                x = layer(x, causal=causal)
+            x = layer(x, causal=causal)
         return x  # (B, T, width)
 
 
@@ -110,12 +108,10 @@ class CLIPTextTransformer(nn.Module):
                                    cfg.num_hidden_layers, cfg.layer_norm_eps, cfg.hidden_act)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, weights=RESIDENT) -> torch.Tensor:
-        with weights.block(self.embeddings):
-            x = self.embeddings(input_ids)  # (B, T, C)
-        x = self.encoder(x, causal=True, weights=weights)  # CLIP's text tower attends only to earlier tokens
-        with weights.block(self.final_layer_norm):
-            return self.final_layer_norm(x)
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings(input_ids)  # (B, T, C)
+        x = self.encoder(x, causal=True)  # CLIP's text tower attends only to earlier tokens
+        return self.final_layer_norm(x)
 
 
 class CLIPTextModel(nn.Module):
@@ -128,11 +124,12 @@ class CLIPTextModel(nn.Module):
     to CLIPModel, used only by the class filter.
     """
 
+    stream_blocks = (CLIPTextEmbeddings, CLIPEncoderLayer)  # the streaming grain (sd/stream.py `blocks`), + the final norm
+
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.cfg = cfg
         self.text_model = CLIPTextTransformer(cfg)
-        self.weights = RESIDENT  # or the file, streamed per block (sd/stream.py)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_model(input_ids, self.weights)
+        return self.text_model(input_ids)

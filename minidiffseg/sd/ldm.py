@@ -1,4 +1,4 @@
-"""The single-file ("original LDM") SD1.5 layout, e.g. `v1-5-pruned-emaonly.safetensors` (docs/design.md §4),
+"""The single-file ("original LDM") layout of SD1.5, e.g. `v1-5-pruned-emaonly.safetensors` (docs/design.md §4),
 and SD2.x's (`v2-1_512-ema-pruned.safetensors`: the same U-Net and VAE names, OpenCLIP's text tower, docs/sd2.md §3):
 name rules between our (diffusers/transformers) parameter names and the LDM ones, the keys such a
 file holds that we never build, and the architecture sizes read back from its tensor shapes.
@@ -37,6 +37,7 @@ import torch
 
 from . import openclip
 from .config import CLIPTextConfig, UNetConfig, VAEConfig
+from .names import NOT_BUILT, rename
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 
@@ -48,15 +49,18 @@ VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "co
 # the VAE's mid-block attention; LDM stores q/k/v/proj_out as 1×1 convs, [C, C, 1, 1] where we have [C, C]
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
-# keys of an LDM file that minidiffseg never builds, ignored by name
+# keys of an LDM file that minidiffseg never builds, ignored by name: the networks' keys of names.NOT_BUILT
+# under their prefixes here (the patterns name a whole subtree or a leaf whose path the rules keep:
+# the VAE's decoder half, the text tower's position_ids buffer; the U-Net has none: its rules rename paths),
+# and what only this layout holds
 DDPM_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",  # LDM's DDPM
                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",       # register_schedule
                 "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
                 "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "logvar")
 IGNORED = (
-    f"{VAE}decoder.*", f"{VAE}post_quant_conv.*",  # the VAE's decoder half
+    *(f"{VAE}{pattern}" for pattern in NOT_BUILT["vae"]),
+    *(f"{TEXT}{pattern}" for pattern in NOT_BUILT["text_encoder"]),
     "model_ema.*",  # EMA copy of the U-Net in non-"emaonly" files (loaded instead when whole: `ema_names`), counters
-    f"{TEXT}text_model.embeddings.position_ids",  # the arange(77) buffer
     *DDPM_BUFFERS,  # the noise schedule, which schedule.py computes
 )
 
@@ -122,16 +126,6 @@ def vae_rules(levels: int, layers: int) -> dict[str, str]:
 
 
 TEXT_RULES = {"text_model.": f"{TEXT}text_model."}  # the text tower keeps transformers' names
-
-
-def rename(name: str, rules: dict[str, str]) -> str | None:
-    """Translate `name` by its longest prefix in `rules` (prefixes end with "."); None if none matches."""
-    parts = name.split(".")
-    for n in range(len(parts) - 1, 0, -1):
-        head = ".".join(parts[:n]) + "."
-        if head in rules:
-            return rules[head] + name[len(head):]
-    return None
 
 
 def is_ignored(key: str) -> bool:
@@ -272,6 +266,7 @@ def to_ldm(unet_sd: dict[str, torch.Tensor], vae_sd: dict[str, torch.Tensor],
         for name, tensor in sd.items():
             key = rename(name, rules)
             if key is None:
-                raise KeyError(f"no LDM name for {name!r}: not an SD1.5 U-Net/VAE-encoder/CLIP-text parameter")
+                raise KeyError(f"no LDM name for {name!r}: not a parameter of a Stable Diffusion U-Net or VAE encoder "
+                               "nor of an OpenAI CLIP text tower (SD1.5's)")
             out[key] = tensor[:, :, None, None] if key in conv_shaped and tensor.ndim == 2 else tensor
     return out

@@ -97,7 +97,8 @@ def read_layout(path: str | Path) -> Layout:
     for key, (dtype, nbytes) in spans.items():
         if dtype not in ITEMSIZE:
             raise UserError(f"{path}: tensor {key} has dtype {dtype}, which minidiffseg does not read; the file is "
-                            "not an SD1.5 checkpoint, or corrupt: download it again")
+                            "not a checkpoint minidiffseg loads (Stable Diffusion 1.5 or 2.x, CLIP, BLIP), or corrupt: "
+                            "download it again")
         if math.prod(shapes[key]) * ITEMSIZE[dtype] != nbytes:
             raise UserError(f"{path}: corrupt header: tensor {key} is {list(shapes[key])} {dtype} "
                             f"({math.prod(shapes[key]) * ITEMSIZE[dtype]} bytes) but its data offsets span {nbytes} "
@@ -144,19 +145,19 @@ class Report:
         """One line for the first kind of problem found (the order loading meets them), or nothing."""
         if self.twice:  # e.g. a VAE file with both the legacy and the current attention names
             raise UserError(f"{path}: {len(self.twice)} {what} parameter(s) stored twice under different names: "
-                            f"{keys_text(self.twice)}; the file is not a valid SD1.5 checkpoint")
+                            f"{keys_text(self.twice)}; the file is not a valid {what} checkpoint")
         if self.missing:
             raise UserError(f"{path}: {len(self.missing)} {what} tensor(s) missing: {keys_text(self.missing)}; the "
-                            "file is incomplete or not an SD1.5 checkpoint: download it again (`minidiffseg download`)")
+                            "file is incomplete or holds another model: download it again (`minidiffseg download`)")
         if self.unexpected:
             raise UserError(f"{path}: {len(self.unexpected)} unexpected {what} tensor(s): {keys_text(self.unexpected)}; "
-                            "the file is not an SD1.5 checkpoint of the size its config describes")
+                            f"the file holds a {what} of another model or size than its config describes")
         for key, got, want, name in self.bad_shape[:1]:
             raise UserError(f"{path}: tensor {key} has shape {list(got)} but the {what} expects {list(want)} "
                             f"for {name}; the file does not match its config (mixed-up files?)")
         for key, dtype, name in self.bad_dtype[:1]:
             raise UserError(f"{path}: tensor {key} is stored as {TORCH_DTYPE[dtype]} but the {what}'s {name} holds "
-                            "floating-point weights; the file is corrupt or not an SD1.5 checkpoint: download it again")
+                            "floating-point weights; the file is corrupt or holds another model: download it again")
 
 
 def check(module: nn.Module, path: Path, names: dict[str, str]) -> Report:

@@ -37,7 +37,7 @@ from torch import nn
 from ..errors import UserError
 from .clip import CLIPTextModel
 from .config import CLIPTextConfig
-from . import ldm  # ldm.rename; ldm imports this module too (both use the other only at call time)
+from .names import rename
 
 PREFIX = "cond_stage_model.model."
 HEAD_WIDTH = 64  # OpenCLIP's text towers use 64-channel heads: ViT-H/14's is 1024 wide with 16 heads
@@ -71,7 +71,7 @@ def from_openclip(state: dict[str, torch.Tensor], layers: int) -> dict[str, torc
             i, leaf = fused.groups()
             for proj, rows in zip(FUSED, t.chunk(3)):  # [3C, ...] -> 3 × [C, ...]
                 out[f"text_model.encoder.layers.{i}.self_attn.{proj}.{leaf}"] = rows
-        elif (name := ldm.rename(key, inverse)) is not None:
+        elif (name := rename(key, inverse)) is not None:
             out[name] = t
         else:
             raise KeyError(f"no rule for the OpenCLIP tensor {key!r}")
@@ -93,7 +93,7 @@ def to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if proj.group(2) == "q_proj":
                 parts = [state[f"text_model.encoder.layers.{i}.self_attn.{p}.{leaf}"] for p in FUSED]
                 out[f"transformer.resblocks.{i}.attn.in_proj_{leaf}"] = torch.cat(parts)
-        elif (name := ldm.rename(key, table)) is not None:
+        elif (name := rename(key, table)) is not None:
             out[name] = t
         else:
             raise KeyError(f"no OpenCLIP name for {key!r}: not a CLIP text-tower parameter")

@@ -1,72 +1,115 @@
-"""Where a network's weights are while it runs (docs/memory.md §1, §2).
+"""Where a network's weights are while it runs (docs/memory.md §1, §2), applied from outside the network.
 
-Every network (U-Net, VAE encoder, text encoder) has a `weights` attribute that its forward asks,
-block by block, for the block's parameters:
+A network declares its streaming grain and nothing else: `stream_blocks`, a class attribute naming the
+module types that are fetched as a whole (the U-Net: resnet, transformer, down/up sampler, time
+embedding). `blocks(network)` walks the module tree: the outermost modules of those types are blocks,
+and so is every other module holding parameters of its own (conv_in, the final norm and conv, ...),
+with its whole subtree. The blocks hold every parameter exactly once (tests/test_stream.py).
 
-    with weights.block(resnet):      # the block's tensors are in the module inside, and only there
-        x = resnet(x, temb)
+- Resident weights (the default, `weights_of(network) is RESIDENT`): the weights live in the modules,
+  as `load_state_dict` put them; nothing is attached, the forwards run bare.
+- A `BlockWeights` source (`StreamedWeights`: the file, read per block; `UpcastWeights`: half-precision
+  tensors kept resident, up-cast per block): the modules hold empty placeholders (a NaN scalar expanded
+  to each parameter's shape: no memory, the right shape, dtype and device). A forward pre-hook on each
+  block puts the block's tensors in (`load_state_dict(strict=True, assign=True)`) and a forward hook
+  (always called, also when the forward raises) puts the placeholders back, which frees them. At most
+  one block's weights are alive at a time, in the process's arena (sd/arena.py).
 
-- `RESIDENT` (the default): the weights live in the modules, as `load_state_dict` put them;
-  `block` is a context that does nothing.
-- `StreamedWeights`: the modules hold empty placeholders (a NaN scalar expanded to each parameter's
-  shape: no memory, the right shape, dtype and device); `block` reads the block's tensors from the
-  safetensors file with `pread` (no memory mapping: nothing is left in this process once the block
-  is done), converts them to the compute dtype, puts them in with `load_state_dict(strict=True,
-  assign=True)`, and puts the placeholders back when the block is done, which frees the tensors.
-  At most one block's weights are alive at a time.
-
-The grain — a resnet, a transformer (norm, proj_in, attention ×2, feed-forward, proj_out), a down/up
-sampler, the small stems — is chosen in the networks' forward (docs/memory.md §2). The file checks
-of `load_strict` (header, names, shapes, dtypes) run in `streamed()` before any pass; while a run
-streams, the file's size and modification time are compared before and after every block's reads
-and a short read is refused, so a file changed or cut short under a run raises one UserError line.
+The file checks of `load_strict` (header, names, shapes, dtypes) run in `stream_weights()` before any
+pass; while a run streams, the file's size and modification time are compared before and after every
+block's reads and a short read is refused (sd/weightfile.py), so a file changed or cut short under a run
+raises one UserError line.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
-import mmap
-import os
 import threading
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import UserError
-from .loading import TORCH_DTYPE, Layout, _read, check, read_layout
+from .arena import ARENA
+from .loading import _read, check, read_layout
+from .weightfile import WeightFile, via_float
 
-STAGE_BYTES = 4 * 2**20  # file bytes read per pread when a tensor is converted: bounds the staging space
 ALIGN = 64  # bytes: a cache line; each tensor of a block starts on one, plus its resident twin's residue
-TAIL_BYTES = 32 * 2**20  # an arena tail unused by the current block larger than this goes back to the OS
-TRIM_BYTES = 64 * 2**20  # malloc's free memory beyond this goes back to the OS after a streamed block
 
 
 class Resident:
     """The weights live in the modules: a block needs nothing fetched."""
 
-    _nothing = contextlib.nullcontext()
-
-    def block(self, *modules: nn.Module):
-        return self._nothing
+    def block(self, module: nn.Module):
+        return contextlib.nullcontext()
 
 
 RESIDENT = Resident()
 
 
+def weights_of(network: nn.Module) -> "Resident | BlockWeights":
+    """The source of `network`'s weights: RESIDENT unless a BlockWeights source is attached."""
+    return getattr(network, "weights", RESIDENT)
+
+
+def blocks(network: nn.Module) -> list[nn.Module]:
+    """The modules of `network` fetched as a whole, in module order (see the module docstring)."""
+    kinds = tuple(getattr(network, "stream_blocks", ()))
+    found: list[nn.Module] = []
+
+    def walk(module: nn.Module) -> None:
+        if module is not network and (isinstance(module, kinds) or any(True for _ in module.parameters(recurse=False))):
+            found.append(module)
+            return
+        for child in module.children():
+            walk(child)
+
+    walk(network)
+    return found
+
+
+_open = threading.local()  # the block this thread has filled and not yet released
+
+
 class BlockWeights:
     """Weights fetched per block into a network whose modules hold placeholders: a block's tensors are
-    views of the process's ARENA while the block runs. Subclasses say where the bytes come from (`fill`)."""
+    views of `arena` (sd/arena.py) while the block runs. Subclasses say where the bytes come from (`fill`)."""
+
+    arena = ARENA  # where a block's tensors go (anything with `take(nbytes)` and `hold()`)
 
     def __init__(self, network: nn.Module, names: dict[str, str], dtype: torch.dtype, device: torch.device):
         self.network, self.dtype, self.device = network, dtype, torch.device(device)
         self.key_of = {name: key for key, name in names.items()}  # parameter name -> file key
         self.prefix = {m: name for name, m in network.named_modules()}
-        self.fetched = 0  # bytes fetched so far (the benchmark reads it)
         self.to(device, dtype)
         network.eval().requires_grad_(False)
+        self.attach()
+
+    def attach(self) -> None:
+        """Become `network`'s weight source: a pre-hook fills each block, a hook empties it."""
+        for handle in getattr(self.network, "_block_hooks", []):  # a previous source's
+            handle.remove()
+        hooks = []
+        for m in blocks(self.network):
+            hooks.append(m.register_forward_pre_hook(self._enter))
+            hooks.append(m.register_forward_hook(self._leave, always_call=True))
+        self.network._block_hooks = hooks
+        self.network.weights = self
+
+    def _enter(self, module: nn.Module, args) -> None:
+        stale = getattr(_open, "stack", None)
+        if stale is not None:  # a block left by an interrupt (KeyboardInterrupt skips the hooks): release it
+            _open.stack = None
+            stale.close()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.block(module))
+        _open.stack = stack
+
+    def _leave(self, module: nn.Module, args, output) -> None:
+        stack, _open.stack = getattr(_open, "stack", None), None
+        if stack is not None:
+            stack.close()
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         """Fetch the blocks in `dtype` onto `device` from now on (Segmenter.to): the placeholders follow."""
@@ -76,205 +119,54 @@ class BlockWeights:
         self.network.load_state_dict(self.empty, strict=True, assign=True)
 
     @contextlib.contextmanager
-    def block(self, *modules: nn.Module):
-        """The parameters of `modules` (parts of this network) filled from the file inside the context."""
-        with ARENA.hold():  # one block at a time in the process: its tensors live in the arena
-            for m, state in zip(modules, self.read(modules)):
-                m.load_state_dict(state, strict=True, assign=True)
+    def block(self, module: nn.Module):
+        """The parameters of `module` (a block of this network) filled inside the context."""
+        with self.arena.hold():  # one block at a time in the process: its tensors live in the arena
+            module.load_state_dict(self.read(module), strict=True, assign=True)
             try:
                 yield
             finally:  # placeholders back: nothing refers to the arena any more
-                for m in modules:
-                    m.load_state_dict(self._named(m, lambda full, p: self.empty[full]), strict=True, assign=True)
+                module.load_state_dict(self._named(module, lambda full, p: self.empty[full]), strict=True, assign=True)
 
-    def read(self, modules) -> list[dict[str, torch.Tensor]]:
-        """Per module {parameter name: tensor in the compute dtype on the device}, filled into the arena."""
-        keys = [self._named(m, lambda full, p: (self.key_of[full], p.shape)) for m in modules]
+    def keys(self, module: nn.Module) -> dict[str, tuple[str, torch.Size]]:
+        """{parameter name in `module`: (file key, shape)}."""
+        return self._named(module, lambda full, p: (self.key_of[full], p.shape))
+
+    def read(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """{parameter name: tensor in the compute dtype on the device}, filled into the arena."""
+        keys = self.keys(module)
         cpu, item = self.device.type == "cpu", self.dtype.itemsize
         starts, end = [], 0  # each tensor's first byte in the buffer: on a cache line, plus its residue
-        for k in keys:
-            starts.append([])
-            for key, shape in k.values():
-                at = (end + ALIGN - 1) // ALIGN * ALIGN + self.residue(key)
-                starts[-1].append(at)
-                end = at + math.prod(shape) * item
-        stage = self.staging([key for k in keys for key, _ in k.values()])
-        buffer = self.buffer(end + stage if cpu else stage)  # (bytes,) uint8
-        states = []
-        for k, at_of in zip(keys, starts):
-            state = {}
-            for (name, (key, shape)), at in zip(k.items(), at_of):
-                out = (buffer[at:at + math.prod(shape) * item].view(self.dtype).view(shape) if cpu
-                       else torch.empty(shape, dtype=self.dtype, device=self.device))
-                self.fill(key, out, buffer[buffer.numel() - stage:])
-                self.fetched += out.numel() * item
-                state[name] = out
-            states.append(state)
-        return states
+        for key, shape in keys.values():
+            at = (end + ALIGN - 1) // ALIGN * ALIGN + self.residue(key)
+            starts.append(at)
+            end = at + math.prod(shape) * item
+        stage = self.stage_bytes([key for key, _ in keys.values()])
+        buffer = self.arena.take(end + stage if cpu else stage)  # (bytes,) uint8
+        state = {}
+        for (name, (key, shape)), at in zip(keys.items(), starts):
+            out = (buffer[at:at + math.prod(shape) * item].view(self.dtype).view(shape) if cpu
+                   else torch.empty(shape, dtype=self.dtype, device=self.device))
+            self.fill(key, out, buffer[buffer.numel() - stage:])
+            state[name] = out
+        return state
 
     def residue(self, key: str) -> int:
         """Where in its cache line the tensor `key` starts (bytes past an ALIGN boundary): the same as the
         resident tensor's, so both give the same bits (see `StreamedWeights.residue`)."""
         return 0
 
-    def buffer(self, nbytes: int) -> torch.Tensor:
-        """Where a block's tensors go: the arena (bench/stream_mechanisms.py measures the alternatives)."""
-        return ARENA.take(nbytes)
-
     def _named(self, module: nn.Module, value) -> dict:
         prefix = self.prefix[module] + "." if self.prefix[module] else ""
         return {name: value(prefix + name, p) for name, p in module.named_parameters()}
 
-    def staging(self, keys: list[str]) -> int:
+    def stage_bytes(self, keys: list[str]) -> int:
         """Bytes of scratch space `fill` needs for these file keys."""
         return 0
 
     def fill(self, key: str, out: torch.Tensor, stage: torch.Tensor) -> None:
         """Write the file tensor `key`, converted to out.dtype, into `out` (contiguous)."""
         raise NotImplementedError
-
-
-class Arena:
-    """The memory every streamed block's tensors are read into, reused block after block, so a pass costs
-    neither allocations nor page faults (a fresh page costs ~8 µs to fault in on the machine measured:
-    1.7 GB of new bf16 weights per U-Net pass would add ~3.7 s, docs/memory.md §3). It grows to the
-    largest block; when a block needs much less, the unused tail's pages go back to the OS, so the
-    64² blocks at the end of the U-Net (the activations' peak) don't sit on the 8² blocks' weights.
-    An anonymous mapping: outside malloc's heap."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.owner: int | None = None  # the thread whose block is in the arena
-        self.map: mmap.mmap | None = None
-        self.used = 0  # bytes whose pages may be resident
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        """`nbytes` of the arena as a uint8 tensor (valid until the next `take`)."""
-        if self.map is None or len(self.map) < nbytes:
-            self.map = None  # the old mapping goes first (no tensor views it between blocks)
-            self.map, self.used = mmap.mmap(-1, nbytes), 0
-        keep = (nbytes + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-        if self.used - keep > TAIL_BYTES:
-            self.map.madvise(mmap.MADV_DONTNEED, keep, self.used - keep)
-            self.used = keep
-        self.used = max(self.used, nbytes)
-        return torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
-
-    @contextlib.contextmanager
-    def hold(self):
-        """Exclusive use of the arena for one block (streamed blocks of any model run one at a time)."""
-        if self.owner == threading.get_ident():
-            raise RuntimeError("bug: a streamed block entered inside another one (the arena holds one block)")
-        with self.lock:
-            self.owner = threading.get_ident()
-            try:
-                yield
-            finally:
-                self.owner = None
-                trim_heap()
-
-    def release(self) -> None:
-        """Give all the arena's memory back (e.g. when the streamed models are no longer used)."""
-        with self.lock:
-            self.map, self.used = None, 0
-
-
-ARENA = Arena()  # one per process
-
-
-def _glibc():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: no trimming
-        return None
-
-
-_MALLOC_TRIM = _glibc()
-_trimmed_at = [0]  # resident bytes right after the last trim
-
-
-def _resident() -> int:
-    with open("/proc/self/statm", "rb") as f:  # pages: size, resident, ...
-        return int(f.read().split()[1]) * mmap.PAGESIZE
-
-
-def trim_heap() -> None:
-    """Give malloc's free memory back to the OS once the process has grown TRIM_BYTES since the last time.
-    glibc keeps freed activations for reuse, but the U-Net's mix of sizes leaves holes it cannot reuse:
-    a streamed bf16 C=4 pass at 512² ends with ~400 MB free in the heap (docs/memory.md §3). Trimming
-    costs page faults when the memory is used again, so it waits for that much to pile up."""
-    if _MALLOC_TRIM is None or not os.path.exists("/proc/self/statm"):
-        return
-    if _resident() > _trimmed_at[0] + TRIM_BYTES:
-        _MALLOC_TRIM(0)
-        _trimmed_at[0] = _resident()
-
-
-class WeightFile:
-    """One safetensors file held open for `pread`, with the identity it had when it was checked."""
-
-    def __init__(self, path: Path, layout: Layout):
-        self.path, self.layout = Path(path), layout
-        self.fd = os.open(self.path, os.O_RDONLY)
-        self.stamp = self._stamp()
-        if self.stamp[0] != layout.size:
-            raise self.changed()
-
-    def __del__(self):
-        if getattr(self, "fd", None) is not None:
-            os.close(self.fd)
-
-    def _stamp(self) -> tuple[int, int]:
-        st = os.fstat(self.fd)
-        return st.st_size, st.st_mtime_ns
-
-    def changed(self) -> UserError:
-        return UserError(f"{self.path}: the file changed or was cut short while minidiffseg was streaming its "
-                         "weights (--stream reads them again at every pass); leave the weights untouched during "
-                         "a run, check the file (`minidiffseg inspect-weights`) and run again")
-
-    def check(self) -> None:
-        if self._stamp() != self.stamp:
-            raise self.changed()
-
-    def stored(self, key: str) -> tuple[torch.dtype, int, int]:
-        """(dtype, first byte, end byte) of the tensor `key` in the file."""
-        dtype, begin, end = self.layout.spans[key]
-        return TORCH_DTYPE[dtype], begin, end
-
-    def read_into(self, buffer: torch.Tensor, offset: int) -> None:
-        """Fill `buffer` (uint8, contiguous, CPU) with the file's bytes from `offset`; a short read means the
-        file was cut short."""
-        view, done = memoryview(buffer.numpy()), 0
-        while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], offset + done)
-            if n == 0:
-                raise self.changed()
-            done += n
-
-    def fill(self, key: str, out: torch.Tensor, stage: torch.Tensor) -> None:
-        """`out` (contiguous) := the tensor `key`, converted to out.dtype through `stage` where it differs."""
-        stored, begin, end = self.stored(key)
-        if stored == out.dtype and out.device.type == "cpu":  # straight into place
-            self.read_into(out.view(-1).view(torch.uint8), begin)
-            return
-        flat, item = out.view(-1), stored.itemsize
-        step = stage.numel() // (1 + 4 // item) if via_float(stored, out.dtype) else stage.numel()
-        raw, wide = stage[:step], stage[step:step + step // item * 4].view(torch.float32)
-        for start in range(begin, end, step):
-            n = min(step, end - start)
-            self.read_into(raw[:n], start)
-            first, part = (start - begin) // item, raw[:n].view(stored)
-            if via_float(stored, out.dtype):  # fp16 -> fp32 (exact) -> bf16: 4× faster than torch's direct cast
-                part = wide[:n // item].copy_(part)
-            flat[first:first + n // item].copy_(part)  # the rounding `.to(dtype)` makes
-
-
-def via_float(stored: torch.dtype, dtype: torch.dtype) -> bool:
-    """Whether converting `stored` to `dtype` goes through float32: torch's own fp16 -> bf16 cast runs at
-    ~0.3 G elements/s on CPU, the two steps at ~1.3 (docs/memory.md §3); fp16 -> fp32 is exact and fp32 -> bf16
-    is the rounding the direct cast makes, so the result is the same bits."""
-    return stored == torch.float16 and dtype == torch.bfloat16
 
 
 class StreamedWeights(BlockWeights):
@@ -284,50 +176,44 @@ class StreamedWeights(BlockWeights):
 
     def __init__(self, network: nn.Module, names: dict[str, str], file: WeightFile, dtype: torch.dtype,
                  device: torch.device):
-        super().__init__(network, names, dtype, device)
         self.file = file
         self.host: torch.Tensor | None = None  # the device path's pinned staging buffer, grown to the largest block
         self.copied = None  # a CUDA event: the last copy out of `host` is done
+        super().__init__(network, names, dtype, device)
 
-    def read(self, modules) -> list[dict[str, torch.Tensor]]:
+    def read(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """On a GPU (docs/memory.md §9): the block's bytes as stored are read into one pinned host buffer, copied to
         the device in one asynchronous copy, and converted to the compute dtype there; the CPU path (the arena,
         converted on the CPU) otherwise."""
         if self.device.type == "cpu" and not self.staged:
-            return super().read(modules)
-        keys = [self._named(m, lambda full, p: (self.key_of[full], p.shape)) for m in modules]
-        spans, end = [], 0  # (file key, stored dtype, file offset, bytes, offset in the buffer) per tensor
-        for k in keys:
-            for key, _ in k.values():
-                stored, begin, stop = self.file.stored(key)
-                at = (end + ALIGN - 1) // ALIGN * ALIGN + self.residue(key)  # as the CPU path places it
-                spans.append((key, stored, begin, stop - begin, at))
-                end = at + stop - begin
+            return super().read(module)
+        keys = self.keys(module)
+        spans, end = [], 0  # (stored dtype, file offset, bytes, offset in the buffer) per tensor
+        for key, _ in keys.values():
+            stored, begin, stop = self.file.stored(key)
+            at = (end + ALIGN - 1) // ALIGN * ALIGN + self.residue(key)  # as the CPU path places it
+            spans.append((stored, begin, stop - begin, at))
+            end = at + stop - begin
         host = self.host_buffer(end)
-        for key, stored, begin, nbytes, at in spans:
+        for stored, begin, nbytes, at in spans:
             self.file.read_into(host[at:at + nbytes], begin)
         raw = host[:end].to(self.device, non_blocking=True)  # (bytes,) uint8; on the CPU the buffer itself
         if self.device.type == "cuda":  # `host` may be refilled once this copy is done
             self.copied = torch.cuda.Event()
             self.copied.record()
-        states, spans = [], iter(spans)
-        for k in keys:
-            state = {}
-            for name, (key, shape) in k.items():
-                _, stored, _, nbytes, at = next(spans)
-                t = raw[at:at + nbytes].view(stored).view(shape)
-                if stored != self.dtype:  # converted on the device, with the rounding `.to(dtype)` makes
-                    t = (t.float() if via_float(stored, self.dtype) else t).to(self.dtype)
-                self.fetched += t.numel() * t.element_size()
-                state[name] = t
-            states.append(state)
-        return states
+        state = {}
+        for (name, (key, shape)), (stored, _, nbytes, at) in zip(keys.items(), spans):
+            t = raw[at:at + nbytes].view(stored).view(shape)
+            if stored != self.dtype:  # converted on the device, with the rounding `.to(dtype)` makes
+                t = (t.float() if via_float(stored, self.dtype) else t).to(self.dtype)
+            state[name] = t
+        return state
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """`nbytes` of host memory for one block's bytes: pinned (page-locked) for a GPU, so the copy is one
         asynchronous DMA; the arena on the CPU."""
         if self.device.type == "cpu":
-            return ARENA.take(nbytes)
+            return self.arena.take(nbytes)
         if self.copied is not None:
             self.copied.synchronize()  # the previous block's copy has left the buffer
         if self.host is None or self.host.numel() < nbytes:
@@ -336,9 +222,9 @@ class StreamedWeights(BlockWeights):
         return self.host
 
     @contextlib.contextmanager
-    def block(self, *modules: nn.Module):
+    def block(self, module: nn.Module):
         self.file.check()
-        with super().block(*modules):
+        with super().block(module):
             self.file.check()  # the bytes just read were the file's as checked
             yield
 
@@ -352,13 +238,8 @@ class StreamedWeights(BlockWeights):
         stored, begin, _ = self.file.stored(key)
         return begin % ALIGN if stored == self.dtype and self.device.type == "cpu" else 0
 
-    def staging(self, keys: list[str]) -> int:
-        need = 0
-        for dtype, begin, end in map(self.file.stored, keys):
-            if dtype != self.dtype or self.device.type != "cpu":
-                raw = min(STAGE_BYTES, end - begin)
-                need = max(need, raw + (raw // dtype.itemsize * 4 if via_float(dtype, self.dtype) else 0))
-        return need
+    def stage_bytes(self, keys: list[str]) -> int:
+        return self.file.stage_bytes(keys, self.dtype)
 
     def fill(self, key: str, out: torch.Tensor, stage: torch.Tensor) -> None:
         self.file.fill(key, out, stage)
@@ -392,20 +273,19 @@ def upcast_weights(module: nn.Module, path: Path, names: dict[str, str], dtype: 
                    what: str, keep: torch.dtype) -> nn.Module:
     """`load_strict`'s counterpart for half-precision weights computed in `dtype`: the same checks; each
     tensor kept in the file's half dtype when it has one (fp16, bf16: no copy), else converted to `keep`.
-    Returns `module` (built on meta) holding placeholders, with `module.weights` up-casting per block."""
+    Returns `module` (built on meta) holding placeholders, with UpcastWeights attached."""
     check(module, path, names).raise_first(path, what)
     tensors = dict(_read(path, list(names), keep, torch.device("cpu"), as_stored=(torch.float16, torch.bfloat16)))
-    module.weights = UpcastWeights(module, names, tensors, dtype, device)
+    weights = UpcastWeights(module, names, tensors, dtype, device)
     if torch.device(device).type != "cpu":
-        module.weights.to(device, dtype)
+        weights.to(device, dtype)
     return module
 
 
 def stream_weights(module: nn.Module, path: Path, names: dict[str, str], dtype: torch.dtype, device: torch.device,
                    what: str) -> nn.Module:
     """`load_strict`'s counterpart for streaming: the same checks, now; the tensors at every pass.
-    Returns `module` (built on meta) holding placeholders, with `module.weights` reading the file."""
+    Returns `module` (built on meta) holding placeholders, with StreamedWeights attached (reading the file)."""
     check(module, path, names).raise_first(path, what)
-    layout = read_layout(path)
-    module.weights = StreamedWeights(module, names, WeightFile(path, layout), dtype, device)
+    StreamedWeights(module, names, WeightFile(path, read_layout(path)), dtype, device)
     return module

@@ -71,14 +71,15 @@ class CLIPTokenizer:
         """SD1.5's `tokenizer/vocab.json` + `tokenizer/merges.txt` (there is no tokenizer.json)."""
         for path in (vocab_json, merges_txt):
             if not Path(path).is_file():
-                raise UserError(f"tokenizer file {path} not found: point to the SD1.5 `tokenizer/` folder "
-                                "(it holds vocab.json and merges.txt)")
+                raise UserError(f"tokenizer file {path} not found: point to the Stable Diffusion checkpoint's "
+                                "`tokenizer/` folder (it holds vocab.json and merges.txt)")
         vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
         lines = Path(merges_txt).read_text(encoding="utf-8").splitlines()
         merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
         if len(vocab) != VOCAB_SIZE or any(len(m) != 2 for m in merges) or BOS not in vocab or EOS not in vocab:
             raise UserError(f"{vocab_json} / {merges_txt} are not CLIP's BPE files ({len(vocab)} tokens, "
-                            f"expected {VOCAB_SIZE} with {BOS} and {EOS}): use SD1.5's `tokenizer/` folder")
+                            f"expected {VOCAB_SIZE} with {BOS} and {EOS}): use the `tokenizer/` folder of a Stable "
+                            "Diffusion checkpoint (SD1.5's and SD2.x's are both CLIP's)")
         return cls(vocab, merges)
 
     @classmethod
@@ -140,10 +141,10 @@ class CLIPTokenizer:
         return rows
 
     def check_fits(self, text: str, what: str = "prompt") -> None:
-        """Raise UserError naming `text` if SD1.5 would truncate it (more than 75 BPE tokens)."""
+        """Raise UserError naming `text` if Stable Diffusion would truncate it (more than 75 BPE tokens)."""
         n = len(self.encode(text))
         if n > self.max_length - 2:
-            raise UserError(f"{what} {text!r} is {n} CLIP tokens long, but SD1.5's text encoder reads at "
+            raise UserError(f"{what} {text!r} is {n} CLIP tokens long, but the text encoder reads at "
                             f"most {self.max_length - 2} (77 with BOS/EOS): shorten it")
 
     def word_positions(self, prompt: str, word: str) -> list[int]:
@@ -171,7 +172,7 @@ class CLIPTokenizer:
         found = starts(fits)
         if not found and starts(full):
             raise UserError(f"word {word!r} occurs in the prompt {prompt!r} only after token 75, where "
-                            "SD1.5 truncates: shorten the prompt or move the word forward")
+                            "the text encoder's input is cut: shorten the prompt or move the word forward")
         if not found:
             raise UserError(f"word {word!r} does not occur in the prompt {prompt!r} (matched on whole CLIP "
                             "words, not substrings): put the class name itself in the prompt")

@@ -21,7 +21,6 @@ from torch import nn
 
 from .attention import Attention, AttentionStore
 from .config import UNetConfig
-from .stream import RESIDENT
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, shift: float = 0) -> torch.Tensor:
@@ -53,16 +52,13 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x, temb, weights=RESIDENT):
-        # weights fetched in two halves (docs/memory.md §2): the 2560→1280 up resnets hold 49 M parameters
+    def forward(self, x, temb):
         # SiLU and the skip add in place, no name holding a dead map (exact; docs/memory.md §4)
-        with weights.block(self.norm1, self.conv1, self.time_emb_proj):
-            h = self.conv1(F.silu(self.norm1(x), inplace=True))
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # temb may have more rows than h
-        with weights.block(self.norm2, self.conv2, *([self.conv_shortcut] if self.conv_shortcut else [])):
-            h = F.silu(self.norm2(h), inplace=True)
-            h = self.conv2(h)
-            return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # temb may have more rows than h
+        h = F.silu(self.norm2(h), inplace=True)
+        h = self.conv2(h)
+        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
 class GEGLU(nn.Module):
@@ -173,16 +169,14 @@ class DownBlock(nn.Module):
         self.attentions = nn.ModuleList([transformer(cout, cfg, level) for _ in range(n)] if attention else [])
         self.downsamplers = nn.ModuleList([Downsample2D(cout)] if downsample else [])
 
-    def forward(self, x, temb, context, store, skips: list, weights=RESIDENT):
+    def forward(self, x, temb, context, store, skips: list):
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb, weights)
+            x = resnet(x, temb)
             if self.attentions:
-                with weights.block(self.attentions[i]):
-                    x = self.attentions[i](x, context, store)
+                x = self.attentions[i](x, context, store)
             skips.append(x)
         for down in self.downsamplers:
-            with weights.block(down):
-                x = down(x)
+            x = down(x)
             skips.append(x)
         return x
 
@@ -200,16 +194,14 @@ class UpBlock(nn.Module):
         self.attentions = nn.ModuleList([transformer(cout, cfg, level) for _ in range(n)] if attention else [])
         self.upsamplers = nn.ModuleList([Upsample2D(cout)] if upsample else [])
 
-    def forward(self, x, temb, context, store, skips: list, weights=RESIDENT):
+    def forward(self, x, temb, context, store, skips: list):
         for i, resnet in enumerate(self.resnets):
             skip = skips.pop()  # conv_in's skip has batch 1 when the latents do (see UNet.forward)
-            x = resnet(torch.cat([x, skip.expand(x.shape[0], -1, -1, -1)], dim=1), temb, weights)
+            x = resnet(torch.cat([x, skip.expand(x.shape[0], -1, -1, -1)], dim=1), temb)
             if self.attentions:
-                with weights.block(self.attentions[i]):
-                    x = self.attentions[i](x, context, store)
+                x = self.attentions[i](x, context, store)
         for up in self.upsamplers:
-            with weights.block(up):
-                x = up(x)
+            x = up(x)
         return x
 
 
@@ -222,14 +214,17 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, cfg.time_embed_dim, g, cfg.norm_eps) for _ in range(2)])
         self.attentions = nn.ModuleList([transformer(ch, cfg, len(cfg.block_out_channels) - 1)])  # the deepest level's
 
-    def forward(self, x, temb, context, store, weights=RESIDENT):
-        x = self.resnets[0](x, temb, weights)
-        with weights.block(self.attentions[0]):
-            x = self.attentions[0](x, context, store)
-        return self.resnets[1](x, temb, weights)
+    def forward(self, x, temb, context, store):
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context, store)
+        return self.resnets[1](x, temb)
 
 
 class UNet(nn.Module):
+    # the streaming grain (sd/stream.py `blocks`, docs/memory.md §2): these whole; every other module holding
+    # parameters on its own, so each layer of a resnet (a 2560→1280 up resnet holds 49 M parameters, its conv1 30 M)
+    stream_blocks = (Transformer2DModel, Downsample2D, Upsample2D, TimestepEmbedding)
+
     def __init__(self, cfg: UNetConfig = UNetConfig()):
         super().__init__()
         self.cfg = cfg
@@ -249,7 +244,6 @@ class UNet(nn.Module):
             for i in range(levels)])
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
-        self.weights = RESIDENT  # or the file, streamed per block (sd/stream.py): `with weights.block(...)` below
         self._name_attention_layers()
 
     def _name_attention_layers(self):
@@ -280,20 +274,17 @@ class UNet(nn.Module):
         """
         t = torch.as_tensor(t, device=latents.device).reshape(-1)
         t = t.expand(latents.shape[0]) if t.numel() == 1 else t  # (1 or B,): broadcasts like the latents
-        weights = self.weights
-        with weights.block(self.time_embedding, self.conv_in):
-            temb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
-                                                          self.cfg.freq_shift).to(latents.dtype))  # (1 or B, 1280)
-            x = self.conv_in(latents)
+        temb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
+                                                      self.cfg.freq_shift).to(latents.dtype))  # (1 or B, 1280)
+        x = self.conv_in(latents)
         if store is not None:
             store.latent_hw = tuple(latents.shape[-2:])
         skips = [x]  # the skip stack: every resnet/transformer/downsample output of the down path
         for block in self.down_blocks:
-            x = block(x, temb, context, store, skips, weights)
-        x = self.mid_block(x, temb, context, store, weights)
+            x = block(x, temb, context, store, skips)
+        x = self.mid_block(x, temb, context, store)
         for block in self.up_blocks:
-            x = block(x, temb, context, store, skips, weights)
+            x = block(x, temb, context, store, skips)
         if not output:
             return None
-        with weights.block(self.conv_norm_out, self.conv_out):
-            return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(x)))

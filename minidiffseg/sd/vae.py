@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
-from .stream import RESIDENT
 
 EPS = 1e-6  # GroupNorm eps everywhere in the VAE (see module docstring)
 
@@ -90,10 +89,9 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups), ResnetBlock(channels, channels, groups)])
         self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups)])
 
-    def forward(self, x: torch.Tensor, weights=RESIDENT) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in (self.resnets[0], self.attentions[0], self.resnets[1]):
-            with weights.block(block):
-                x = block(x)
+            x = block(x)
         return x
 
 
@@ -110,36 +108,33 @@ class Encoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=EPS)
         self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean and logvar
 
-    def forward(self, x: torch.Tensor, weights=RESIDENT) -> torch.Tensor:
-        with weights.block(self.conv_in):
-            x = self.conv_in(x)  # (B, 128, H, W)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)  # (B, 128, H, W)
         for down in self.down_blocks:  # 3 downsamples: (B, 512, H/8, W/8)
             for block in (*down.resnets, *down.downsamplers):  # one loop, so no caller holds a dead input
-                with weights.block(block):
-                    x = block(x)
-        x = self.mid_block(x, weights)
-        with weights.block(self.conv_norm_out, self.conv_out):
-            return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 8, H/8, W/8)
+                x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 8, H/8, W/8)
 
 
 class VAEEncoder(nn.Module):
     """`encoder` + `quant_conv` of diffusers' AutoencoderKL; state-dict keys equal theirs."""
+
+    # the streaming grain (sd/stream.py `blocks`): these, and the convs / the final norm on their own
+    stream_blocks = (ResnetBlock, Downsample, SpatialSelfAttention)
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
-        self.weights = RESIDENT  # or the file, streamed per block (sd/stream.py)
 
     def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x in [-1, 1] (B, 3, H, W) -> mean, logvar, each (B, latent_channels, H/8, W/8)."""
         # channels-last activations: oneDNN's CPU convolutions at 512² run ~11 % (fp32) / ~15 % (bf16) faster
         # so (measured, bench/README.md); the weights stay as loaded (memory-mapped), the result contiguous
         x = x.to(self.quant_conv.weight.dtype).contiguous(memory_format=torch.channels_last)
-        moments = self.encoder(x, self.weights)
-        with self.weights.block(self.quant_conv):
-            mean, logvar = self.quant_conv(moments).contiguous().chunk(2, dim=1)
+        mean, logvar = self.quant_conv(self.encoder(x)).contiguous().chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)  # the clamp of diffusers' DiagonalGaussianDistribution
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Where a streamed run's extra time goes: each step of a segmentation, resident vs streamed (docs/memory.md §7).
 
-    python bench/stream_stages.py [--weights DIR] [--dtype bf16] [--classes 4] [--images 4]
+    python -m bench.experiments.stream_stages [--weights DIR] [--dtype bf16] [--classes 4] [--images 4]
 
-Each mode in a fresh process does what `Segmenter.__call__` does, step by step (the public steps, in
-its order), for `--images` images of 512²; the first image is a warm-up, the table gives the median of
+Each mode in a fresh process runs `Segmenter.run` (what `Segmenter.__call__` runs) with a clock around
+each of its steps, for `--images` images of 512²; the first image is a warm-up, the table gives the median of
 the others per step, with the process's CPU time (user + system, all threads) beside the wall time.
 The text embeddings are cached after the first image (Segmenter.text_cache), as in a real run.
 """
@@ -19,63 +19,63 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "bench" / "results" / "stream-stages.md"
-STEPS = ["encode_image", "encode_text", "U-Net + capture", "fuse + refine", "decide", "whole image"]
+
+
+STEPS = ["prompts", "encode_image", "noises", "encode_text", "record", "fuse", "refine", "decide", "whole image"]
 
 
 def child(weights: str, dtype: str, classes: int, images: int, mode: str) -> dict:
-    import torch
+    import contextlib
+
     from PIL import Image
 
     from minidiffseg.cli.options import DTYPES
-    from minidiffseg.image import to_tensor
-    from minidiffseg.method.decision import decide, upsample_scores
-    from minidiffseg.method.segmenter import AttentionMaps, Segmenter
+    from minidiffseg.method.segmenter import Segmenter
 
     seg = Segmenter.from_pretrained(weights, dtype=DTYPES[dtype], stream=mode == "stream")
     names = ["cat", "dog", "sofa", "person", "car", "tree", "sky", "grass"][:classes]
     times = {s: [] for s in STEPS}
 
-    def clock():
+    def now():
         t = os.times()
         return time.perf_counter(), t.user + t.system
 
-    with torch.inference_mode():  # as Segmenter.__call__
-        for i in range(images):
-            img = Image.radial_gradient("L").rotate(90 * i).resize((512, 512)).convert("RGB")
-            marks = [clock()]
-            rows = seg.prompts(names)
-            g = torch.Generator().manual_seed(0)
-            z0 = seg.encode_image(to_tensor(img, torch.promote_types(seg.dtype, torch.float32)), g)
-            noises = seg.noises(z0, g)
-            marks.append(clock())
-            context = seg.encode_text(rows)
-            marks.append(clock())
-            store = seg.record(z0, noises, context, torch.stack([r.select for r in rows]))
-            marks.append(clock())
-            fused, levels, layers = seg.fuse(store, tuple(z0.shape[-2:]))
-            maps = AttentionMaps.per_class([AttentionMaps(fused, seg.refine(store, fused), levels, layers)])
-            marks.append(clock())
-            decide(upsample_scores(maps.refined, (img.height, img.width)), seg.default_tau)
-            marks.append(clock())
-            if i:
-                for name, a, b in zip(STEPS, marks, marks[1:]):
-                    times[name].append((b[0] - a[0], b[1] - a[1]))
-                times["whole image"].append((marks[-1][0] - marks[0][0], marks[-1][1] - marks[0][1]))
+    for i in range(images):
+        img = Image.radial_gradient("L").rotate(90 * i).resize((512, 512)).convert("RGB")
+        spent = {s: [0.0, 0.0] for s in STEPS}
+
+        @contextlib.contextmanager
+        def clock(step):  # the pipeline's own steps (Segmenter.run), wall and CPU time
+            a = now()
+            yield
+            b = now()
+            spent[step][0] += b[0] - a[0]
+            spent[step][1] += b[1] - a[1]
+
+        start = now()
+        seg.run(img, names, seed=0, clock=clock)
+        end = now()
+        spent["whole image"] = [end[0] - start[0], end[1] - start[1]]
+        if i:
+            for s in STEPS:
+                times[s].append(spent[s])
     return {s: [statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)] for s, v in times.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", type=Path, help="an SD1.5 folder (default: the random one of peak_memory.py)")
+    p.add_argument("--weights", type=Path, help="an SD1.5 folder (default: the random one of bench/weights.py random_hub_sd15)")
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--classes", type=int, default=4)
     p.add_argument("--images", type=int, default=4)
+    p.add_argument("--out", type=Path, default=OUT, help="markdown file for the table")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     sys.path.insert(0, str(REPO))
-    from bench.peak_memory import random_weights, revision
+    from bench.measure import source_revision as revision
+    from bench.weights import random_hub_sd15 as random_weights
 
     weights = str(args.weights or random_weights())
     if args.child:
@@ -90,7 +90,7 @@ def main() -> None:
         if run.returncode:
             sys.exit(run.stderr[-3000:])
         res[mode] = json.loads(run.stdout.strip().splitlines()[-1])
-    lines = [f"Generated by `python bench/stream_stages.py {' '.join(sys.argv[1:])}` at commit {revision()}; "
+    lines = [f"Generated by `python -m bench.experiments.stream_stages {' '.join(sys.argv[1:])}` at commit {revision()}; "
              "not edited by hand.", "",
              f"One 512² image, C={args.classes}, {args.dtype}, the hub's fp16 files, CPU; median of images 2 to "
              f"{args.images} (the first is a warm-up); CPU s: the process's user + system time (all threads).", "",
@@ -100,8 +100,8 @@ def main() -> None:
         (a, ca), (b, cb) = res["resident"][s], res["stream"][s]
         lines.append(f"| {s} | {a:.2f} | {b:.2f} | {b - a:+.2f} | {ca:.2f} | {cb:.2f} | {cb - ca:+.2f} |")
     print("\n".join(lines))
-    OUT.write_text("# A streamed run, step by step\n\n" + "\n".join(lines) + "\n")
-    print(f"wrote {OUT}")
+    args.out.write_text("# A streamed run, step by step\n\n" + "\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Dense CRF speed and memory at a VOC image size, ours vs the C++ reference (pydensecrf), side by side.
 
-    python -m bench.crf [--size 500x375] [--labels 3,21] [--presets clip-es,densecrf] [--repeats 3]
-                        [--threads 1,0] [--device cpu] [--out bench/results/crf.md]
+    python -m bench.experiments.crf [--size 500x375] [--labels 3,21] [--presets clip-es,densecrf] [--repeats 3]
+                                    [--threads 1,0] [--device cpu] [--out bench/results/crf.md]
 
 For each photo (scikit-image's astronaut and chelsea, resized), label count K and preset, each
 implementation runs in a fresh process on the same synthetic unary (smooth random logits, softmax):
@@ -27,20 +27,21 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from bench import linux
+
+REPO = Path(__file__).resolve().parents[2]
 PHOTOS = ["astronaut", "chelsea"]
 
 CHILD = r"""
-import json, re, sys, time
+import json, sys, time
 import numpy as np
-def status(key):  # bytes
-    return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+from bench.linux import reset_peak_rss, status  # bytes
 impl, img_path, probs_path, q_path, preset, repeats, threads, device = sys.argv[1:9]
-from minidiffseg.method.crf import PRESETS
+from minidiffseg.crf import PRESETS
 p = PRESETS[preset]
 if impl == "ours":
     import torch
-    from minidiffseg.method.crf import DenseCRF
+    from minidiffseg.crf import DenseCRF
     if int(threads):
         torch.set_num_threads(int(threads))
     def make(img, probs):
@@ -66,7 +67,8 @@ else:
 img, probs = np.load(img_path), np.load(probs_path)
 make(np.ascontiguousarray(img[:40, :50]), np.ascontiguousarray(probs[:, :40, :50]))()  # warm-up: code pages
 run = make(img, probs)
-open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS now (Linux >= 4.0)
+if not reset_peak_rss():  # VmHWM := VmRSS now (Linux >= 4.0)
+    sys.exit("cannot reset VmHWM through /proc/self/clear_refs")
 base, times = status("VmRSS"), []
 for _ in range(int(repeats)):
     t = time.perf_counter()
@@ -98,15 +100,13 @@ def child(impl: str, tmp: Path, preset: str, repeats: int, threads: int, device:
     done = subprocess.run([sys.executable, "-c", CHILD, impl, str(tmp / "img.npy"), str(tmp / "probs.npy"), str(q_path),
                            preset, str(repeats), str(threads), device], capture_output=True, text=True, env=env)
     if done.returncode:
-        sys.exit(f"bench.crf: the {impl} run failed:\n{done.stderr}")
+        sys.exit(f"bench.experiments.crf: the {impl} run failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1]), np.load(q_path)
 
 
 def load_average() -> str:
-    try:
-        return " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "unknown"
+    la = linux.load_average(digits=1)
+    return " / ".join(f"{x:.1f}" for x in la) if la else "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="ours on cpu or cuda (the reference is CPU only)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "crf.md"))
     args = ap.parse_args(argv)
-    from bench.measure import cpu_model, source_revision
+    from bench.measure import source_revision
 
     w, h = (int(x) for x in args.size.lower().split("x"))
     threads = [int(t) for t in args.threads.split(",")]
@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     note = [f"# Dense CRF: ours vs pydensecrf at {w}×{h}", "",
-            f"- code: commit {source_revision()}; command: `python -m bench.crf {' '.join(argv or sys.argv[1:])}`",
-            f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, device "
+            f"- code: commit {source_revision()}; command: `python -m bench.experiments.crf {' '.join(argv or sys.argv[1:])}`",
+            f"- machine: {linux.cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, device "
             f"{args.device}; load average (1/5/15 min) {load_before} before, {load_average()} after",
             f"- time: median of {args.repeats} runs of the whole CRF (kernels + mean field), each implementation "
             "in a fresh process; memory: peak RSS the CRF adds to the process",

@@ -1,5 +1,5 @@
 """The attention of one segmentation run, kept so that it can be looked at from every side without
-running the U-Net again (the `explore` page, docs/explore.md §2).
+running the U-Net again: the state behind the `explore` page (docs/explore.md §2).
 
     ex = Exploration.run(seg, "photo.jpg", ["cat", "sofa"], seed=0)    # one U-Net pass per timestep
     ex.result                          # SegmentationResult, as seg(...) would return it
@@ -21,7 +21,7 @@ computed on demand from the stored Q/K; the HW×HW matrix is never built.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,13 +29,13 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from ..image import load_image, to_tensor
+from ..method import refine as refinement
+from ..method.decision import decide
+from ..method.fusion import fuse, level_maps
+from ..method.prompts import ClassPrompt, check_classes
+from ..method.recipe import check_tau, check_timesteps
+from ..method.segmenter import Segmenter, SegmentationResult
 from ..sd.attention import AttentionStore
-from . import refine as refinement
-from .decision import decide, upsample_scores
-from .fusion import fuse, level_maps
-from .prompts import ClassPrompt, check_classes
-from .segmenter import AttentionMaps, Segmenter, SegmentationResult
 
 # At most this many classes per run: all classes share one U-Net call here (no class batches), and at 512²
 # each batched class row adds ~50 MB of stored Q/K (5 layers × q, k × 8 heads × 4096 × 40 × fp32) to the
@@ -88,38 +88,30 @@ class Exploration:
         if len(classes) > MAX_CLASSES:
             raise UserError(f"{len(classes)} classes: the explorer runs at most {MAX_CLASSES} at once "
                             "(all in one U-Net call); remove some")
-        seg = copy.copy(seg)  # this run's noise levels and mode; networks and text cache shared
-        if timesteps is not None:
-            seg.timesteps = _check_timesteps(timesteps)
-        tau = seg.default_tau if tau is None else _check_tau(tau)
-        img = load_image(image)
-        rows = seg.prompts(classes, prompts, None, joint)
-        report(0.0, "encoding the image")
-        generator = torch.Generator().manual_seed(int(seed))
-        z0 = seg.encode_image(to_tensor(img, torch.promote_types(seg.dtype, torch.float32)), generator, posterior)
-        noises = seg.noises(z0, generator)
-        report(0.1, "encoding the prompts")
-        context = seg.encode_text(rows)  # (B, 77, D)
-        select = torch.stack([r.select for r in rows])  # (B, 77, K): the method's class maps
-        store = seg.record(z0, noises, context, select, probs=seg.cross_layers,  # + every token's probabilities
-                           progress=lambda i, n, t: report(0.15 + 0.7 * i / n,
-                                                           f"U-Net pass {i + 1} of {n} (t = {t}, {len(rows)} row(s))"))
-        report(0.85, "fusing and refining")
-        size = tuple(z0.shape[-2:])
-        fused, levels, layers = seg.fuse(store, size)  # the class maps, as Segmenter.attend computes them
-        maps = AttentionMaps.per_class([AttentionMaps(fused, seg.refine(store, fused), levels, layers)])
-        scores = upsample_scores(maps.refined, (img.height, img.width))
-        result = SegmentationResult(classes, [r.text for r in rows], scores, decide(scores, tau), tau,
-                                    maps.fused.float(), maps.refined.float(),
-                                    {lvl: m.float() for lvl, m in maps.levels.items()},
-                                    {name: m.float() for name, m in maps.layers.items()})
+        if timesteps is not None:  # this run's noise levels; networks and text cache shared
+            seg = seg.with_recipe(timesteps=check_timesteps(timesteps))
+        steps = {"encode_image": (0.0, "encoding the image"), "encode_text": (0.1, "encoding the prompts"),
+                 "fuse": (0.85, "fusing and refining")}
+
+        @contextlib.contextmanager
+        def clock(step):
+            if step in steps:
+                report(*steps[step])
+            yield
+
+        run = seg.run(image, classes, prompts=prompts, seed=seed, tau=tau, joint=joint, posterior=posterior,
+                      class_batch=None, probs=True, clock=clock,  # one U-Net call, every token's probabilities too
+                      progress=lambda i, n, t: report(0.15 + 0.7 * i / n, f"U-Net pass {i + 1} of {n} (t = {t}, "
+                                                                          f"{len(classes) if not joint else 1} row(s))"))
+        store, rows, size = run.stores[0], run.rows, tuple(run.z0.shape[-2:])
         token_layers = {name: _on_grid(_wide(store.mean(store.prob_maps, name)), store.shapes[name])
                         for name in store.prob_maps}  # {name: (B, 77, h_l, w_l)}
         token_levels = level_maps(token_layers, seg.levels)
         labels = [_token_labels(seg.sd.tokenizer, r.text, seg.sd.tokenizer.max_length) for r in rows]
         report(1.0, "done")
-        return cls(img, classes, rows, store, token_layers, token_levels, fuse(token_levels, size, seg.level_weights),
-                   result, dict(seg.levels), sorted(seg.self_layers), labels)
+        return cls(run.image, run.classes, rows, store, token_layers, token_levels,
+                   fuse(token_levels, size, seg.level_weights), run.result(), dict(seg.levels),
+                   sorted(seg.self_layers), labels)
 
     # ---- what can be viewed -------------------------------------------------------------------
 
@@ -197,7 +189,7 @@ class Exploration:
 
     def segmentation(self, tau: float) -> SegmentationResult:
         """The result with the mask decided against another background τ (no U-Net run: scores are kept)."""
-        tau = _check_tau(tau)
+        tau = check_tau(tau)
         r = self.result
         return SegmentationResult(r.classes, r.prompts, r.scores, decide(r.scores, tau), tau, r.fused, r.refined,
                                   r.levels, r.layers)
@@ -244,25 +236,3 @@ def _token_labels(tok, text: str, n: int) -> list[str]:
     words = [t.replace("</w>", "") for t in tok.tokens(text)][:n - 2]
     labels = ["<start>", *words, "<end>"]
     return labels + ["<pad>"] * (n - len(labels))
-
-
-def _check_tau(tau) -> float:
-    tau = float(tau)
-    if not 0 <= tau <= 1:
-        raise UserError(f"background τ {tau}: scores are in [0, 1]; give a value in [0, 1]")
-    return tau
-
-
-MAX_TIMESTEPS = 8  # one U-Net pass each, and each adds its Q/K to the stored recording
-
-
-def _check_timesteps(given) -> tuple[int, ...]:
-    """100, "1,50,100" or (1, 50, 100) -> a tuple of 1..MAX_TIMESTEPS noise levels in 0..999."""
-    try:
-        values = given.replace(" ", "").split(",") if isinstance(given, str) else list(given)
-        timesteps = tuple(int(t) for t in values)
-    except (TypeError, ValueError):
-        timesteps = ()
-    if not timesteps or not all(0 <= t < 1000 for t in timesteps) or len(timesteps) > MAX_TIMESTEPS:
-        raise UserError(f"timesteps {given!r}: give 1 to {MAX_TIMESTEPS} integers in 0..999, e.g. 100 or 1,50,100,150")
-    return timesteps

@@ -1,6 +1,6 @@
 """How to stream the weights: the mechanisms compared in docs/memory.md §3, on one U-Net pass.
 
-    python bench/stream_mechanisms.py [--weights DIR] [--dtype bf16] [--classes 4] [--repeats 2]
+    python -m bench.experiments.stream_mechanisms [--weights DIR] [--dtype bf16] [--classes 4] [--repeats 2]
 
 Full-size SD1.5 U-Net passes (512², C prompt rows, fp16 files), the weights streamed by:
 - resident: the weights converted to the compute dtype once, at load (the reference time);
@@ -23,8 +23,6 @@ import argparse
 import contextlib
 import json
 import mmap
-import os
-import re
 import resource
 import statistics
 import subprocess
@@ -35,25 +33,37 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "bench" / "results" / "stream-mechanisms.md"  # --out
 sys.path.insert(0, str(REPO))
 
-from bench.peak_memory import evict, random_weights, revision  # noqa: E402
+from bench import linux  # noqa: E402
+from bench.linux import evict  # noqa: E402
+from bench.measure import source_revision as revision  # noqa: E402
+from bench.weights import random_hub_sd15 as random_weights  # noqa: E402
 from minidiffseg.cli.options import DTYPES  # noqa: E402
-from minidiffseg.sd import checkpoint, stream  # noqa: E402
+from minidiffseg.sd import arena, checkpoint, heap, loading, stream  # noqa: E402
 from minidiffseg.sd.loading import load_strict  # noqa: E402
 from minidiffseg.sd.stream import StreamedWeights  # noqa: E402
+from minidiffseg.sd.weightfile import WeightFile  # noqa: E402
 
 
-class FreshMemory(StreamedWeights):
-    def buffer(self, nbytes):  # a new anonymous mapping, unmapped when the block's tensors are freed
+class FreshMemory(arena.Arena):
+    def take(self, nbytes):  # a new anonymous mapping, unmapped when the block's tensors are freed
         return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
 
 
-class Malloc(StreamedWeights):
-    def buffer(self, nbytes):
+class Malloc(arena.Arena):
+    def take(self, nbytes):
         return torch.empty(nbytes, dtype=torch.uint8)
+
+
+class FreshWeights(StreamedWeights):
+    arena = FreshMemory()
+
+
+class MallocWeights(StreamedWeights):
+    arena = Malloc()
 
 
 class MappedFile(StreamedWeights):
@@ -70,12 +80,12 @@ class MappedFile(StreamedWeights):
         out.view(-1).copy_(torch.frombuffer(self.map, dtype=torch.uint8, offset=begin, count=end - begin).view(stored))
         self.spans.append((begin, end))
 
-    def staging(self, keys):
+    def stage_bytes(self, keys):
         return 0
 
     @contextlib.contextmanager
-    def block(self, *modules):
-        with super().block(*modules):
+    def block(self, module):
+        with super().block(module):
             try:
                 yield
             finally:
@@ -85,68 +95,67 @@ class MappedFile(StreamedWeights):
                 self.spans.clear()
 
 
+class TwoArenas(arena.Arena):
+    """The arena of the thread's current side (Prefetch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.arenas = [arena.Arena(), arena.Arena()]
+        self.local = threading.local()
+
+    def take(self, nbytes):
+        return self.arenas[self.local.side].take(nbytes)
+
+
 class Prefetch(StreamedWeights):
     """Two arenas: while block i computes from one, a thread reads block i+1 (the order of the first pass)
     into the other."""
 
     def __init__(self, *args):
+        self.arena = TwoArenas()
+        self.side, self.order, self.pending = 0, [], None
         super().__init__(*args)
-        self.arenas = [stream.Arena(), stream.Arena()]
-        self.side, self.order, self.pos, self.pending = 0, [], 0, None
-        self.local = threading.local()
 
-    def buffer(self, nbytes):
-        return self.arenas[self.local.side].take(nbytes)
-
-    def _read(self, modules, side):
-        self.local.side = side
-        return self.read(modules)
-
-    def block(self, *modules):
-        return self._block(modules)
+    def _read(self, module, side):
+        self.arena.local.side = side
+        return self.read(module)
 
     @contextlib.contextmanager
-    def _block(self, modules):
+    def block(self, module):
         self.file.check()
-        if self.pending is not None and self.pending[0] == modules:
+        if self.pending is not None and self.pending[0] is module:
             _, thread, box, side = self.pending
             thread.join()
-            states = box[0]
+            state = box[0]
         else:
             side = self.side
-            states = self._read(modules, side)
+            state = self._read(module, side)
         self.pending = None
-        if modules not in self.order:
-            self.order.append(modules)
-        nxt = self.order[(self.order.index(modules) + 1) % len(self.order)] if len(self.order) > 1 else None
-        if nxt is not None and nxt != modules:
+        if module not in self.order:
+            self.order.append(module)
+        nxt = self.order[(self.order.index(module) + 1) % len(self.order)] if len(self.order) > 1 else None
+        if nxt is not None and nxt is not module:
             box = [None]
             other = 1 - side
             thread = threading.Thread(target=lambda: box.__setitem__(0, self._read(nxt, other)))
             thread.start()
             self.pending = (nxt, thread, box, other)
         self.side = 1 - side
-        for m, state in zip(modules, states):
-            m.load_state_dict(state, strict=True, assign=True)
+        module.load_state_dict(state, strict=True, assign=True)
         try:
             yield
         finally:
-            for m in modules:
-                m.load_state_dict(self._named(m, lambda full, p: self.empty[full]), strict=True, assign=True)
-            stream.trim_heap()
+            module.load_state_dict(self._named(module, lambda full, p: self.empty[full]), strict=True, assign=True)
+            heap.trim_heap()
 
 
-MECHANISMS = {"arena": StreamedWeights, "fresh memory": FreshMemory, "malloc": Malloc, "mapped file": MappedFile,
+MECHANISMS = {"arena": StreamedWeights, "fresh memory": FreshWeights, "malloc": MallocWeights, "mapped file": MappedFile,
               "arena + prefetch": Prefetch}
-
-
-def rss_status(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 
 
 def child(folder: Path, mechanism: str, dtype: torch.dtype, classes: int, repeats: int) -> dict:
     """One mechanism in this (fresh) process: a warm-up pass, `repeats` warm passes, one cold pass."""
-    unet_part = checkpoint.diffusers_parts(folder)[2]
+    unet_part = checkpoint.diffusers_parts(folder)["unet"]
     g = torch.Generator().manual_seed(0)
     cfg = unet_part.module.cfg  # full size: a 64² latent (512²), 768-wide text
     z = torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g).to(dtype)
@@ -158,9 +167,9 @@ def child(folder: Path, mechanism: str, dtype: torch.dtype, classes: int, repeat
                                     "U-Net", keep=torch.float16)
     else:
         net = unet_part.module
-        stream.check(net, unet_part.file, unet_part.names).raise_first(unet_part.file, "U-Net")
-        file = stream.WeightFile(unet_part.file, stream.read_layout(unet_part.file))
-        net.weights = MECHANISMS[mechanism](net, unet_part.names, file, dtype, torch.device("cpu"))
+        loading.check(net, unet_part.file, unet_part.names).raise_first(unet_part.file, "U-Net")
+        file = WeightFile(unet_part.file, loading.read_layout(unet_part.file))
+        MECHANISMS[mechanism](net, unet_part.names, file, dtype, torch.device("cpu"))  # attaches itself to net
     out = {"warm": [], "cpu": [], "faults": []}
     with torch.inference_mode():
         net(z, 100, ctx, output=False)  # warm-up: oneDNN's kernels, the prefetch order, the arena's pages
@@ -177,13 +186,13 @@ def child(folder: Path, mechanism: str, dtype: torch.dtype, classes: int, repeat
                 out["warm"].append(seconds)
                 out["cpu"].append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
                 out["faults"].append(r1.ru_minflt - r0.ru_minflt)
-    out["peak"] = rss_status("VmHWM")
+    out["peak"] = linux.status("VmHWM")
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", type=Path, help="a diffusers SD1.5 folder (default: the random one of peak_memory.py)")
+    p.add_argument("--weights", type=Path, help="a diffusers SD1.5 folder (default: the random one of bench/weights.py random_hub_sd15)")
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--classes", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
@@ -204,7 +213,7 @@ def main() -> None:
         results[name] = json.loads(run.stdout.strip().splitlines()[-1])
         print(f"  {name}: {results[name]}", file=sys.stderr, flush=True)
     ref = results["resident"]
-    lines = [f"Generated by `python bench/stream_mechanisms.py {' '.join(sys.argv[1:])}` at commit {revision()}; "
+    lines = [f"Generated by `python -m bench.experiments.stream_mechanisms {' '.join(sys.argv[1:])}` at commit {revision()}; "
              "not edited by hand.", "",
              f"U-Net pass, 512², C={args.classes}, {args.dtype}, fp16 files, {torch.get_num_threads()} threads, each "
              f"mechanism in a fresh process; median of {args.repeats} warm passes; cold: the U-Net file evicted from "

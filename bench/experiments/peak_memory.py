@@ -1,6 +1,6 @@
 """Memory and time of a whole segmentation, resident vs streamed weights (README "Memory", docs/memory.md §7).
 
-    python bench/peak_memory.py [--weights DIR] [--dtypes fp32,bf16] [--classes 4,8] [--images 2] [--out FILE]
+    python -m bench.experiments.peak_memory [--weights DIR] [--dtypes fp32,bf16] [--classes 4,8] [--images 2] [--out FILE]
 
 Each setting runs in a fresh process that does what `minidiffseg segment` does — load SD1.5
 (`Segmenter.from_pretrained` with the command's --stream/--low-memory options), segment a 512×512
@@ -16,15 +16,17 @@ reports:
 - image 1 s: the first image, which for streamed weights reads the files (the cache is cold);
 - warm s: the median time of the next images, the page cache warm (streamed weights are read from the
   cache); with --images 2 that is the second image alone;
-- over resident: the warm time of the setting over the resident one (same dtype and C).
+- over resident: the warm time of the setting over the resident one (same dtype and C; for --low-memory
+  without --dtype, over resident fp32).
 
 Settings: resident, --stream, and --low-memory where it differs (more than 4 classes), per dtype and
-class count; for fp32 from fp16 files also the fp16 tensors kept mapped and up-cast per block
+class count; `--low-memory` without --dtype (the dtype it picks by the CPU), measured against resident
+fp32; for fp32 from fp16 files also the fp16 tensors kept mapped and up-cast per block
 (`load_sd(keep=torch.float16)`, docs/precision.md: what --dtype bf16 does on a CPU without fast bf16).
 The table is printed and written to bench/results/memory.md with the commit measured. Timings need a
 quiet machine (other processes' CPU share is printed per row); memory figures do not.
 
-Without --weights, full-size random weights are written once (bench/weights.py write_random_diffusers,
+Without --weights, full-size random weights are written once (bench/weights.py random_hub_sd15,
 needs diffusers + transformers) to bench/.cache/peak-memory-sd15: the diffusers layout with the .fp16
 files the hub serves and `minidiffseg download` fetches by default (~2.1 GB). Random weights take the
 same memory and time as the real ones.
@@ -35,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -43,25 +44,28 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-CACHE = REPO / "bench" / ".cache" / "peak-memory-sd15"
+from bench import linux
+
+REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "bench" / "results" / "memory.md"
 GiB = 2**30
 
 CHILD = r"""
-import json, re, sys, time, resource
-def status():
-    text = open("/proc/self/status").read()
-    return {k: int(re.search(rf"{k}:\s+(\d+) kB", text).group(1)) * 1024 for k in ("VmHWM", "RssAnon")}
+import json, sys, time, resource
+from bench.linux import status  # bytes
 import torch
 from argparse import Namespace
 from pathlib import Path
-from minidiffseg.cli.options import DTYPES, memory_options
-from minidiffseg.cli.segment import write_result
+from minidiffseg.cli.options import dtype_of, memory_options
+from minidiffseg.outputs import write_result
 from minidiffseg.method.segmenter import Segmenter
-imports = status()["VmHWM"]
-weights, dtype, classes, mode, images, out = sys.argv[1], DTYPES[sys.argv[2]], sys.argv[3].split(","), sys.argv[4], \
+from minidiffseg.sd.stream import weights_of
+imports = status("VmHWM")
+weights, classes, mode, images, out = sys.argv[1], sys.argv[3].split(","), sys.argv[4], \
     [Path(p) for p in sys.argv[5].split(",")], Path(sys.argv[6])
+# the command's dtype: "default" is what `segment` picks without --dtype (for --low-memory: by the CPU)
+dtype = dtype_of(Namespace(dtype=None if sys.argv[2] == "default" else sys.argv[2], low_memory=mode == "low-memory"),
+                 torch.device("cpu"))
 start = time.perf_counter()
 if mode == "upcast":  # fp16 tensors kept mapped, each block up-cast to fp32 as it runs (docs/precision.md)
     from minidiffseg.sd import load_sd
@@ -70,7 +74,7 @@ else:
     options = memory_options(Namespace(stream=mode == "stream", low_memory=mode == "low-memory"))
     seg = Segmenter.from_pretrained(weights, dtype=dtype, **options)  # as the CPU runs it (sd/precision.py)
 load = time.perf_counter() - start
-kept = {t.dtype for t in getattr(seg.sd.unet.weights, "tensors", {}).values()}
+kept = {t.dtype for t in getattr(weights_of(seg.sd.unet), "tensors", {}).values()}
 computes = str(seg.dtype).replace("torch.", "") + (f" ({', '.join(sorted(str(d).replace('torch.', '') for d in kept))} kept)"
                                                     if kept else "")
 times = []
@@ -79,61 +83,28 @@ for i, image in enumerate(images):
     r = seg(image, classes, seed=0)
     write_result(out, f"{image.stem}", image, r)
     times.append(time.perf_counter() - t)
-print(json.dumps({"imports": imports, "peak": status()["VmHWM"], "load": load, "times": times, "computes": computes,
+print(json.dumps({"imports": imports, "peak": status("VmHWM"), "load": load, "times": times, "computes": computes,
                   "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt}))
 """
-
-
-def random_weights() -> Path:
-    if not (CACHE / "complete").is_file():
-        sys.path.insert(0, str(REPO))
-        from bench.weights import write_random_diffusers  # needs diffusers + transformers (pip install -e ".[test]")
-
-        print(f"writing full-size random SD1.5 (fp16 files, ~2.1 GB) to {CACHE} ...", file=sys.stderr)
-        write_random_diffusers(CACHE)
-        (CACHE / "complete").write_text("")
-    return CACHE
 
 
 def weight_files(weights: Path) -> list[Path]:
     return [weights] if weights.is_file() else sorted(weights.glob("*/*.safetensors"))
 
 
-def evict(files: list[Path]) -> None:
-    """Drop the files' clean, unmapped pages from the page cache (a cold start without root)."""
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def others_busy(run) -> float:
-    """Share of the CPUs other processes used while `run()` ran (from /proc/stat and our children's times)."""
-    def busy():
-        fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-        return sum(fields) - fields[3] - fields[4], sum(fields)  # all but idle and iowait; all
-    (b0, t0), c0 = busy(), os.times()
-    result = run()
-    (b1, t1), c1 = busy(), os.times()
-    hz = os.sysconf("SC_CLK_TCK")
-    ours = (c1.children_user + c1.children_system - c0.children_user - c0.children_system) * hz
-    return result, max(b1 - b0 - ours, 0) / max(t1 - t0, 1)
-
-
 def measure(weights: Path, dtype: str, classes: int, mode: str, images: list[Path], work: Path) -> dict:
     names = ",".join(["cat", "dog", "sofa", "person", "car", "tree", "sky", "grass"][:classes] +
                      [f"class{i}" for i in range(8, classes)])
-    evict(weight_files(weights))
+    linux.evict(weight_files(weights))
     out = work / f"out-{dtype}-{classes}-{mode}"
     out.mkdir()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     argv = [sys.executable, "-c", CHILD, str(weights), dtype, names, mode, ",".join(map(str, images)), str(out)]
-    (code, stdout, stderr, anon), others = others_busy(lambda: run_sampled(argv, env, work))
+    with linux.OthersCPU() as others:  # the CPU share of other processes (this one's polling included)
+        code, stdout, stderr, anon = run_sampled(argv, env, work)
     if code != 0 or not stdout.strip():
         sys.exit(f"segment failed ({dtype}, C={classes}, {mode}):\n{stderr[-3000:]}")
-    return dict(json.loads(stdout.strip().splitlines()[-1]), anon=anon, others=others)
+    return dict(json.loads(stdout.strip().splitlines()[-1]), anon=anon, others=others.share)
 
 
 def run_sampled(argv: list[str], env: dict, work: Path) -> tuple[int, str, str, int]:
@@ -144,9 +115,8 @@ def run_sampled(argv: list[str], env: dict, work: Path) -> tuple[int, str, str, 
         child = subprocess.Popen(argv, stdout=out, stderr=err, text=True, cwd=REPO, env=env)
         while child.poll() is None:
             try:
-                peak = max(peak, int(re.search(r"RssAnon:\s+(\d+) kB", open(f"/proc/{child.pid}/status").read())
-                                     .group(1)) * 1024)
-            except (OSError, AttributeError):  # the child is exiting
+                peak = max(peak, linux.status("RssAnon", child.pid))
+            except (OSError, KeyError):  # the child is exiting
                 pass
             time.sleep(0.002)
         out.seek(0), err.seek(0)
@@ -162,25 +132,13 @@ def settings(dtypes: list[str], class_counts: list[int], upcast: bool) -> list[t
                 rows.append((dtype, c, "low-memory"))
             if dtype == "fp32" and upcast:
                 rows.append((dtype, c, "upcast"))
+    if "fp32" in dtypes:  # `segment --low-memory` as a user types it: the dtype the CPU computes fast (sd/precision.py)
+        rows += [("default", c, "low-memory") for c in class_counts]
     return rows
 
 
 LABEL = {"resident": "resident", "stream": "`--stream`", "low-memory": "`--low-memory`",
          "upcast": "fp16 kept mapped, up-cast per block (`load_sd(keep=)`)"}
-
-
-def revision() -> str:
-    sys.path.insert(0, str(REPO))
-    from bench.measure import source_revision
-
-    return source_revision()
-
-
-def cpu_model() -> str:
-    sys.path.insert(0, str(REPO))
-    from bench.measure import cpu_model
-
-    return cpu_model()
 
 
 def cpu_capability() -> str:
@@ -203,12 +161,15 @@ def main() -> None:
     args = p.parse_args()
     if not Path("/proc/self/status").is_file():
         sys.exit("reads VmHWM / RssAnon from /proc/self/status: Linux only")
-    weights = args.weights or random_weights()
+    from bench.measure import source_revision
+    from bench.weights import random_hub_sd15
+
+    weights = args.weights or random_hub_sd15()
     dtypes, counts = args.dtypes.split(","), [int(c) for c in args.classes.split(",")]
-    commit = revision()
-    head = [f"Generated by `python bench/peak_memory.py {' '.join(sys.argv[1:])}` at commit {commit}; not edited by hand.",
+    commit = source_revision()
+    head = [f"Generated by `python -m bench.experiments.peak_memory {' '.join(sys.argv[1:])}` at commit {commit}; not edited by hand.",
             "",
-            f"- machine: {cpu_model()} ({cpu_capability()}), {os.cpu_count()} logical CPUs; "
+            f"- machine: {linux.cpu_model()} ({cpu_capability()}), {os.cpu_count()} logical CPUs; "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
             f"- weights: {'full-size random SD1.5, the hub fp16 files' if args.weights is None else weights}; one "
             f"{args.resolution}×{args.resolution} image, CPU, default torch threads; each row a fresh process doing "
@@ -221,6 +182,8 @@ def main() -> None:
             "",
             "- computes: the dtype the arithmetic ran in on this CPU (sd/precision.py; \"kept\": the weights held in that "
             "half precision between blocks), which for bf16 on a CPU without fast bf16 is float32",
+            "- --dtype (none): `segment --low-memory` without --dtype, the dtype it picks by the CPU; over resident: "
+            "against resident fp32",
             "",
             "| --dtype | C | weights | computes | peak RSS | peak anon | after imports | load s (cold) | image 1 s (cold) | "
             "warm s | over resident, warm | others |",
@@ -240,8 +203,9 @@ def main() -> None:
             warm = statistics.median(m["times"][1:] or m["times"])
             if mode == "resident":
                 resident[dtype, c] = warm
-            ratio = f"{warm / resident[dtype, c]:.2f}×" if mode != "resident" and (dtype, c) in resident else "—"
-            row = (f"| {dtype} | {c} | {LABEL[mode]} | {m['computes']} | {m['peak'] / GiB:.2f} GiB | {m['anon'] / GiB:.2f} GiB | "
+            base = resident.get(("fp32" if dtype == "default" else dtype, c))  # the default against resident fp32
+            ratio = f"{warm / base:.2f}×" if mode != "resident" and base else "—"
+            row = (f"| {'(none)' if dtype == 'default' else dtype} | {c} | {LABEL[mode]} | {m['computes']} | {m['peak'] / GiB:.2f} GiB | {m['anon'] / GiB:.2f} GiB | "
                    f"{m['imports'] / GiB:.2f} GiB | {m['load']:.1f} | {m['times'][0]:.1f} | {warm:.1f} | {ratio} | "
                    f"{100 * m['others']:.0f} % |")
             rows.append(row)

@@ -1,0 +1,9 @@
+"""One-off measurements, each behind a design decision, each with its results file (bench/README.md lists them).
+
+    peak_memory.py        a whole `segment` run: resident vs --stream vs --low-memory (README "Memory")
+    stream_mechanisms.py  one U-Net pass with the weights streamed by each candidate mechanism
+    stream_stages.py      a streamed run step by step against a resident one
+    crf.py                the dense CRF against the C++ reference, pydensecrf
+
+Each runs from the repository root as `python -m bench.experiments.NAME`.
+"""

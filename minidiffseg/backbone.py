@@ -1,0 +1,60 @@
+"""The contract between the method and a diffusion model: what DiffSegmenter needs from a backbone, and
+nothing more (docs/design.md §2). `Segmenter` (method/segmenter.py) talks to its model only through it;
+Stable Diffusion 1.5 / 2.x (minidiffseg/sd/backbone.py) is the first implementation.
+
+A backbone
+- encodes an image in [-1, 1] to a latent, and prompt rows to the denoiser's text context (its
+  `tokenizer` says where each class word's tokens are: method/prompts.py locates them);
+- noises a latent at a timestep, and runs one denoiser pass with an attention store (sd/attention.py)
+  that records what the method asks for;
+- lists its attention layers (`AttentionLayer`: name, kind, grid level, heads), from which the method's
+  recipe (method/recipe.py) picks the layers it reads;
+- names its networks (for moving them between devices and dtypes) and its kind, from which the
+  default recipe is chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """One attention layer of the denoiser, as the method sees it."""
+
+    name: str  # its state-dict path, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    kind: str  # "cross" (queries from the image, keys from the text) or "self"
+    level: int  # the latent grid's side over this layer's (1 = the finest, 64² for a 512² image)
+    heads: int
+
+
+class Backbone(Protocol):
+    name: str  # for people: "SD1.5", "SD2.x-base (512², ε-prediction)", ...
+    kind: str  # for code: "sd1", "sd2-base", "sd2-v", "sd2"
+    tokenizer: object  # `__call__(texts) -> (B, 77) ids`, `encode`, `max_length`: sd/tokenizer.py's interface
+
+    @property
+    def resolution(self) -> int: ...  # the image side the model was trained at
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def networks(self) -> dict[str, nn.Module]: ...
+
+    def attention_layers(self) -> list[AttentionLayer]: ...
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor: ...  # (B, T, D) the denoiser's context
+
+    def encode_image(self, x: torch.Tensor, generator: torch.Generator | None, sample: bool = True
+                     ) -> torch.Tensor: ...  # x (1, 3, H, W) in [-1, 1] -> z0 (1, c, h, w)
+
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor: ...
+
+    def denoise(self, z_t: torch.Tensor, t: int, context: torch.Tensor, store) -> None: ...

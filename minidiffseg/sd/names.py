@@ -1,0 +1,33 @@
+"""What both checkpoint layouts (docs/design.md §4) share about names: the networks of a Stable Diffusion
+checkpoint, called by their diffusers folder names; the keys of the official files that minidiffseg never
+builds, under our (= the diffusers folders') names; and the translation of a name by prefix rules, which the
+single-file rules of minidiffseg.sd.ldm and minidiffseg.sd.openclip are made of.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+COMPONENTS = ("text_encoder", "vae", "unet")  # the networks of a checkpoint, in the order they are loaded
+WHAT = {"text_encoder": "text encoder", "vae": "VAE", "unet": "U-Net"}  # each one's name in messages
+
+# keys of the official files that no network we build holds, as fnmatch patterns over our names; the
+# single-file layout ignores the same keys under its own prefixes (ldm.IGNORED)
+NOT_BUILT = {"text_encoder": ("text_model.embeddings.position_ids",),  # the arange(77) buffer
+             "vae": ("decoder.*", "post_quant_conv.*"),  # the decoder half
+             "unet": ()}
+
+
+def not_built(component: str, name: str) -> bool:
+    """Whether `name` (one of ours) of the `component` network is a key we never build (NOT_BUILT)."""
+    return any(fnmatchcase(name, pattern) for pattern in NOT_BUILT[component])
+
+
+def rename(name: str, rules: dict[str, str]) -> str | None:
+    """Translate `name` by its longest prefix in `rules` (prefixes end with "."); None if none matches."""
+    parts = name.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        head = ".".join(parts[:n]) + "."
+        if head in rules:
+            return rules[head] + name[len(head):]
+    return None
