@@ -6,28 +6,18 @@ import ctypes
 import mmap
 import os
 
-TRIM_BYTES = 64 * 2**20  # malloc's free memory beyond this goes back to the OS after a streamed block
-
-
-class _MallInfo2(ctypes.Structure):  # glibc >= 2.33 `struct mallinfo2`: all size_t
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+TRIM_BYTES = 64 * 2**20  # the process grown this much above its low point: malloc's free memory goes back
 
 
 def _glibc():
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        trim = libc.malloc_trim
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc: no trimming
-        return None, None
-    info = getattr(libc, "mallinfo2", None)  # absent before glibc 2.33
-    if info is not None:
-        info.restype = _MallInfo2
-    return trim, info
+        return None
 
 
-_MALLOC_TRIM, _MALLINFO2 = _glibc()
-_trimmed_at = [0]  # resident bytes right after the last trim (where mallinfo2 is missing)
+_MALLOC_TRIM = _glibc()
+_low = [0]  # the lowest resident size seen since the last trim
 
 
 def _resident() -> int:
@@ -36,17 +26,17 @@ def _resident() -> int:
 
 
 def trim_heap() -> None:
-    """Give malloc's free memory back to the OS once TRIM_BYTES of it have piled up. glibc keeps freed
-    activations for reuse, but the U-Net's mix of sizes leaves holes it cannot reuse: a streamed bf16 C=4 pass
-    at 512² ends with ~400 MB free in the heap (docs/memory.md §3). Trimming costs page faults when the memory
-    is used again, so it waits for that much. The free bytes are malloc's own count (mallinfo2); without it,
-    the process's growth since the last trim stands in for them."""
-    if _MALLOC_TRIM is None:
+    """Give malloc's free memory back to the OS once the process has grown TRIM_BYTES above the lowest size
+    it had since the last time. glibc keeps freed activations for reuse, but the U-Net's mix of sizes leaves
+    holes it cannot reuse: a streamed bf16 C=4 pass at 512² ends with ~400 MB free in the heap (docs/memory.md
+    §3). Trimming costs page faults when the memory is used again, so it waits for that much to pile up.
+    Measured from the low point, not from the size right after the last trim: called after every streamed
+    block, some calls fall inside a resnet where its activations are alive, and a trim there would set the
+    mark that high."""
+    if _MALLOC_TRIM is None or not os.path.exists("/proc/self/statm"):
         return
-    if _MALLINFO2 is not None:
-        if _MALLINFO2().fordblks > TRIM_BYTES:
-            _MALLOC_TRIM(0)
-        return
-    if os.path.exists("/proc/self/statm") and _resident() > _trimmed_at[0] + TRIM_BYTES:
+    now = _resident()
+    _low[0] = min(_low[0], now) if _low[0] else now
+    if now > _low[0] + TRIM_BYTES:
         _MALLOC_TRIM(0)
-        _trimmed_at[0] = _resident()
+        _low[0] = _resident()
