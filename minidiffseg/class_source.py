@@ -5,12 +5,17 @@ prompt continued by BLIP's conditional caption (the official recipe). Filter mod
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import UserError
 from .method.prompts import check_classes
 from .vocabularies import Vocabulary, get_vocabulary, load_vocabulary
+
+if TYPE_CHECKING:  # the filter package is imported only when used
+    from .filter.blip import Captioner
+    from .filter.filters import Filter
 
 CAPTIONS = ("none", "blip")
 
@@ -39,11 +44,14 @@ class ClassSource:
             raise UserError(f"caption {caption!r}: use one of {', '.join(CAPTIONS)}")
         self.seg = seg
         self.classes = check_classes(classes) if classes is not None else None
-        self.filter = self.captioner = self.vocabulary = None
+        self.filter: Filter | None = None
+        self.captioner: Captioner | None = None
+        self.vocabulary: Vocabulary | None = None
         device, dtype = seg.device, dtype or torch.float32
         if self.classes is None:
             from .filter import make_filter
 
+            assert vocabulary is not None  # checked above
             self.vocabulary = resolve_vocabulary(vocabulary)
             self.filter = make_filter(kind, self.vocabulary, clip_dir=clip_weights, blip_dir=blip_weights,
                                       device=device, dtype=dtype)
@@ -61,6 +69,7 @@ class ClassSource:
 
         classes = self.classes
         if classes is None:
+            assert self.filter is not None and self.vocabulary is not None  # set by __init__ without classes
             found = self.filter(load_image(image))  # evaluation names, e.g. "tvmonitor"
             if not found:
                 raise UserError(f"image {image}: the filter found no candidate class of the vocabulary")

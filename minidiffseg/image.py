@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import cast
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -58,7 +59,8 @@ def _to_rgb(im: Image.Image, what: str) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16-bit / 32-bit greyscale: stretch the value range to 8 bits instead of clipping at 255
         im = im.convert("F")
-        lo, hi = im.getextrema()
+        # cast: PIL types getextrema() for any mode; a one-band "F" image gives (min, max) floats
+        lo, hi = cast("tuple[float, float]", im.getextrema())
         im = im.point(lambda v: (v - lo) * (255.0 / (hi - lo) if hi > lo else 0.0)).convert("L")
     return im.convert("RGB")
 

@@ -59,7 +59,7 @@ def overlay(image: Image.Image, mask: torch.Tensor, classes: list[str], alpha: f
     fg = (mask > 0)[..., None].float() * alpha
     out = _rgb((img * (1 - fg) + colour * fg).round().clamp(0, 255).to(torch.uint8))
     draw, font = ImageDraw.Draw(out), _font()
-    y = 4
+    y: float = 4  # the next legend line's top
     for i, name in enumerate(["background", *classes]):
         share = area.get(name) if area else None
         if share is not None and share == 0:
@@ -107,7 +107,7 @@ def grid(rows: list[tuple[str, list[tuple[str, torch.Tensor]]]], cell: int = 96)
                 draw.text((x, 2), first, fill=(0, 0, 0), font=font)
                 if second:
                     draw.text((x, 15), second, fill=(0, 0, 0), font=font)
-            out.paste(heatmap(m).resize((cell, cell), Image.NEAREST), (x, y))
+            out.paste(heatmap(m).resize((cell, cell), Image.Resampling.NEAREST), (x, y))
     return out
 
 
@@ -160,9 +160,9 @@ def map_picture(image: Image.Image, m: torch.Tensor, blend: bool, cell: tuple[in
     """An (h, w) map as a heat map at the image's aspect, DISPLAY px on its longer side, cells as blocks;
     `blend`: 45 % image under 55 % map; `cell`: the (row, col) cell outlined."""
     size = display_size(image)
-    out = heatmap(m.detach().float().cpu()).resize(size, Image.NEAREST)
+    out = heatmap(m.detach().float().cpu()).resize(size, Image.Resampling.NEAREST)
     if blend:
-        out = Image.blend(image.convert("RGB").resize(size, Image.BILINEAR), out, 0.55)
+        out = Image.blend(image.convert("RGB").resize(size, Image.Resampling.BILINEAR), out, 0.55)
     if cell is not None:
         h, w = m.shape
         sx, sy = size[0] / w, size[1] / h
@@ -175,7 +175,7 @@ def marked_pixel(image: Image.Image, x: float, y: float, grid_hw: tuple[int, int
     """The image at display size with a cross at image pixel (x, y) and the cell of an (h, w) grid over the
     image that it falls in outlined."""
     size = display_size(image)
-    out = image.convert("RGB").resize(size, Image.BILINEAR)
+    out = image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
     px, py = x * size[0] / image.width, y * size[1] / image.height
     h, w = grid_hw
     cw, ch = size[0] / w, size[1] / h

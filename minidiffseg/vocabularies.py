@@ -118,19 +118,20 @@ def load_vocabulary(path: str | Path, template: str = "a photograph of {}") -> V
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read vocabulary file {path}: {e}; give a UTF-8 text file") from None
-    evals, prompts = [], []
+    evals: list[str] = []
+    prompts: list[str] = []
     for n, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        e, _, q = line.partition(":")
-        e, q = " ".join(e.split()).lower(), " ".join(q.split()).lower() or None
-        if not e:
+        name, _, prompt = line.partition(":")
+        name, prompt = " ".join(name.split()).lower(), " ".join(prompt.split()).lower()
+        if not name:
             raise UserError(f"{path}:{n}: empty class name; write `name` or `name: prompt name`")
-        if e in evals:
-            raise UserError(f"{path}:{n}: class {e!r} is listed twice; list each class once")
-        evals.append(e)
-        prompts.append(q or e)
+        if name in evals:
+            raise UserError(f"{path}:{n}: class {name!r} is listed twice; list each class once")
+        evals.append(name)
+        prompts.append(prompt or name)
     if not evals or evals == ["background"]:
         raise UserError(f"vocabulary file {path} lists no class; write one class name per line")
     if evals[0] != "background":

@@ -197,7 +197,7 @@ def run_eval(args) -> int:
     settings = _settings(args, ds, labels, dtype)
     ranks = Ranks(device)
     try:
-        res = run(_loader(args, ds, device, dtype), ds, args.out, find, taus=[tau] + sweep,
+        res = run(_loader(args, ds, device, dtype), ds, args.out, find, taus=[tau, *sweep],
                   seed=args.seed, settings=settings, masks=args.save_masks, ranks=ranks, crf=crf_params,
                   ignore_below=args.ignore_below, recover=_recover(args, device))
     finally:

@@ -14,13 +14,18 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from ..sd import loading
 from ..sd.checkpoint import (WEIGHTS, Part, Parts, diffusers_parts, model_kind, model_name, part_of, scheduler_config,
-                              single_file_parts)
+                              single_file_parts, unet_config)
 from ..sd.hub import KNOWN_SHA256, gb
 from ..sd.loading import Report, build_on_meta, check_suffix, keys_text, read_header
+
+if TYPE_CHECKING:  # the filter models are imported only for a CLIP / BLIP folder
+    from ..filter.blip import BlipConfig, BlipForConditionalGeneration
+    from ..filter.clip_model import CLIPConfig, CLIPModel
 
 
 def register(subparsers) -> None:
@@ -43,7 +48,7 @@ def run_inspect(args) -> int:
     print(f"  {'network':<14} {'file':<46} {'size':>9}  {'dtype':<10} {'parameters':>13}  problems")
     for p, r in reports:
         dtype = " + ".join(f"{d}" if n == sum(r.dtypes.values()) else f"{n}×{d}" for d, n in r.dtypes.most_common())
-        problems = sum(map(len, (r.twice, r.missing, r.unexpected, r.bad_shape, r.bad_dtype)))
+        problems = len(r.twice) + len(r.missing) + len(r.unexpected) + len(r.bad_shape) + len(r.bad_dtype)
         name = str(p.file.relative_to(path)) if path.is_dir() else p.file.name
         print(f"  {p.what:<14} {name:<46} {gb(p.file.stat().st_size):>9}  {dtype:<10} {r.params:>13,}  "
               f"{problems or 'none'}")
@@ -58,7 +63,7 @@ def run_inspect(args) -> int:
     if args.sha256:
         for f in dict.fromkeys(p.file for p, _ in reports):
             digest = sha256(f)
-            name = f.relative_to(path) if path.is_dir() else f.name
+            name = str(f.relative_to(path)) if path.is_dir() else f.name
             print(f"  sha256 {digest}  {name}: {KNOWN_SHA256.get(digest, 'not an official file minidiffseg knows')}")
     bad = [p for p, r in reports if not r.ok]
     if bad:
@@ -80,11 +85,11 @@ def detect(path: Path) -> tuple[str, Parts]:
         parts, unknown = single_file_parts(path)
         for key in unknown:  # neither translated nor ignored: reported as unexpected
             part_of(parts, key).names[key] = key
-        kind = model_kind(parts["unet"].module.cfg, single_file=True)
-        return f"LDM single file (original layout): {model_name(kind, parts['unet'].module.cfg)}", parts
+        unet = unet_config(parts)
+        return f"LDM single file (original layout): {model_name(model_kind(unet, single_file=True), unet)}", parts
     if all((path / c).is_dir() for c in WEIGHTS):
         parts = diffusers_parts(path)
-        unet = parts["unet"].module.cfg
+        unet = unet_config(parts)
         return f"diffusers {model_name(model_kind(unet), unet, scheduler_config(path))} folder", parts
     config = path / "config.json"
     kind = json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
@@ -95,6 +100,8 @@ def detect(path: Path) -> tuple[str, Parts]:
 
 
 def _hub_folder(folder: Path, kind: str) -> Part:
+    Config: type[CLIPConfig] | type[BlipConfig]
+    Model: type[CLIPModel] | type[BlipForConditionalGeneration]
     if kind == "clip":
         from ..filter.clip_model import WHAT, CLIPConfig as Config, CLIPModel as Model
     else:

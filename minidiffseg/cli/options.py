@@ -123,8 +123,8 @@ def is_out_of_memory(e: BaseException) -> bool:
 def out_of_memory(e: BaseException, where: str, device: torch.device, args, resumed: str = "") -> str:
     """One line for an allocation failure `e` during `where` (e.g. "image a.jpg") on `device`, with the ways
     out that the command's options still leave; `resumed` says what a rerun keeps."""
-    size = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", str(e))  # CUDA's message
-    size = size.group(1) if size else None
+    cuda = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", str(e))  # CUDA's message
+    size = cuda.group(1) if cuda else None
     if size is None and (n := re.search(r"allocate (\d+) bytes", str(e))):  # the CPU allocator's
         size = f"{int(n.group(1)) / 2**30:.2f} GiB"
     ways = []

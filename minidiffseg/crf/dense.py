@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,7 +86,7 @@ def parse(spec: str) -> CRFParams:
         raise UserError(f"CRF preset {name!r} is unknown: use one of {', '.join(PRESETS)} "
                         f"(optionally followed by ,key=value overrides)")
     fields = {f.name: f.type for f in dataclasses.fields(CRFParams)}
-    changes = {}
+    changes: dict[str, Any] = {}  # field name -> its new value
     for item in overrides:
         key, eq, value = item.partition("=")
         key = key.strip()

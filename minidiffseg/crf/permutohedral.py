@@ -137,11 +137,11 @@ def _blur(vertices: torch.Tensor, radix: torch.Tensor, j: int) -> torch.Tensor:
     n1 = torch.where(rem == 0, d + (d + 1) * (box + e - every), rem - 1 + (d + 1) * (box + e))
     n2 = torch.where(rem == d, (d + 1) * (box - e + every), rem + 1 + (d + 1) * (box - e))
     rows = torch.arange(m, device=vertices.device)
-    cols = [rows]
+    found = [rows]
     for key in (n1, n2):
         idx = torch.searchsorted(vertices, key).clamp(max=m - 1)
-        cols.append(torch.where(vertices[idx] == key, idx, m))  # m: none
-    cols, _ = torch.stack(cols, 1).sort(1)  # (M, 3), "none" last
+        found.append(torch.where(vertices[idx] == key, idx, m))  # m: none
+    cols, _ = torch.stack(found, 1).sort(1)  # (M, 3), "none" last
     keep = cols < m
     vals = torch.where(cols == rows[:, None], 1.0, 0.5)  # the vertex itself 1, its neighbours 1/2
     return _csr(torch.cat([rows.new_zeros(1), keep.sum(1).cumsum(0)]), cols[keep], vals[keep], (m, m))

@@ -43,12 +43,20 @@ from .datasets import Dataset, Sample
 from .metrics import confusion
 
 
+class Refined(Protocol):
+    """What the runner reads of a segmentation (`SegmentationResult`)."""
+
+    @property
+    def refined(self) -> torch.Tensor:  # (C, h, w) on the latent grid
+        ...
+
+
 class SegmenterLike(Protocol):
     """What the runner needs: `minidiffseg.method.segmenter.Segmenter` (built with the vocabulary's
-    template) or a test stub. `classes` are prompt names."""
+    template) or a test stub, called as `model(image, classes, seed=seed)`. `classes` are prompt names."""
 
-    def seg(self, image: Image.Image, classes: list[str], *, seed: int):
-        ...  # returns an object with .refined (C, h, w)
+    def __call__(self, image: Image.Image, classes: list[str], *, seed: int) -> Refined:
+        ...
 
 
 # ---------------------------------------------------------------------------------------- ranks
@@ -197,10 +205,12 @@ def predict(ds: Dataset, classes: np.ndarray, scores: torch.Tensor | None, size:
     if ds.vocab.background:
         if len(classes) == 0:
             return np.zeros(size, dtype=np.int64)
+        assert scores is not None and tau is not None  # a background vocabulary's τ; scores with any class
         lut = np.concatenate([[0], classes])
         return lut[decide(scores, tau).cpu().numpy()]
     if len(classes) == 0:
         return np.full(size, len(ds.vocab), dtype=np.int64)
+    assert scores is not None  # given with any class
     return classes[scores.argmax(0).cpu().numpy()]
 
 
@@ -224,7 +234,7 @@ def score(ds: Dataset, samples: list[Sample], out: Path, taus: Sequence[float | 
         scores = upsample_scores(torch.from_numpy(refined), gt.shape) if len(classes) else None
         for t, tau in enumerate(taus):
             pred = mask = predict(ds, classes, scores, gt.shape, tau)
-            if t == 0 and (crf is not None or ignore_below is not None) and len(classes):
+            if t == 0 and (crf is not None or ignore_below is not None) and scores is not None:  # any class
                 labels, unsure = pseudo_labels(ds.image(s), scores, tau if ds.vocab.background else None, crf,
                                                ignore_below, device)
                 lut = np.concatenate([[0], classes]) if ds.vocab.background else classes
@@ -273,5 +283,6 @@ def run(load_model: Callable[[], SegmenterLike], ds: Dataset, out: str | Path,
     except UserError as e:
         error = e
     ranks.agree(error)
+    assert conf is not None  # scored, as no rank failed
     return {"conf": ranks.sum(conf), "segmented": int(ranks.sum(np.array([done]))[0]),
             "seconds": ranks.max(seconds)}

@@ -46,7 +46,8 @@ def launch(app, host: str = "127.0.0.1", port: int | None = None) -> str:
 
 def build_app(seg: Segmenter, title: str = ""):
     """The Gradio Blocks of the explorer over a loaded segmenter (not yet launched)."""
-    gr = gradio()
+    gradio()  # a UserError naming the extra when it is not installed
+    import gradio as gr  # the module gradio() imported, bound by an import so that gr.Request is a type to mypy
     files = tempfile.TemporaryDirectory(prefix="minidiffseg-explore-")  # per-session download folders
 
     def page_errors(fn):
@@ -176,7 +177,9 @@ def build_app(seg: Segmenter, title: str = ""):
         if SAMPLE_PHOTO.is_file():
             sample.click(lambda: (str(SAMPLE_PHOTO), preview(str(SAMPLE_PHOTO))), None, [file, shown],
                          api_name="sample")
-        fill.click(fill_prompts, [classes, mode], prompts, api_name=False)
+        # api_name=False: no API endpoint. Gradio 6 still takes it (Blocks.set_event_trigger makes the endpoint
+        # private) but annotates api_name as str | None: hence the `type: ignore[arg-type]`s below
+        fill.click(fill_prompts, [classes, mode], prompts, api_name=False)  # type: ignore[arg-type]
         go.click(run, [file, classes, prompts, timesteps, seed, tau, mode],
                  [state, overlay, area, gallery, downloads, summary, row, column, view, cross, cross_info,
                   layer, head, *self_out, x, y], api_name="run", concurrency_id="model", concurrency_limit=1)
@@ -186,10 +189,10 @@ def build_app(seg: Segmenter, title: str = ""):
                   api_name="row")
         for trigger in (column.input, view.input, blend.input):
             trigger(cross_view, [state, row, column, view, blend, layer, head, x, y], [cross, cross_info, *self_out],
-                    api_name="cross" if trigger == column.input else False)
+                    api_name="cross" if trigger == column.input else False)  # type: ignore[arg-type]
         for trigger in (layer.input, head.input, x.submit, y.submit):
             trigger(self_view, [state, row, column, layer, head, x, y], self_out,
-                    api_name="self_attention" if trigger == layer.input else False)
+                    api_name="self_attention" if trigger == layer.input else False)  # type: ignore[arg-type]
         clicked.select(click, [state, row, column, layer, head], [*self_out, x, y], api_name=False)
 
         def forget(request: gr.Request):  # the page was closed: its download folder goes (its State after 1 h)

@@ -72,7 +72,7 @@ class Exploration:
     @property
     def size(self) -> tuple[int, int]:
         """(h, w) of the latent grid the fused, refined and self-attention maps live on."""
-        return tuple(self.fused.shape[-2:])
+        return self.fused.shape[-2], self.fused.shape[-1]
 
     # ---- the run ------------------------------------------------------------------------------
 
@@ -103,7 +103,7 @@ class Exploration:
                       class_batch=None, probs=True, clock=clock,  # one U-Net call, every token's probabilities too
                       progress=lambda i, n, t: report(0.15 + 0.7 * i / n, f"U-Net pass {i + 1} of {n} (t = {t}, "
                                                                           f"{len(classes) if not joint else 1} row(s))"))
-        store, rows, size = run.stores[0], run.rows, tuple(run.z0.shape[-2:])
+        store, rows, size = run.stores[0], run.rows, (run.z0.shape[-2], run.z0.shape[-1])
         token_layers = {name: _on_grid(_wide(store.mean(store.prob_maps, name)), store.shapes[name])
                         for name in store.prob_maps}  # {name: (B, 77, h_l, w_l)}
         token_levels = level_maps(token_layers, seg.levels)
@@ -131,6 +131,7 @@ class Exploration:
         layer, heads averaged, timesteps averaged), a level (int: the mean of its layers) or "fused" (A)."""
         self._check(row, column)
         r = self.result
+        at: tuple[int, ...]  # the map's index in `fused` and in each level's and layer's maps
         if column < self.k:  # a class map: the segmentation's own, (C, ...) with class row·K + column
             at, fused, levels, layers = (row * self.k + column,), r.fused, r.levels, r.layers
         else:  # token column - K
@@ -170,7 +171,7 @@ class Exploration:
         names = self.self_layers if layer is None else [layer]
         if layer is not None and layer not in self.self_layers:
             raise UserError(f"layer {layer!r} is not a refinement layer: choose one of {self.self_layers}")
-        total = None
+        total: torch.Tensor | None = None
         pairs = self._qk(row, names)
         with torch.inference_mode():
             for q, k in pairs:  # (1, heads, HW, d) each
@@ -181,6 +182,7 @@ class Exploration:
                 p = torch.softmax(qp[:, None] @ k[0].to(wide).transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)[:, 0]
                 p = p.mean(0) if head is None else p[head]  # (HW,)
                 total = p if total is None else total + p
+        assert total is not None, "no Q/K stored for the refinement layers"
         return (total / len(pairs)).reshape(h, w)
 
     def heads(self, layer: str | None = None) -> int:

@@ -104,7 +104,7 @@ def on_run(seg, path, classes: str | None, prompts: str | None, timesteps, seed,
     written into `folder`; the new stored run and every view of it the page shows first."""
     if not path:
         raise UserError("no image: upload one (PNG, JPEG, ...) or press the sample photo button")
-    if len(classes or "") > MAX_CLASS_TEXT:
+    if classes is not None and len(classes) > MAX_CLASS_TEXT:
         raise UserError(f"the class list is {len(classes)} characters long: give at most {MAX_CLASSES} "
                         f"classes in {MAX_CLASS_TEXT} characters")
     names = [c.strip() for c in (classes or "").split(",")]

@@ -16,8 +16,10 @@ first real token), so each row computes what it would alone.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,7 @@ from torch import nn
 
 from ..sd.config import _pick
 from ..image import load_image
-from .checkpoint import check_folder, load_weights, resolve_folder
+from .checkpoint import HubModel, check_folder, load_weights, resolve_folder
 from .clip_model import normalize_pixels
 from .wordpiece import WordPieceTokenizer
 
@@ -89,7 +91,7 @@ class BlipConfig:
 def blip_preprocess(image: Image.Image, size: int = 384) -> torch.Tensor:
     """PIL image -> (1, 3, size, size): stretch to a square (bicubic, aspect ratio ignored),
     scale to [0, 1], normalise with CLIP's mean/std, as transformers' BlipImageProcessor."""
-    return normalize_pixels(image.convert("RGB").resize((size, size), Image.BICUBIC))
+    return normalize_pixels(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
 
 
 # ---------------------------------------------------------------- image encoder (pre-norm ViT)
@@ -157,7 +159,8 @@ class BlipVisionModel(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(pixels)  # (B, 1+N, D)
-        for layer in self.encoder.layers:
+        # cast: torch types a ModuleDict's entries as Module; this one is the ModuleList of encoder layers
+        for layer in cast("Iterable[BlipEncoderLayer]", self.encoder.layers):
             x = layer(x)
         return self.post_layernorm(x)  # (B, 1+N, D): every token is a key for cross-attention
 
@@ -253,7 +256,7 @@ class BlipTextLMPredictionHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
-        x = self.transform.LayerNorm(F.gelu(self.transform.dense(x)))
+        x = self.transform["LayerNorm"](F.gelu(self.transform["dense"](x)))
         return F.linear(x, word_embeddings, self.bias)  # (B, T, vocab): output layer tied to the input one
 
 
@@ -269,7 +272,8 @@ class BlipTextDecoder(nn.Module):
 
     def image_kv(self, image: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cross-attention keys/values of the image tokens (B, 1+N, Dv), once per layer."""
-        return [layer.crossattention.self.kv(image) for layer in self.bert.encoder.layer]
+        layers = cast("Iterable[BlipTextLayer]", self.bert["encoder"].layer)  # cast: torch types submodules as Module
+        return [layer.crossattention.self.kv(image) for layer in layers]
 
     def forward(self, ids, positions, valid, image_kv, past=None):
         # ids, positions: (B, T) new tokens; valid: (B, P+T) False on left padding, P = cached length
@@ -286,7 +290,7 @@ class BlipTextDecoder(nn.Module):
         return self.cls.predictions(x, self.bert.embeddings.word_embeddings.weight), present
 
 
-class BlipForConditionalGeneration(nn.Module):
+class BlipForConditionalGeneration(HubModel):
     # keys of the reference class that we do not build: the LM head's `decoder` is tied to the word
     # embeddings and `decoder.bias` to `cls.predictions.bias` (files written by transformers omit
     # them; where a file has them, transformers' tying overrides them, so we ignore them the same

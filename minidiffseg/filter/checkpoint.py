@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -18,6 +19,15 @@ from ..sd import hub
 from ..sd.loading import PICKLE_SUFFIXES, build_on_meta, load_strict, read_header
 
 FILTER_MODELS = ("clip", "blip")  # their hub.REPOS keys
+
+
+class HubModel(nn.Module):
+    """A filter model read from a hub folder by `load_weights`: IGNORED names the file keys it does not build."""
+
+    IGNORED: ClassVar[tuple[str, ...]] = ()
+
+
+H = TypeVar("H", bound=HubModel)
 
 
 def resolve_folder(folder: str | Path, hub_id: str) -> Path:
@@ -45,8 +55,8 @@ def check_folder(folder: str | Path, what: str, hub_id: str) -> Path:
     return path
 
 
-def load_weights(cls, config_cls, folder: str | Path, what: str, hub_id: str, device="cpu",
-                 dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_weights(cls: type[H], config_cls, folder: str | Path, what: str, hub_id: str, device="cpu",
+                 dtype: torch.dtype = torch.float32) -> H:
     """`cls` built on meta from `folder/config.json` (`config_cls`'s defaults without one), filled strictly
     from `folder/model.safetensors` (our module names are the file's names, `cls.IGNORED` skipped)."""
     folder = resolve_folder(folder, hub_id)

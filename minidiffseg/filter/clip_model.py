@@ -23,7 +23,7 @@ from ..sd.config import CLIPTextConfig, _pick
 from ..errors import UserError
 from ..image import load_image, to_tensor
 from ..sd.tokenizer import CLIPTokenizer
-from .checkpoint import check_folder, load_weights, resolve_folder
+from .checkpoint import HubModel, check_folder, load_weights, resolve_folder
 
 WHAT, HUB_ID = "CLIP model", "openai/clip-vit-large-patch14"
 # OpenAI CLIP's pixel statistics (its preprocessing; transformers' OPENAI_CLIP_MEAN / _STD)
@@ -75,7 +75,7 @@ def clip_preprocess(image: Image.Image, size: int = 224) -> torch.Tensor:
     w, h = image.size
     w, h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     top, left = (h - size) // 2, (w - size) // 2
-    image = image.convert("RGB").resize((w, h), Image.BICUBIC).crop((left, top, left + size, top + size))
+    image = image.convert("RGB").resize((w, h), Image.Resampling.BICUBIC).crop((left, top, left + size, top + size))
     return normalize_pixels(image)
 
 
@@ -107,7 +107,7 @@ class CLIPVisionTransformer(nn.Module):
         return self.post_layernorm(x[:, 0])  # (B, D): the class token is the image's summary
 
 
-class CLIPModel(nn.Module):
+class CLIPModel(HubModel):
     IGNORED = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
 
     def __init__(self, cfg: CLIPConfig):

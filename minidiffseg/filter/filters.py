@@ -130,13 +130,17 @@ def make_filter(kind: str, vocabulary: Vocabulary, clip_dir: str | Path | None =
     clip_dir = resolve_folder(clip_dir or DEFAULT_CLIP_DIR, clip_model.HUB_ID) if kind in ("clip", "union") else None
     blip_dir = resolve_folder(blip_dir or DEFAULT_BLIP_DIR, blip.HUB_ID) if kind in ("blip", "union") else None
     # every needed file is checked before the first model is loaded (each takes seconds)
-    if kind in ("clip", "union"):
+    if clip_dir is not None:
         check_folder(clip_dir, clip_model.WHAT, clip_model.HUB_ID)
-    if kind in ("blip", "union"):
+    if blip_dir is not None:
         check_folder(blip_dir, blip.WHAT, blip.HUB_ID)
     clip = caption = None
-    if kind in ("clip", "union"):
+    if clip_dir is not None:
         clip = ClipFilter(vocabulary, clip_model.ZeroShotCLIP.from_pretrained(clip_dir, device, dtype), clip_ratio)
-    if kind in ("blip", "union"):
+    if blip_dir is not None:
         caption = BlipFilter(vocabulary, blip.Captioner.from_pretrained(blip_dir, device, dtype))
-    return UnionFilter(clip, caption) if kind == "union" else clip or caption
+    if clip is not None and caption is not None:  # union
+        return UnionFilter(clip, caption)
+    found = clip or caption  # the one of "clip" and "blip"
+    assert found is not None
+    return found

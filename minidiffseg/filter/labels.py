@@ -24,6 +24,7 @@ import json
 import os
 import re
 from pathlib import Path, PureWindowsPath
+from typing import Any
 
 from ..errors import UserError
 from ..files import write_atomic
@@ -79,7 +80,8 @@ class LabelWriter:
     def __init__(self, path: str | Path, vocabulary: Vocabulary, filter_kind: str, clip_ratio: float):
         self.path = Path(path)
         settings = {"format": FORMAT, "vocabulary": vocabulary.name, "filter": filter_kind, "clip_ratio": clip_ratio}
-        self.data = {**settings, "image_similarity": {}, "text_similarity": {}, "captions": {}, "clip_scores": {}}
+        self.data: dict[str, Any] = {**settings, "image_similarity": {}, "text_similarity": {}, "captions": {},
+                                     "clip_scores": {}}
         if self.path.exists():
             old = _load_json(self.path)
             if old.get("format") != FORMAT:

@@ -31,12 +31,13 @@ class WordPieceTokenizer:
         if missing:
             raise UserError(f"the BLIP tokenizer lacks the special tokens {missing}; "
                             f"use the vocab.txt or tokenizer.json of Salesforce/blip-image-captioning-large")
-        self.pad_id, self.sep_id, self.bos_id = ids["[PAD]"], ids["[SEP]"], ids["[DEC]"]
+        found = {t: i for t, i in ids.items() if i is not None}  # all three, as checked above
+        self.pad_id, self.sep_id, self.bos_id = found["[PAD]"], found["[SEP]"], found["[DEC]"]
 
     @classmethod
     def from_vocab(cls, path: str | Path) -> "WordPieceTokenizer":
         """From a BERT `vocab.txt` (one token per line, id = line number)."""
-        vocab = {}
+        vocab: dict[str, int] = {}
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f):
                 vocab.setdefault(line.rstrip("\n"), i)

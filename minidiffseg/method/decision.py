@@ -18,5 +18,5 @@ def upsample_scores(refined: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
 
 def decide(scores: torch.Tensor, tau: float) -> torch.Tensor:
     """argmax over [τ, scores_1..scores_C] -> (H, W) int64, 0 = background."""
-    tau = torch.full_like(scores[:1], float(tau))
-    return torch.cat([tau, scores]).argmax(dim=0)
+    background = torch.full_like(scores[:1], float(tau))
+    return torch.cat([background, scores]).argmax(dim=0)

@@ -63,10 +63,12 @@ def refine_chunked(qk: QK, maps: torch.Tensor, rows: int = 1024) -> torch.Tensor
 
 def self_attention_matrix(qk: QK) -> torch.Tensor:
     """S (B, HW, HW): the mean over layers and heads of the self-attention probabilities. Tests/bench only."""
-    s = None
+    s: torch.Tensor | None = None
     for q, k in qk:
         p = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1).mean(dim=1)
         s = p if s is None else s + p
+    if s is None:
+        raise ValueError("self_attention_matrix: no self-attention layer (qk is empty)")
     return s / len(qk)
 
 

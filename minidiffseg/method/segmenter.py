@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +40,7 @@ from ..errors import UserError
 from ..image import load_image, to_tensor
 from ..sd.attention import AttentionStore
 from ..sd.precision import Precision, precision
-from ..sd.stream import RESIDENT, UpcastWeights, weights_of
+from ..sd.stream import Resident, UpcastWeights, weights_of
 from . import refine as refinement
 from .decision import decide, upsample_scores
 from .fusion import fused_map
@@ -166,10 +168,10 @@ class Segmenter:
         p = precision(dtype, device) if dtype is not None else Precision(self.dtype)
         for net in self.sd.networks().values():
             weights = weights_of(net)
-            if weights is RESIDENT and p.keep is not None:  # kept in half precision, up-cast per block
+            if isinstance(weights, Resident) and p.keep is not None:  # kept in half precision, up-cast per block
                 state = {k: t.to(p.keep) for k, t in net.state_dict().items()}
                 UpcastWeights(net, {k: k for k in state}, state, p.compute, device)
-            elif weights is RESIDENT:
+            elif isinstance(weights, Resident):  # RESIDENT: the weights live in the modules
                 net.to(device=device, dtype=p.compute)
             else:  # weights fetched per block (sd/stream.py): their source moves; nothing is materialised
                 weights.to(device, p.compute)
@@ -199,7 +201,7 @@ class Segmenter:
             return [joint_prompt(tok, classes, self.template, **opts)]
         if prompts is not None:
             return [user_prompt(tok, c, p, **opts) for c, p in zip(classes, prompts)]
-        caps = captions or [None] * len(classes)
+        caps: Sequence[str | None] = captions or [None] * len(classes)
         return [template_prompt(tok, c, self.template, caption, **opts) for c, caption in zip(classes, caps)]
 
     def encode_text(self, rows: list[ClassPrompt]) -> torch.Tensor:
@@ -241,7 +243,7 @@ class Segmenter:
         return list(noise.expand(shape)[:, None])
 
     def record(self, z0: torch.Tensor, noises: list[torch.Tensor], context: torch.Tensor,
-               select: torch.Tensor, *, probs: set[str] = frozenset(), progress=None) -> AttentionStore:
+               select: torch.Tensor, *, probs: Set[str] = frozenset(), progress=None) -> AttentionStore:
         """The denoiser passes, one per timestep, for B prompt rows `context` (B, 77, D), with an attention store
         that keeps the cross maps projected on `select` (B, 77, K) and the Q/K of the refinement layers;
         also the head-averaged probabilities of the layers named in `probs` (the explorer's every-token maps).
@@ -271,7 +273,7 @@ class Segmenter:
                select: torch.Tensor) -> AttentionMaps:
         """record → fuse → refine for one group of B prompt rows."""
         store = self.record(z0, noises, context, select)
-        fused, levels, layers = self.fuse(store, tuple(z0.shape[-2:]))
+        fused, levels, layers = self.fuse(store, (z0.shape[-2], z0.shape[-1]))
         return AttentionMaps(fused, self.refine(store, fused), levels, layers)
 
     # ---- the whole method ---------------------------------------------------------------------
@@ -280,7 +282,8 @@ class Segmenter:
     def run(self, image, classes: list[str], *, prompts: list[str] | None = None,
             captions: list[str] | None = None, seed: int = 0, tau: float | None = None,
             posterior: str = "sample", noise: torch.Tensor | None = None, joint: bool | None = None,
-            class_batch: int | None | str = "default", probs: bool = False, clock=None, progress=None) -> "Run":
+            class_batch: int | None | Literal["default"] = "default", probs: bool = False, clock=None,
+            progress=None) -> "Run":
         """Segment `image` into `classes`, keeping every intermediate (see `__call__` for the arguments).
 
         class_batch: classes per U-Net call for this run (default: the segmenter's; None = all in one).
@@ -311,7 +314,7 @@ class Segmenter:
                 store = self.record(z0, noises, context, torch.stack([r.select for r in g]),  # select (B, 77, K)
                                     probs=self.cross_layers if probs else frozenset(), progress=progress)
             with clock("fuse"):
-                fused, levels, layers = self.fuse(store, tuple(z0.shape[-2:]))
+                fused, levels, layers = self.fuse(store, (z0.shape[-2], z0.shape[-1]))
             with clock("refine"):
                 groups.append(AttentionMaps(fused, self.refine(store, fused), levels, layers))
             stores.append(store)

@@ -21,7 +21,7 @@ TAIL_BYTES = 32 * 2**20  # an arena tail unused by the current block larger than
 class Arena:
     """Bytes for one block at a time: `take(n)` inside `hold()`."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.lock = threading.Lock()
         self.owner: int | None = None  # the thread whose block is in the arena
         self.map: mmap.mmap | None = None

@@ -29,7 +29,6 @@ class StableDiffusion:
     schedule: NoiseSchedule
     name: str = "SD1.5"
     kind: str = "sd1"  # which model, as `model_kind` reads it: "sd1", "sd2" (a single file), "sd2-base", "sd2-v"
-    kind: str = "sd1"
 
     @property
     def resolution(self) -> int:

@@ -20,10 +20,12 @@ and then split (minidiffseg.sd.openclip).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,13 +64,13 @@ class Part:
     names: dict[str, str]  # file key -> parameter name, for the keys that are loaded
     shapes: dict[str, tuple[int, ...]]  # every tensor of the file (its header)
     ignored: list[str] = field(default_factory=list)  # file keys skipped by name (decoder, EMA, position_ids, ...)
-    finish: Callable[[nn.Module], nn.Module] | None = None  # the loaded module -> the network (OpenCLIP's split)
+    finish: Callable[[Any], nn.Module] | None = None  # the loaded module -> the network (OpenCLIP's split)
 
 
 Parts = dict[str, Part]  # the networks of one checkpoint by component name (names.COMPONENTS), in that order
 
 
-def load_sd(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def load_sd(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
             variant: str | None = None, tokenizer: str | Path | CLIPTokenizer | None = None,
             stream: bool = False, keep: torch.dtype | None = None, revision: str | None = None) -> StableDiffusion:
     """SD1.5 or SD2.x from a diffusers folder or a single LDM .safetensors file, in `dtype` on `device`, in eval
@@ -94,7 +96,7 @@ def load_sd(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
         parts, unknown = single_file_parts(path)
     else:
         parts, unknown = diffusers_parts(path, variant), []  # configs and headers: the weights are read below
-    kind = model_kind(parts["unet"].module.cfg, single_file)
+    kind = model_kind(unet_config(parts), single_file)
     tok = _tokenizer(tokenizer, (path.parent if single_file else path) / "tokenizer", path, kind)
     if unknown:
         raise UserError(f"{path}: {len(unknown)} unexpected tensor(s): {keys_text(unknown)}; neither a tensor of an "
@@ -104,10 +106,12 @@ def load_sd(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     # loaded resident even when the rest streams (docs/sd2.md §3)
     nets = {c: (load_strict if p.finish else load)(p.module, p.file, p.names, dtype, device, p.what)
             for c, p in parts.items()}
-    nets = {c: parts[c].finish(net) if parts[c].finish is not None else net for c, net in nets.items()}
+    nets = {c: finish(net) if (finish := parts[c].finish) is not None else net for c, net in nets.items()}
+    text_encoder, vae, unet = nets["text_encoder"], nets["vae"], nets["unet"]
+    assert isinstance(text_encoder, CLIPTextModel) and isinstance(vae, VAEEncoder) and isinstance(unet, UNet)
     scheduler = None if single_file else scheduler_config(path)
-    return StableDiffusion(tok, nets["text_encoder"], nets["vae"], nets["unet"], _schedule(scheduler, path),
-                           model_name(kind, nets["unet"].cfg, scheduler), kind)
+    return StableDiffusion(tok, text_encoder, vae, unet, _schedule(scheduler, path),
+                           model_name(kind, unet.cfg, scheduler), kind)
 
 
 def _tokenizer(tokenizer, default: Path, path: Path, kind: str) -> CLIPTokenizer:
@@ -120,6 +124,13 @@ def _tokenizer(tokenizer, default: Path, path: Path, kind: str) -> CLIPTokenizer
     # the padding token is the one the folder names (special_tokens_map.json); where it names none, the
     # model's own: SD2.x's OpenCLIP tokenizer pads with "!" (id 0), SD1.x's (OpenAI's CLIP) with EOS
     return CLIPTokenizer.from_dir(folder, default_pad=EOS if kind == "sd1" else "!")
+
+
+def unet_config(parts: Parts) -> UNetConfig:
+    """The config of the U-Net that `parts` (diffusers_parts, single_file_parts) built."""
+    unet = parts["unet"].module
+    assert isinstance(unet, UNet)
+    return unet.cfg
 
 
 def model_kind(unet: UNetConfig, single_file: bool = False) -> str:
@@ -141,8 +152,8 @@ def model_name(kind: str, unet: UNetConfig, scheduler: dict | None = None) -> st
     if kind in ("sd1", "sd2"):
         single = " (single file: its training size and prediction type are not stored)" if kind == "sd2" else ""
         return KINDS[kind] + single
-    prediction = {"epsilon": "ε-prediction", "v_prediction": "v-prediction"}.get(
-        (scheduler or {}).get("prediction_type"), "prediction type unknown")
+    predictions: dict[object, str] = {"epsilon": "ε-prediction", "v_prediction": "v-prediction"}
+    prediction = predictions.get((scheduler or {}).get("prediction_type"), "prediction type unknown")
     return f"{KINDS[kind]}{'-base' if kind == 'sd2-base' else ''} ({unet.sample_size * 8}², {prediction})"
 
 

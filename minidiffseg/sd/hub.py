@@ -151,7 +151,8 @@ def _raise_if_hub_said(error: BaseException | None, repo_id: str, revision: str 
         error = error.__cause__ or error.__context__
 
 
-def _print_sizes(repo: Repo, wanted: list[str], dir: Path | None, revision: str | None = None, cmd: str = "") -> bool:
+def _print_sizes(repo: Repo, wanted: list[str], dir: str | Path | None, revision: str | None = None,
+                 cmd: str = "") -> bool:
     """Print the files and their sizes from the hub's listing and check the free space; False when the
     hub does not answer (snapshot_download then says what is wrong, or uses the cached files). A missing
     repo, a gated one or an unknown revision is one line (`_raise_if_hub_said`)."""

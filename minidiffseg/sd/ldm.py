@@ -32,6 +32,7 @@ import re
 import warnings
 from dataclasses import replace
 from fnmatch import fnmatchcase
+from typing import Any
 
 import torch
 
@@ -164,12 +165,12 @@ def infer_configs(shapes: dict[str, tuple], metadata: dict[str, str] | None = No
     layers = _count(shapes, rf"{re.escape(u)}input_blocks\.(\d+)\.") // levels - 1  # levels·(L+1) blocks
     channels = tuple(shapes[f"{u}input_blocks.{1 + i * (layers + 1)}.0.out_layers.3.weight"][0] for i in range(levels))
     linear = len(shapes[f"{u}input_blocks.1.1.proj_in.weight"]) == 2  # SD2.x: [C, C]; SD1.5: 1×1 conv [C, C, 1, 1]
+    sd2: dict[str, Any] = dict(use_linear_projection=True, num_heads=tuple(c // HEAD_CHANNELS for c in channels),
+                               upcast_attention=True) if linear else {}
     unet = UNetConfig(
         in_channels=shapes[f"{u}input_blocks.0.0.weight"][1], out_channels=shapes[f"{u}out.2.weight"][0],
         block_out_channels=channels, layers_per_block=layers,
-        cross_attention_dim=shapes[f"{u}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"][1],
-        **(dict(use_linear_projection=True, num_heads=tuple(c // HEAD_CHANNELS for c in channels),
-                upcast_attention=True) if linear else {}))
+        cross_attention_dim=shapes[f"{u}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"][1], **sd2)
     vae_levels = _count(shapes, rf"{re.escape(e)}down\.(\d+)\.")
     vae = VAEConfig(
         in_channels=shapes[f"{e}conv_in.weight"][1], latent_channels=shapes[f"{VAE}quant_conv.weight"][0] // 2,

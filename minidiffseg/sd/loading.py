@@ -18,12 +18,15 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import UserError
+
+M = TypeVar("M", bound=nn.Module)  # a network class, kept through building and loading
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 RELEASE_BYTES = 256 * 2**20  # file bytes converted before the mapping is reopened (bounds the overshoot)
@@ -111,7 +114,7 @@ def read_layout(path: str | Path) -> Layout:
                   size)
 
 
-def build_on_meta(cls, cfg) -> nn.Module:
+def build_on_meta(cls: type[M], cfg) -> M:
     """`cls(cfg)` with parameters on the meta device (no storage): `load_strict` assigns the file's tensors."""
     with torch.device("meta"):
         return cls(cfg)
@@ -190,8 +193,8 @@ def check(module: nn.Module, path: Path, names: dict[str, str]) -> Report:
                   bad_shape=bad_shape, bad_dtype=bad_dtype)
 
 
-def load_strict(module: nn.Module, path: Path, names: dict[str, str], dtype: torch.dtype, device: torch.device,
-                what: str) -> nn.Module:
+def load_strict(module: M, path: Path, names: dict[str, str], dtype: torch.dtype, device: torch.device,
+                what: str) -> M:
     """Fill `module` (built on meta) from `path`: `names` maps each file key to load to a parameter name.
     `check` runs first (every parameter filled, every name known, every shape and dtype right); returns
     the module in eval mode without gradients."""

@@ -98,13 +98,13 @@ def precision(dtype: torch.dtype, device: str | torch.device, fast: Callable[[to
     if torch.device(device).type != "cpu" or dtype not in HALF or fast(dtype):
         return Precision(dtype)
     if dtype == torch.float16 and fast(torch.bfloat16):
-        p = Precision(torch.bfloat16, note="float16 arithmetic is slow on this CPU; computing in bfloat16 instead "
-                                           "(use float32 for full precision)")
+        note = "float16 arithmetic is slow on this CPU; computing in bfloat16 instead (use float32 for full precision)"
+        p = Precision(torch.bfloat16, note=note)
     else:
-        p = Precision(torch.float32, keep=dtype,
-                      note=f"this CPU ({cpu_name()}) has no fast {name(dtype)} arithmetic (~100× slower than float32 "
-                           f"here): computing in float32 with the weights kept in half precision, up-cast block by "
-                           f"block (the memory of {name(dtype)} weights at float32 speed)")
+        note = (f"this CPU ({cpu_name()}) has no fast {name(dtype)} arithmetic (~100× slower than float32 here): "
+                f"computing in float32 with the weights kept in half precision, up-cast block by block (the memory "
+                f"of {name(dtype)} weights at float32 speed)")
+        p = Precision(torch.float32, keep=dtype, note=note)
     if warn:
-        warnings.warn(p.note, stacklevel=3)
+        warnings.warn(note, stacklevel=3)
     return p

@@ -94,8 +94,9 @@ class BlockWeights:
         for m in blocks(self.network):
             hooks.append(m.register_forward_pre_hook(self._enter))
             hooks.append(m.register_forward_hook(self._leave, always_call=True))
-        self.network._block_hooks = hooks
-        self.network.weights = self
+        # ignore: torch types Module.__setattr__'s value as Tensor | Module, though any attribute may be set
+        self.network._block_hooks = hooks  # type: ignore[assignment]
+        self.network.weights = self  # type: ignore[assignment]
 
     def _enter(self, module: nn.Module, args) -> None:
         stale = getattr(_open, "stack", None)
@@ -178,7 +179,7 @@ class StreamedWeights(BlockWeights):
                  device: torch.device):
         self.file = file
         self.host: torch.Tensor | None = None  # the device path's pinned staging buffer, grown to the largest block
-        self.copied = None  # a CUDA event: the last copy out of `host` is done
+        self.copied: torch.cuda.Event | None = None  # a CUDA event: the last copy out of `host` is done
         super().__init__(network, names, dtype, device)
 
     def read(self, module: nn.Module) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import cast
 
 import torch
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
@@ -80,7 +81,7 @@ class CLIPTokenizer:
             raise UserError(f"{vocab_json} / {merges_txt} are not CLIP's BPE files ({len(vocab)} tokens, "
                             f"expected {VOCAB_SIZE} with {BOS} and {EOS}): use the `tokenizer/` folder of a Stable "
                             "Diffusion checkpoint (SD1.5's and SD2.x's are both CLIP's)")
-        return cls(vocab, merges)
+        return cls(vocab, cast("list[tuple[str, str]]", merges))  # pairs: checked above
 
     @classmethod
     def from_dir(cls, path: str | Path, default_pad: str = EOS) -> "CLIPTokenizer":
@@ -101,7 +102,7 @@ class CLIPTokenizer:
         merge (the first 48894 merges of the file), then BOS and EOS. The result equals SD1.5's files."""
         lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
         n_merges = VOCAB_SIZE - 2 * 256 - 2  # 48894; the file holds ~262k, CLIP uses the first ones
-        merges = [tuple(line.split(" ")) for line in lines[1:1 + n_merges]]  # line 0 is a header
+        merges = [(a, b) for a, b in (line.split(" ") for line in lines[1:1 + n_merges])]  # line 0 is a header
         chars = byte_chars()
         tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + [BOS, EOS]
         return cls({t: i for i, t in enumerate(tokens)}, merges)

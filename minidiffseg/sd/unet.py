@@ -278,7 +278,7 @@ class UNet(nn.Module):
                                                       self.cfg.freq_shift).to(latents.dtype))  # (1 or B, 1280)
         x = self.conv_in(latents)
         if store is not None:
-            store.latent_hw = tuple(latents.shape[-2:])
+            store.latent_hw = (latents.shape[-2], latents.shape[-1])
         skips = [x]  # the skip stack: every resnet/transformer/downsample output of the down path
         for block in self.down_blocks:
             x = block(x, temb, context, store, skips)

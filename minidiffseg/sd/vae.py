@@ -10,6 +10,9 @@ and the mid-block attention reuses the resnet eps), unlike the U-Net's 1e-5.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -110,7 +113,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)  # (B, 128, H, W)
-        for down in self.down_blocks:  # 3 downsamples: (B, 512, H/8, W/8)
+        # cast: a ModuleList's items are typed nn.Module; these are the DownEncoderBlocks built above
+        for down in cast("Iterable[DownEncoderBlock]", self.down_blocks):  # 3 downsamples: (B, 512, H/8, W/8)
             for block in (*down.resnets, *down.downsamplers):  # one loop, so no caller holds a dead input
                 x = block(x)
         x = self.mid_block(x)

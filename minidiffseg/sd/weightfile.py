@@ -50,7 +50,7 @@ class WeightFile:
     def read_into(self, buffer: torch.Tensor, offset: int) -> None:
         """Fill `buffer` (uint8, contiguous, CPU) with the file's bytes from `offset`; a short read means the
         file was cut short."""
-        view, done = memoryview(buffer.numpy()), 0
+        view, done = buffer.numpy().data, 0  # the array's memoryview
         while done < len(view):
             n = os.preadv(self.fd, [view[done:]], offset + done)
             if n == 0:
