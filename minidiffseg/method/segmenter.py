@@ -269,13 +269,6 @@ class Segmenter:
         return check_finite(refinement.refine(qk, values).transpose(1, 2).reshape(fused.shape),
                             "the refined maps (U-Net self-attention)")
 
-    def attend(self, z0: torch.Tensor, noises: list[torch.Tensor], context: torch.Tensor,
-               select: torch.Tensor) -> AttentionMaps:
-        """record → fuse → refine for one group of B prompt rows."""
-        store = self.record(z0, noises, context, select)
-        fused, levels, layers = self.fuse(store, (z0.shape[-2], z0.shape[-1]))
-        return AttentionMaps(fused, self.refine(store, fused), levels, layers)
-
     # ---- the whole method ---------------------------------------------------------------------
 
     @torch.inference_mode()
