@@ -490,7 +490,7 @@ def stages(seg, image, classes: list[str], timer: StageTimer) -> dict:
         with timer("prompts"):
             rows = seg.prompts(classes)
         with timer("encode_text"):
-            context = seg.encode_text(rows)  # (C, 77, 768)
+            context = seg.encode_text(rows)  # states (C, 77, 768)
         with timer("encode_image"):
             z0 = seg.encode_image(to_tensor(image, torch.promote_types(seg.dtype, torch.float32)), generator)
         with timer("noises"):
@@ -504,7 +504,7 @@ def stages(seg, image, classes: list[str], timer: StageTimer) -> dict:
         with timer("post-process"):
             scores = upsample_scores(refined.flatten(0, 1), (image.height, image.width))
             decide(scores, seg.default_tau)
-    return {"text embeddings": context, "latent": z0, "fused A": fused, "refined M": refined, "scores": scores}
+    return {"text embeddings": context.states, "latent": z0, "fused A": fused, "refined M": refined, "scores": scores}
 
 
 def end_to_end(seg, image, classes: list[str], cuda: bool, clear_text: bool):

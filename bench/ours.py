@@ -35,7 +35,7 @@ def stages(seg: Segmenter, image, classes: list[str], joint: bool, clock, seed: 
     seg.text_cache.clear()
     run = seg.run(image, classes, joint=joint, seed=seed, class_batch=None,
                   clock=lambda step: clock(STAGE_OF[step]) if step in STAGE_OF else contextlib.nullcontext())
-    context = seg.encode_text(run.rows)  # cached by the run: (B, 77, D), B = C rows, or 1 in joint mode
+    context = seg.encode_text(run.rows)  # cached by the run: states (B, 77, D), B = C rows, or 1 in joint mode
     with clock("U-Net pass"):  # the network alone: every attention is fused SDPA, nothing recorded
         t = seg.timesteps[0]
         seg.sd.denoise(seg.sd.add_noise(run.z0, run.noises[0].to(run.z0), t), t, context, None)

@@ -6,7 +6,8 @@ a `complete` marker is written last, so an interrupted write is redone.
 - `random_sd(cache, model, tiny)`: SD1.5 or SD2.x (MODELS) written by the reference libraries' own
   `save_pretrained` (default initialisation, fp32 files): the headline run (run.py);
 - `random_hub_sd15()`: full-size SD1.5 as the .fp16 files the hub serves and `minidiffseg download`
-  fetches, tensor by tensor without building the models: the experiments (bench/experiments/).
+  fetches, tensor by tensor without building the models: the experiments (bench/experiments/);
+- `random_hub_sdxl()`: the same for SDXL base (bench/experiments/sdxl.py).
 The reference builders and the model configs are the tests' (tests/reference_sd.py); the tests import
 nothing from bench/.
 """
@@ -31,6 +32,7 @@ MARKER = "complete"
 # CLIP's BPE merges ship with open-clip-torch (installed with --no-deps, never imported: it needs torchvision)
 BPE_FILE = ("open_clip", "bpe_simple_vocab_16e6.txt.gz")
 HUB_SD15 = Path(__file__).resolve().parent / ".cache" / "peak-memory-sd15"  # random_hub_sd15's folder (git-ignored)
+HUB_SDXL = Path(__file__).resolve().parent / ".cache" / "sdxl"  # random_hub_sdxl's folder (git-ignored)
 
 
 def configs(tiny: bool, model: str = "sd15") -> tuple[UNetConfig, VAEConfig, CLIPTextConfig]:
@@ -78,6 +80,47 @@ def random_sd(cache: Path, model: str = "sd15", tiny: bool = False, seed: int = 
         (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
             {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
              "num_train_timesteps": 1000, "prediction_type": prediction}))
+    (folder / MARKER).write_text("written by bench/weights.py: random weights, for timing only\n")
+    return folder
+
+
+def random_hub_sdxl(folder: Path = HUB_SDXL) -> Path:
+    """Full-size random SDXL base as the hub's .fp16 files (~6.9 GB), written into `folder` on first use, tensor by
+    tensor from the reference classes' inventory on the meta device (tests/tiny_sdxl.py's FULL_* configs), with both
+    tokenizers and SDXL base's scheduler config."""
+    if (folder / MARKER).is_file():
+        return folder
+    import diffusers
+    import transformers
+    from safetensors.torch import save_file
+
+    from tiny_sdxl import FULL_TEXT_G, FULL_TEXT_L, FULL_UNET, FULL_VAE, SCHEDULER
+
+    print(f"writing full-size random SDXL (fp16 files, ~6.9 GB) to {folder} ...", file=sys.stderr)
+    shutil.rmtree(folder, ignore_errors=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        nets = {"unet": diffusers.UNet2DConditionModel(**FULL_UNET), "vae": diffusers.AutoencoderKL(**FULL_VAE),
+                "text_encoder": transformers.CLIPTextModel(transformers.CLIPTextConfig(**FULL_TEXT_L)),
+                "text_encoder_2": transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**FULL_TEXT_G))}
+    for name, net in nets.items():
+        if name.startswith("text_encoder"):
+            net.config.save_pretrained(folder / name)
+            file = "model"  # the official files name the tower `text_model.…` (transformers >= 5 drops it in memory)
+            state = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
+                     for k, v in net.state_dict().items() if not k.endswith("position_ids")}
+        else:
+            net.save_config(folder / name)
+            file, state = "diffusion_pytorch_model", net.state_dict()
+        tensors = {k: torch.randn(v.shape, generator=g, dtype=torch.float16) * 0.02 for k, v in state.items()}
+        save_file(tensors, folder / name / f"{file}.fp16.safetensors", metadata={"format": "pt"})
+        del tensors
+    tok = CLIPTokenizer.from_bpe_gz(bpe_path())
+    tok.save(folder / "tokenizer")
+    tok.save(folder / "tokenizer_2")
+    (folder / "tokenizer_2" / "special_tokens_map.json").write_text(json.dumps({"pad_token": "!"}))
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
     (folder / MARKER).write_text("written by bench/weights.py: random weights, for timing only\n")
     return folder
 

@@ -77,7 +77,7 @@ def run_pipeline(job: dict, clock: measure.Clock, device: torch.device) -> dict:
 def compiled_unet(seg, classes, joint, clock, job) -> list[str]:
     """GPU: our bare U-Net pass under torch.compile, and with CUDA graphs (mode "reduce-overhead")."""
     with torch.inference_mode():
-        context = seg.encode_text(seg.prompts(classes, joint=joint))  # (B, 77, 768)
+        context = seg.encode_text(seg.prompts(classes, joint=joint)).states  # (B, 77, 768): an SD1.5 U-Net
         side = seg.resolution // 8
         z = torch.randn(context.shape[0], 4, side, side, device=seg.device, dtype=seg.dtype)
         stages = []

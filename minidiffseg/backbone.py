@@ -1,10 +1,13 @@
 """The contract between the method and a diffusion model: what DiffSegmenter needs from a backbone, and
 nothing more (docs/design.md §2). `Segmenter` (method/segmenter.py) talks to its model only through it;
-Stable Diffusion 1.5 / 2.x (minidiffseg/sd/backbone.py) is the first implementation.
+Stable Diffusion 1.5 / 2.x (minidiffseg/sd/backbone.py) is the first implementation, SDXL
+(minidiffseg/sd/xl.py) the second.
 
 A backbone
-- encodes an image in [-1, 1] to a latent, and prompt rows to the denoiser's text context (its
-  `tokenizer` says where each class word's tokens are: method/prompts.py locates them);
+- encodes an image in [-1, 1] to a latent, and prompt rows to the denoiser's text conditioning
+  (`TextEncoding`: the per-token states the cross-attention reads, which the method's "++" re-weights,
+  and a pooled embedding where the denoiser takes one, SDXL's); its `tokenizer` says where each class
+  word's tokens are (method/prompts.py locates them);
 - noises a latent at a timestep, and runs one denoiser pass with an attention store (sd/attention.py)
   that records what the method asks for;
 - lists its attention layers (`AttentionLayer`: name, kind, grid level, heads), from which the method's
@@ -23,6 +26,14 @@ from torch import nn
 
 
 @dataclass(frozen=True)
+class TextEncoding:
+    """What a backbone's denoiser is conditioned on for B prompt rows."""
+
+    states: torch.Tensor  # (B, T, D) per-token states, the keys and values of the cross-attention
+    pooled: torch.Tensor | None = None  # (B, P) one vector per row (SDXL: bigG's projected EOS state); else None
+
+
+@dataclass(frozen=True)
 class AttentionLayer:
     """One attention layer of the denoiser, as the method sees it."""
 
@@ -33,8 +44,8 @@ class AttentionLayer:
 
 
 class Backbone(Protocol):
-    name: str  # for people: "SD1.5", "SD2.x-base (512², ε-prediction)", ...
-    kind: str  # for code: "sd1", "sd2-base", "sd2-v", "sd2"
+    name: str  # for people: "SD1.5", "SD2.x-base (512², ε-prediction)", "SDXL (1024²)", ...
+    kind: str  # for code: "sd1", "sd2-base", "sd2-v", "sd2", "sdxl", "sdxl-turbo"
     tokenizer: object  # `__call__(texts) -> (B, 77) ids`, `encode`, `max_length`: sd/tokenizer.py's interface
 
     @property
@@ -50,11 +61,11 @@ class Backbone(Protocol):
 
     def attention_layers(self) -> list[AttentionLayer]: ...
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor: ...  # (B, T, D) the denoiser's context
+    def encode_text(self, texts: list[str]) -> TextEncoding: ...  # the denoiser's conditioning, B rows
 
     def encode_image(self, x: torch.Tensor, generator: torch.Generator | None, sample: bool = True
                      ) -> torch.Tensor: ...  # x (1, 3, H, W) in [-1, 1] -> z0 (1, c, h, w)
 
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor: ...
 
-    def denoise(self, z_t: torch.Tensor, t: int, context: torch.Tensor, store) -> None: ...
+    def denoise(self, z_t: torch.Tensor, t: int, text: TextEncoding, store) -> None: ...

@@ -336,12 +336,14 @@ def test_a_folder_mixing_sd2_and_sd15_networks_is_refused(sd2_dir, tiny_sd_dir, 
     shutil.rmtree(mixed / "text_encoder")
     shutil.copytree(tiny_sd_dir / "text_encoder", mixed / "text_encoder")
     with pytest.raises(UserError, match=r"mixed: context width mismatch: the U-Net's cross-attention reads 48-wide "
-                                        r"text \(SD1\.5: 768, SD2\.x: 1024\) but the text encoder gives 32"):
+                                        r"text \(SD1\.5: 768, SD2\.x: 1024, SDXL: 768 \+ 1280 = 2048\) but the text "
+                                        r"encoder\(s\) give 32 \(text_encoder\)"):
         load_sd(mixed)
     other = shutil.copytree(tiny_sd_dir, tmp_path / "other")
     shutil.rmtree(other / "text_encoder")
     shutil.copytree(sd2_dir / "text_encoder", other / "text_encoder")
-    with pytest.raises(UserError, match=r"reads 32-wide text .* gives 48: the checkpoint mixes the networks of two"):
+    with pytest.raises(UserError, match=r"reads 32-wide text .* give 48 \(text_encoder\): the checkpoint mixes the "
+                                        r"networks of two"):
         load_sd(other)
 
 

@@ -160,7 +160,7 @@ def test_plus_plus_reweighting_formula(seg64):
     sd = seg64.sd
     tok, enc = sd.tokenizer, sd.text_encoder
     row = template_prompt(tok, "potted plant")
-    got = seg64.encode_text([row])[0]
+    got = seg64.encode_text([row]).states[0]
     ids = tok(["a photograph of potted plant"])
     z, z0 = enc(ids)[0], enc(tok([""]))[0]
     w = torch.ones(77, 1, dtype=z.dtype)

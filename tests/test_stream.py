@@ -292,7 +292,8 @@ def test_file_replaced_during_a_run_is_harmless(tiny_sd_dir, tmp_path, image):
 
 def test_cli_stream_and_low_memory(tiny_sd_dir, tmp_path, image):
     """`segment --stream` writes the resident run's scores; `--low-memory` (streamed, at most 4 classes per U-Net
-    call) those of the resident run with --class-batch 4 (other batch sizes round differently)."""
+    call) those of the resident run with --class-batch 4 (other batch sizes round differently), both in fp32:
+    without --dtype, --low-memory computes in bf16 where the CPU has fast bf16 (cli/options.py dtype_of)."""
     from safetensors.torch import load_file
 
     from minidiffseg.cli import main
@@ -301,12 +302,12 @@ def test_cli_stream_and_low_memory(tiny_sd_dir, tmp_path, image):
     image.save(photo)
     classes = "cat,dog,sofa,person,car"
     outs = {}
-    for flags in ([], ["--stream"], ["--class-batch", "4"], ["--low-memory"]):
+    for flags in ([], ["--stream"], ["--class-batch", "4"], ["--low-memory", "--dtype", "fp32"]):
         out = tmp_path / ("out" + "".join(flags))
         assert main(["segment", str(photo), "--classes", classes, "--weights", str(tiny_sd_dir), "--device", "cpu",
                      "--resolution", str(RES), "--out", str(out), *flags]) == 0
         outs[tuple(flags)] = load_file(out / "photo_scores.safetensors")
-    for flags, same in ((("--stream",), ()), (("--low-memory",), ("--class-batch", "4"))):
+    for flags, same in ((("--stream",), ()), (("--low-memory", "--dtype", "fp32"), ("--class-batch", "4"))):
         for k, v in outs[same].items():
             assert torch.equal(outs[flags][k], v), f"{flags} {k}: max abs diff {(outs[flags][k] - v).abs().max()}"
 

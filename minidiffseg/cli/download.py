@@ -17,11 +17,11 @@ def register(subparsers) -> None:
                               "files only. See weights/README.md for layouts, sizes, licences and checksums.")
     p.add_argument("--what", choices=[*REPOS, "all"], default="sd15",
                    help="sd15 (default; segment/maps/eval), sd21-base, sd21 (768², v-prediction) or sd-turbo "
-                        "(Stable Diffusion 2.x, docs/sd2.md), clip and blip (the class filter), or all (sd15, "
-                        "clip and blip)")
+                        "(Stable Diffusion 2.x, docs/sd2.md), sdxl or sdxl-turbo (docs/sdxl.md), clip and blip (the "
+                        "class filter), or all (sd15, clip and blip)")
     p.add_argument("--variant", choices=list(VARIANTS), default="fp16",
-                   help="Stable Diffusion files in fp16 (default; SD1.5 2.1 GB, SD2.x 2.6 GB; computed in --dtype) or "
-                        "fp32 (4.3 GB, 5.2 GB); CLIP and BLIP exist in fp32 only")
+                   help="Stable Diffusion files in fp16 (default; SD1.5 2.1 GB, SD2.x 2.6 GB, SDXL 6.9 GB; computed in "
+                        "--dtype) or fp32 (4.3 GB, 5.2 GB, 13.9 GB); CLIP and BLIP exist in fp32 only")
     p.add_argument("--revision", metavar="REV",
                    help="a commit hash (or branch, tag) of the model's repo: the files as they were at that commit, "
                         "e.g. the one whose SHA-256s weights/README.md lists; default: the repo's main branch")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from ..sd import loading
-from ..sd.checkpoint import (WEIGHTS, Part, Parts, diffusers_parts, model_kind, model_name, part_of, scheduler_config,
+from ..sd.checkpoint import (Part, Parts, diffusers_parts, model_kind, model_name, part_of, scheduler_config,
                               single_file_parts, unet_config)
 from ..sd.hub import KNOWN_SHA256, gb
 from ..sd.loading import Report, build_on_meta, check_suffix, keys_text, read_header
@@ -77,8 +77,8 @@ def detect(path: Path) -> tuple[str, Parts]:
     """(layout description, networks by component name) of a checkpoint path; UserError when it is none of the
     known layouts."""
     if not path.exists():
-        raise UserError(f"{path}: not found; fetch Stable Diffusion (SD1.5 or SD2.x) or the filter's CLIP/BLIP with "
-                        f"`minidiffseg download --what sd15|sd21-base|sd21|sd-turbo|clip|blip --dir {path}` "
+        raise UserError(f"{path}: not found; fetch Stable Diffusion (SD1.5, SD2.x, SDXL) or the filter's CLIP/BLIP with "
+                        f"`minidiffseg download --what sd15|sd21-base|sd21|sd-turbo|sdxl|sdxl-turbo|clip|blip --dir {path}` "
                         "(weights/README.md)")
     if path.is_file():
         check_suffix(path)
@@ -87,15 +87,15 @@ def detect(path: Path) -> tuple[str, Parts]:
             part_of(parts, key).names[key] = key
         unet = unet_config(parts)
         return f"LDM single file (original layout): {model_name(model_kind(unet, single_file=True), unet)}", parts
-    if all((path / c).is_dir() for c in WEIGHTS):
+    if all((path / c).is_dir() for c in ("unet", "vae", "text_encoder")):
         parts = diffusers_parts(path)
-        unet = unet_config(parts)
-        return f"diffusers {model_name(model_kind(unet), unet, scheduler_config(path))} folder", parts
+        unet, scheduler = unet_config(parts), scheduler_config(path)
+        return f"diffusers {model_name(model_kind(unet, scheduler=scheduler), unet, scheduler)} folder", parts
     config = path / "config.json"
     kind = json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
     if kind in ("clip", "blip"):
         return f"{kind.upper()} hub folder (the class filter's)", {kind: _hub_folder(path, kind)}
-    raise UserError(f"{path}: unknown layout: neither a diffusers SD1.5/SD2.x folder (unet/, vae/, text_encoder/) nor "
+    raise UserError(f"{path}: unknown layout: neither a diffusers SD1.5/SD2.x/SDXL folder (unet/, vae/, text_encoder/) nor "
                     "a CLIP or BLIP folder (config.json + model.safetensors) nor a .safetensors file")
 
 

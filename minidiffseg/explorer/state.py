@@ -103,7 +103,7 @@ class Exploration:
                       class_batch=None, probs=True, clock=clock,  # one U-Net call, every token's probabilities too
                       progress=lambda i, n, t: report(0.15 + 0.7 * i / n, f"U-Net pass {i + 1} of {n} (t = {t}, "
                                                                           f"{len(classes) if not joint else 1} row(s))"))
-        store, rows, size = run.stores[0], run.rows, (run.z0.shape[-2], run.z0.shape[-1])
+        store, rows, size = run.stores[0], run.rows, seg.map_size(run.z0)
         token_layers = {name: _on_grid(_wide(store.mean(store.prob_maps, name)), store.shapes[name])
                         for name in store.prob_maps}  # {name: (B, 77, h_l, w_l)}
         token_levels = level_maps(token_layers, seg.levels)

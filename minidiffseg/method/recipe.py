@@ -87,6 +87,9 @@ class Recipe:
             raise UserError(f"tokens {self.tokens!r}: use 'last' (official) or 'all'")
         if not self.level_weights:
             raise UserError("level_weights is empty: give at least one level's fusion weight")
+        if len(set(self.self_levels)) != 1:
+            raise UserError(f"self_levels {self.self_levels}: the refinement M = S·A multiplies the maps by the "
+                            "self-attention of one grid; give one level, e.g. (1,)")
 
     @property
     def prompt_options(self) -> dict:
@@ -94,8 +97,19 @@ class Recipe:
         return dict(tokens=self.tokens, class_weight=self.class_weight, ing_token=self.ing_token)
 
 
+# SDXL (docs/sdxl.md §3): its U-Net attends at two levels only, 2 and 4 (64² and 32² at 1024²; a level's grid
+# cell is 8·level pixels at any resolution). Each keeps the paper's weight for the same cell size (16 px: 0.1,
+# 32 px: 0.5), so the coarser grid carries the semantics as in the paper; the refinement reads the finest grid.
+SDXL_LEVEL_WEIGHTS = {4: DEFAULT_LEVEL_WEIGHTS[4], 2: DEFAULT_LEVEL_WEIGHTS[2]}
+SDXL_SELF_LEVELS = (2,)
+
+
 def recipe_for(backbone) -> Recipe:
     """The recipe a backbone is segmented with by default, by its `kind`. SD1.x: the paper's. SD2.x: the same
     choices (its U-Net has SD1.5's layout: the same four levels, the finest self-attention at 64² for 512²
-    inputs, docs/sd2.md); no ablation on SD2.x has been published."""
+    inputs, docs/sd2.md); no ablation on SD2.x has been published. SDXL and SDXL-Turbo: the paper's weights at
+    the two levels SDXL has, the refinement at its finest (docs/sdxl.md §3); t = 100 (SDXL's noise schedule is
+    SD's), the same prompt template and "++"."""
+    if getattr(backbone, "kind", "sd1") in ("sdxl", "sdxl-turbo"):
+        return Recipe(level_weights=SDXL_LEVEL_WEIGHTS, self_levels=SDXL_SELF_LEVELS)
     return Recipe()

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..backbone import TextEncoding
 from ..errors import UserError
 from ..image import load_image, to_tensor
 from ..sd.attention import AttentionStore
@@ -58,8 +59,8 @@ class SegmentationResult:
     scores: torch.Tensor  # (C, H, W) float in [0, 1] at the input image's size
     mask: torch.Tensor  # (H, W) int64: 0 = background, i = classes[i-1]
     tau: float  # the background score τ that `mask` was decided against
-    fused: torch.Tensor  # (C, h, w) fused cross-attention maps A on the latent grid (64² at 512²)
-    refined: torch.Tensor  # (C, h, w) M = S·A on the latent grid, before upsampling and min-max
+    fused: torch.Tensor  # (C, h, w) fused cross-attention maps A on the refinement's grid (SD: the latent's, 64² at 512²)
+    refined: torch.Tensor  # (C, h, w) M = S·A on that grid, before upsampling and min-max
     levels: dict[int, torch.Tensor] = field(default_factory=dict)  # {level: (C, h_l, w_l)} per-level means
     layers: dict[str, torch.Tensor] = field(default_factory=dict)  # {layer name: (C, h_l, w_l)} per layer
 
@@ -88,6 +89,18 @@ class AttentionMaps:
         return AttentionMaps(cat(g.fused for g in groups), cat(g.refined for g in groups),
                              {k: cat(g.levels[k] for g in groups) for k in groups[0].levels},
                              {k: cat(g.layers[k] for g in groups) for k in groups[0].layers})
+
+
+def check_levels(recipe: Recipe, layers, model: str) -> None:
+    """One UserError line when the recipe names grid levels at which the backbone has no attention layer of the
+    kind it reads (e.g. SD1.5's level 1 on SDXL, whose finest attention is at level 2)."""
+    have = {kind: sorted({m.level for m in layers if m.kind == kind}) for kind in ("cross", "self")}
+    for kind, field_, wanted in (("cross", "level_weights", recipe.level_weights), ("self", "self_levels",
+                                                                                  recipe.self_levels)):
+        missing = sorted(set(wanted) - set(have[kind]))
+        if missing:
+            raise UserError(f"recipe {field_} names level(s) {missing}, but {model} has {kind}-attention at levels "
+                            f"{have[kind]} only (level = latent side / the layer's grid side): choose among those")
 
 
 def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -125,11 +138,12 @@ class Segmenter:
         self.joint = joint
         self.class_batch = class_batch
         layers = sd.attention_layers()
+        check_levels(self.recipe, layers, getattr(sd, "name", "this model"))
         self.cross_layers = {m.name for m in layers if m.kind == "cross" and m.level in self.recipe.level_weights}
         self.self_layers = {m.name for m in layers if m.kind == "self" and m.level in self.recipe.self_levels}
         self.levels = {m.name: m.level for m in layers}
         # prompt rows -> re-weighted text embeddings: the same classes over many images are encoded once
-        self.text_cache: dict[tuple, torch.Tensor] = {}
+        self.text_cache: dict[tuple, TextEncoding] = {}
 
     def with_recipe(self, **changes) -> "Segmenter":
         """A segmenter with these recipe fields replaced, sharing this one's networks and text cache."""
@@ -165,9 +179,11 @@ class Segmenter:
         """Move the networks to `device` and/or `dtype` (chosen for the device as `from_pretrained` does);
         returns self."""
         device = torch.device(device) if device is not None else self.device
-        p = precision(dtype, device) if dtype is not None else Precision(self.dtype)
+        chosen = precision(dtype, device) if dtype is not None else Precision(self.dtype)
         for net in self.sd.networks().values():
-            weights = weights_of(net)
+            weights, p = weights_of(net), chosen
+            if getattr(getattr(net, "cfg", None), "force_upcast", False) and p.compute == torch.float16:
+                p = Precision(torch.float32)  # SDXL's VAE overflows float16: computed in float32 (sd/checkpoint.py)
             if isinstance(weights, Resident) and p.keep is not None:  # kept in half precision, up-cast per block
                 state = {k: t.to(p.keep) for k, t in net.state_dict().items()}
                 UpcastWeights(net, {k: k for k in state}, state, p.compute, device)
@@ -204,16 +220,18 @@ class Segmenter:
         caps: Sequence[str | None] = captions or [None] * len(classes)
         return [template_prompt(tok, c, self.template, caption, **opts) for c, caption in zip(classes, caps)]
 
-    def encode_text(self, rows: list[ClassPrompt]) -> torch.Tensor:
-        """(B, 77, D) re-weighted text embeddings z' = z∅ + w·(z − z∅), cached per list of rows."""
+    def encode_text(self, rows: list[ClassPrompt]) -> TextEncoding:
+        """The rows' text conditioning, its states (B, 77, D) re-weighted z' = z∅ + w·(z − z∅) ("++"; the pooled
+        embedding of backbones that take one, SDXL's, is the prompt's own), cached per list of rows."""
         key = tuple((r.text, tuple(r.weights.tolist())) for r in rows)
         if key not in self.text_cache:
             if len(self.text_cache) > 64:  # bounded: prompts with per-image captions never repeat
                 self.text_cache.clear()
-            z_empty = self.sd.encode_text([""])  # z∅ (1, 77, D)
+            z_empty = self.sd.encode_text([""]).states  # z∅ (1, 77, D)
             z = self.sd.encode_text([r.text for r in rows])
             w = torch.stack([r.weights for r in rows]).to(self.device)
-            self.text_cache[key] = check_finite(reweight(z, z_empty, w), "the text embeddings (text encoder)")
+            states = check_finite(reweight(z.states, z_empty, w), "the text embeddings (text encoder)")
+            self.text_cache[key] = TextEncoding(states, z.pooled)
         return self.text_cache[key]
 
     def encode_image(self, x: torch.Tensor, generator: torch.Generator, posterior: str = "sample") -> torch.Tensor:
@@ -242,9 +260,9 @@ class Segmenter:
                             f"for a {self.resolution}² image")
         return list(noise.expand(shape)[:, None])
 
-    def record(self, z0: torch.Tensor, noises: list[torch.Tensor], context: torch.Tensor,
+    def record(self, z0: torch.Tensor, noises: list[torch.Tensor], context: TextEncoding,
                select: torch.Tensor, *, probs: Set[str] = frozenset(), progress=None) -> AttentionStore:
-        """The denoiser passes, one per timestep, for B prompt rows `context` (B, 77, D), with an attention store
+        """The denoiser passes, one per timestep, for B prompt rows `context` (states (B, 77, D)), with an attention store
         that keeps the cross maps projected on `select` (B, 77, K) and the Q/K of the refinement layers;
         also the head-averaged probabilities of the layers named in `probs` (the explorer's every-token maps).
         `progress(i, n, t)` is called before pass i of n."""
@@ -257,8 +275,14 @@ class Segmenter:
             self.sd.denoise(z_t, t, context, store)  # z_t (1, …): batch broadcasts
         return store
 
+    def map_size(self, z0: torch.Tensor) -> tuple[int, int]:
+        """The grid A and M live on: that of the refinement's self-attention, the latent's (64² at 512²) for
+        SD1.5/SD2.x; SDXL's finest attention is at half the latent's side (64² at 1024²)."""
+        level = self.self_levels[0]
+        return z0.shape[-2] // level, z0.shape[-1] // level
+
     def fuse(self, store: AttentionStore, size: tuple[int, int]) -> tuple[torch.Tensor, dict, dict]:
-        """A (B, K, h, w) on the latent grid `size`, with the per-level and per-layer maps it was fused from."""
+        """A (B, K, h, w) on the grid `size` (`map_size`), with the per-level and per-layer maps it was fused from."""
         fused, levels, layers = fused_map(store, self.levels, self.level_weights, size)
         return check_finite(fused, "the cross-attention maps (U-Net)"), levels, layers
 
@@ -302,12 +326,12 @@ class Segmenter:
         for i in range(0, len(rows), step):  # one U-Net call per group of rows
             g = rows[i:i + step]
             with clock("encode_text"):
-                context = self.encode_text(g)  # (B, 77, D)
+                context = self.encode_text(g)  # states (B, 77, D)
             with clock("record"):
                 store = self.record(z0, noises, context, torch.stack([r.select for r in g]),  # select (B, 77, K)
                                     probs=self.cross_layers if probs else frozenset(), progress=progress)
             with clock("fuse"):
-                fused, levels, layers = self.fuse(store, (z0.shape[-2], z0.shape[-1]))
+                fused, levels, layers = self.fuse(store, self.map_size(z0))
             with clock("refine"):
                 groups.append(AttentionMaps(fused, self.refine(store, fused), levels, layers))
             stores.append(store)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..backbone import AttentionLayer
+from ..backbone import AttentionLayer, TextEncoding
 from .attention import AttentionStore
 from .clip import CLIPTextModel
 from .schedule import NoiseSchedule
@@ -50,9 +50,9 @@ class StableDiffusion:
         """The U-Net's 32 attention layers (16 self, 16 cross) in execution order."""
         return [AttentionLayer(m.name, m.kind, m.level, m.heads) for m in self.unet.attention_layers()]
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
+    def encode_text(self, texts: list[str]) -> TextEncoding:
         """Prompts -> the U-Net's context (B, 77, 768 | 1024): CLIP's last (SD2.x: penultimate) hidden states."""
-        return self.text_encoder(self.tokenizer(texts).to(self.device))
+        return TextEncoding(self.text_encoder(self.tokenizer(texts).to(self.device)))
 
     def encode_image(self, x: torch.Tensor, generator: torch.Generator | None, sample: bool = True) -> torch.Tensor:
         """x (1, 3, H, W) in [-1, 1] -> z0 (1, 4, H/8, W/8), scaled by 0.18215 (a posterior sample or its mean)."""
@@ -62,6 +62,6 @@ class StableDiffusion:
         """z_t = √ᾱ_t z0 + √(1 − ᾱ_t) ε (DDPM, 1000 steps)."""
         return self.schedule.add_noise(z0, noise, t)
 
-    def denoise(self, z_t: torch.Tensor, t: int, context: torch.Tensor, store: AttentionStore | None) -> None:
+    def denoise(self, z_t: torch.Tensor, t: int, text: TextEncoding, store: AttentionStore | None) -> None:
         """One U-Net pass recording into `store`; its ε is not computed (the last norm and conv skipped)."""
-        self.unet(z_t, t, context, store=store, output=False)
+        self.unet(z_t, t, text.states, store=store, output=False)

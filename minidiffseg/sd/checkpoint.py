@@ -32,7 +32,7 @@ from torch import nn
 
 from . import hub, ldm, openclip
 from .backbone import StableDiffusion
-from .clip import CLIPTextModel
+from .clip import CLIPTextModel, CLIPTextModelWithProjection
 from .config import CLIPTextConfig, UNetConfig, VAEConfig
 from ..errors import UserError
 from .loading import PICKLE_SUFFIXES, build_on_meta, check_suffix, keys_text, load_strict, read_header
@@ -42,15 +42,20 @@ from .stream import stream_weights, upcast_weights
 from .tokenizer import EOS, CLIPTokenizer
 from .unet import UNet
 from .vae import VAEEncoder
+from .xl import StableDiffusionXL
 
 DOWNLOAD = ("fetch Stable Diffusion with `minidiffseg download --what sd15 --dir FOLDER` (SD1.5; --what sd21-base, "
-            "sd21 or sd-turbo for SD2.x)")
-WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+            "sd21 or sd-turbo for SD2.x, sdxl or sdxl-turbo for SDXL)")
+WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+           "text_encoder_2": "model"}
 # which Stable Diffusion a checkpoint is (`model_kind`), and the family each kind belongs to (for messages)
 KINDS = {"sd1": "SD1.5",  # SD1.x: 1×1-conv projections in the U-Net's transformers, OpenAI's CLIP text tower
          "sd2": "SD2.x",  # an SD2.x single file: its training size and prediction type are not stored
          "sd2-base": "SD2.x",  # an SD2.x folder trained at 512² (SD2.1-base, SD-Turbo)
-         "sd2-v": "SD2.x"}  # an SD2.x folder trained at another size (SD2.1 768-v)
+         "sd2-v": "SD2.x",  # an SD2.x folder trained at another size (SD2.1 768-v)
+         "sdxl": "SDXL",  # the U-Net takes the pooled text and time ids (`text_time`); two text towers
+         "sdxl-turbo": "SDXL"}  # an SDXL folder whose scheduler is SDXL-Turbo's (trailing timesteps): 512²
+SDXL_KINDS = ("sdxl", "sdxl-turbo")
 
 
 @dataclass
@@ -72,8 +77,9 @@ Parts = dict[str, Part]  # the networks of one checkpoint by component name (nam
 
 def load_sd(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
             variant: str | None = None, tokenizer: str | Path | CLIPTokenizer | None = None,
-            stream: bool = False, keep: torch.dtype | None = None, revision: str | None = None) -> StableDiffusion:
-    """SD1.5 or SD2.x from a diffusers folder or a single LDM .safetensors file, in `dtype` on `device`, in eval
+            stream: bool = False, keep: torch.dtype | None = None, revision: str | None = None
+            ) -> StableDiffusion | StableDiffusionXL:
+    """SD1.5, SD2.x or SDXL from a diffusers folder or a single LDM .safetensors file, in `dtype` on `device`, in eval
     mode without gradients; `.kind` and `.name` say which (decided from the files, docs/sd2.md §2). `variant`: None
     prefers the fp32 files of a diffusers folder and falls back to the `.fp16` ones; "fp16" takes only those. `tokenizer`: a folder with vocab.json + merges.txt or
     a built CLIPTokenizer, instead of the checkpoint's own tokenizer/ folder. `path` may also be a hub id
@@ -96,34 +102,54 @@ def load_sd(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: 
         parts, unknown = single_file_parts(path)
     else:
         parts, unknown = diffusers_parts(path, variant), []  # configs and headers: the weights are read below
-    kind = model_kind(unet_config(parts), single_file)
-    tok = _tokenizer(tokenizer, (path.parent if single_file else path) / "tokenizer", path, kind)
+    scheduler = None if single_file else scheduler_config(path)
+    kind = model_kind(unet_config(parts), single_file, scheduler)
+    here = path.parent if single_file else path
+    # the padding token where the folder names none: OpenAI's CLIP (SD1.x's, SDXL's first tower) pads with EOS,
+    # OpenCLIP's tokenizers (SD2.x's, SDXL's second) with "!" (id 0)
+    tok = _tokenizer(tokenizer, here / "tokenizer", path, EOS if kind in ("sd1", *SDXL_KINDS) else "!")
     if unknown:
         raise UserError(f"{path}: {len(unknown)} unexpected tensor(s): {keys_text(unknown)}; neither a tensor of an "
                         f"{KINDS[kind]} single file nor one ignored by name (minidiffseg.sd.ldm.IGNORED)")
     load = stream_weights if stream else partial(upcast_weights, keep=keep) if keep is not None else load_strict
     # an SD2.x single file's text tower is filled under OpenCLIP's names and then split (`finish`): it is
     # loaded resident even when the rest streams (docs/sd2.md §3)
-    nets = {c: (load_strict if p.finish else load)(p.module, p.file, p.names, dtype, device, p.what)
+    nets = {c: (load_strict if p.finish else load)(p.module, p.file, p.names, _dtype_of(c, p, dtype), device, p.what)
             for c, p in parts.items()}
     nets = {c: finish(net) if (finish := parts[c].finish) is not None else net for c, net in nets.items()}
-    text_encoder, vae, unet = nets["text_encoder"], nets["vae"], nets["unet"]
-    assert isinstance(text_encoder, CLIPTextModel) and isinstance(vae, VAEEncoder) and isinstance(unet, UNet)
-    scheduler = None if single_file else scheduler_config(path)
-    return StableDiffusion(tok, text_encoder, vae, unet, _schedule(scheduler, path),
-                           model_name(kind, unet.cfg, scheduler), kind)
+    vae, unet = nets["vae"], nets["unet"]
+    assert isinstance(vae, VAEEncoder) and isinstance(unet, UNet)
+    schedule, name = _schedule(scheduler, path), model_name(kind, unet.cfg, scheduler)
+    if kind in SDXL_KINDS:
+        text_l, text_g = nets["text_encoder"], nets["text_encoder_2"]
+        assert isinstance(text_l, CLIPTextModel) and isinstance(text_g, CLIPTextModelWithProjection)
+        tok_2 = _tokenizer(tokenizer, here / "tokenizer_2", path, "!")
+        return StableDiffusionXL(tok, tok_2, text_l, text_g, vae, unet, schedule, name, kind,
+                                 512 if kind == "sdxl-turbo" else unet.cfg.sample_size * 8)
+    text_encoder = nets["text_encoder"]
+    assert isinstance(text_encoder, CLIPTextModel)
+    return StableDiffusion(tok, text_encoder, vae, unet, schedule, name, kind)
 
 
-def _tokenizer(tokenizer, default: Path, path: Path, kind: str) -> CLIPTokenizer:
+def _dtype_of(component: str, part: Part, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a network is loaded in: `dtype`, but float32 for a VAE whose config says `force_upcast` (SDXL's:
+    it overflows float16) when `dtype` is float16, as diffusers computes it."""
+    cfg = getattr(part.module, "cfg", None)
+    upcast = component == "vae" and dtype == torch.float16 and getattr(cfg, "force_upcast", False)
+    return torch.float32 if upcast else dtype
+
+
+def _tokenizer(tokenizer, default: Path, path: Path, default_pad: str) -> CLIPTokenizer:
+    """The `tokenizer=` argument (a built tokenizer: as given for SD1.x/SD2.x, with `default_pad` as SDXL's second
+    tokenizer; a folder) or else the checkpoint's `default` folder; its padding token is the one the folder names
+    (special_tokens_map.json), else `default_pad`."""
     if isinstance(tokenizer, CLIPTokenizer):
-        return tokenizer
+        return tokenizer if default.name == "tokenizer" else CLIPTokenizer(tokenizer.vocab, tokenizer.merges, default_pad)
     folder = Path(tokenizer) if tokenizer is not None else default
     if not folder.is_dir():
         raise UserError(f"{path}: no tokenizer folder {folder}: put the model's tokenizer/ (vocab.json, merges.txt) "
                         f"there or pass tokenizer=<folder>; {DOWNLOAD}")
-    # the padding token is the one the folder names (special_tokens_map.json); where it names none, the
-    # model's own: SD2.x's OpenCLIP tokenizer pads with "!" (id 0), SD1.x's (OpenAI's CLIP) with EOS
-    return CLIPTokenizer.from_dir(folder, default_pad=EOS if kind == "sd1" else "!")
+    return CLIPTokenizer.from_dir(folder, default_pad=default_pad)
 
 
 def unet_config(parts: Parts) -> UNetConfig:
@@ -133,11 +159,14 @@ def unet_config(parts: Parts) -> UNetConfig:
     return unet.cfg
 
 
-def model_kind(unet: UNetConfig, single_file: bool = False) -> str:
+def model_kind(unet: UNetConfig, single_file: bool = False, scheduler: dict | None = None) -> str:
     """Which Stable Diffusion a checkpoint is (a key of KINDS), from its U-Net's config (never from a file or
-    repo name): SD2.x's transformers have linear projections and per-level heads, SD1.x's 1×1 convs; an
-    SD2.x folder is "sd2-base" when trained at 512² (sample_size × 8), else "sd2-v"; a single file stores
-    no training size, so it is "sd2"."""
+    repo name): SDXL's U-Net takes the pooled text and time ids (`text_time`), and an SDXL folder whose scheduler
+    spaces its timesteps "trailing" is SDXL-Turbo's (its few-step sampler; SDXL base's: "leading"); SD2.x's
+    transformers have linear projections and per-level heads, SD1.x's 1×1 convs; an SD2.x folder is "sd2-base"
+    when trained at 512² (sample_size × 8), else "sd2-v"; a single file stores no training size, so it is "sd2"."""
+    if unet.addition_embed_type == "text_time":
+        return "sdxl-turbo" if (scheduler or {}).get("timestep_spacing") == "trailing" else "sdxl"
     if not unet.use_linear_projection:
         return "sd1"  # SD1.x checkpoints share this architecture
     if single_file:
@@ -152,6 +181,8 @@ def model_name(kind: str, unet: UNetConfig, scheduler: dict | None = None) -> st
     if kind in ("sd1", "sd2"):
         single = " (single file: its training size and prediction type are not stored)" if kind == "sd2" else ""
         return KINDS[kind] + single
+    if kind in SDXL_KINDS:
+        return "SDXL-Turbo (512²)" if kind == "sdxl-turbo" else f"SDXL ({unet.sample_size * 8}²)"
     predictions: dict[object, str] = {"epsilon": "ε-prediction", "v_prediction": "v-prediction"}
     prediction = predictions.get((scheduler or {}).get("prediction_type"), "prediction type unknown")
     return f"{KINDS[kind]}{'-base' if kind == 'sd2-base' else ''} ({unet.sample_size * 8}², {prediction})"
@@ -181,31 +212,57 @@ def _schedule(scheduler: dict | None, path: Path) -> NoiseSchedule:
                          float(scheduler.get("beta_end", 0.012)))
 
 
-def _check_context(where: Path, parts: Parts) -> None:
-    """The U-Net's cross-attention reads the text encoder's output: their widths, as the files store them
-    (a file that disagrees with its own config is the loader's finding), must agree."""
-    def stored(part: Part, suffix: str, dim: int) -> int | None:  # a dimension of the tensor filling `*suffix`
-        key = next((k for k, name in part.names.items() if name.endswith(suffix)), None)
-        return part.shapes[key][dim] if key is not None and len(part.shapes[key]) > dim else None
+def _stored(part: Part, suffix: str, dim: int) -> int | None:
+    """A dimension of the tensor (as the file stores it) that fills the parameter named `*suffix` in `part`."""
+    key = next((k for k, name in part.names.items() if name.endswith(suffix)), None)
+    return part.shapes[key][dim] if key is not None and len(part.shapes[key]) > dim else None
 
-    text, unet = parts["text_encoder"], parts["unet"]
-    reads, gives = stored(unet, "attn2.to_k.weight", 1), stored(text, "token_embedding.weight", 1)  # [C, ctx], [V, W]
-    if None not in (reads, gives) and reads != gives:
+
+def _check_context(where: Path, parts: Parts) -> None:
+    """The U-Net's cross-attention reads the text encoders' output (SDXL: both towers' side by side), and SDXL's
+    added embedding the second tower's pooled projection: their widths, as the files store them (a file that
+    disagrees with its own config is the loader's finding), must agree."""
+    unet = parts["unet"]
+    towers = [c for c in ("text_encoder", "text_encoder_2") if c in parts]
+    reads = _stored(unet, "attn2.to_k.weight", 1)  # [C, ctx]
+    widths = [_stored(parts[c], "token_embedding.weight", 1) for c in towers]  # [V, W] each
+    if reads is None or None in widths:
+        return
+    gives = sum(w for w in widths if w is not None)
+    if reads != gives:
+        given = " + ".join(f"{w} ({c})" for c, w in zip(towers, widths))
         raise UserError(f"{where}: context width mismatch: the U-Net's cross-attention reads {reads}-wide text "
-                        f"(SD1.5: 768, SD2.x: 1024) but the text encoder gives {gives}: the checkpoint mixes the "
-                        "networks of two models; use one model's unet/ and text_encoder/")
+                        f"(SD1.5: 768, SD2.x: 1024, SDXL: 768 + 1280 = 2048) but the text encoder(s) give {given}: "
+                        "the checkpoint mixes the networks of two models; use one model's unet/ and text encoders")
+    cfg = unet.module.cfg if isinstance(unet.module, UNet) else None
+    takes = _stored(unet, "add_embedding.linear_1.weight", 1)  # [temb, 6·time dim + pooled width]
+    pooled = _stored(parts["text_encoder_2"], "text_projection.weight", 0) if "text_encoder_2" in parts else None
+    if cfg is not None and takes is not None and pooled is not None and cfg.addition_time_embed_dim is not None \
+            and takes - 6 * cfg.addition_time_embed_dim != pooled:
+        raise UserError(f"{where}: pooled width mismatch: the U-Net's added embedding takes "
+                        f"{takes - 6 * cfg.addition_time_embed_dim}-wide pooled text (SDXL: 1280) but text_encoder_2 "
+                        f"projects to {pooled}: use one model's unet/ and text_encoder_2/")
 
 
 def diffusers_parts(folder: Path, variant: str | None = None) -> Parts:
-    """Text encoder, VAE encoder and U-Net of a diffusers folder, sizes from each config.json."""
-    absent = [c for c in WEIGHTS if not (folder / c).is_dir()]
+    """Text encoder(s), VAE encoder and U-Net of a diffusers folder, sizes from each config.json. An SDXL U-Net
+    (its config's `text_time` added embedding) takes a second text tower, text_encoder_2/."""
+    absent = [c for c in ("unet", "vae", "text_encoder") if not (folder / c).is_dir()]
     if absent:
         raise UserError(f"{folder}: unknown checkpoint layout: a diffusers Stable Diffusion folder holds unet/, vae/, "
-                        f"text_encoder/ and tokenizer/, this one lacks {', '.join(absent)}/; {DOWNLOAD}, or "
-                        "give a single SD1.5/SD2.x .safetensors file")
-    specs = {"text_encoder": (CLIPTextModel, CLIPTextConfig.from_transformers, _text_name),
-             "vae": (VAEEncoder, VAEConfig.from_diffusers, _vae_name),
-             "unet": (UNet, UNetConfig.from_diffusers, lambda key, shape: key)}
+                        f"text_encoder/ and tokenizer/ (SDXL also text_encoder_2/ and tokenizer_2/), this one lacks "
+                        f"{', '.join(absent)}/; {DOWNLOAD}, or give a single .safetensors file")
+    unet_cfg = UNetConfig.from_diffusers(_config(folder / "unet"))
+    specs: dict[str, tuple[type[nn.Module], Any, Callable[[str, tuple[int, ...]], str]]] = {
+        "text_encoder": (CLIPTextModel, CLIPTextConfig.from_transformers, _text_name)}
+    if unet_cfg.addition_embed_type == "text_time":  # SDXL
+        if not (folder / "text_encoder_2").is_dir():
+            raise UserError(f"{folder}: the U-Net is SDXL's (it takes a pooled text embedding) but there is no "
+                            "text_encoder_2/ (OpenCLIP bigG): SDXL needs both text towers; download the whole "
+                            "folder (`minidiffseg download --what sdxl`)")
+        specs["text_encoder_2"] = (CLIPTextModelWithProjection, CLIPTextConfig.from_transformers, _text_name)
+    specs.update({"vae": (VAEEncoder, VAEConfig.from_diffusers, _vae_name),
+                  "unet": (UNet, lambda cfg: unet_cfg, lambda key, shape: key)})
     configs = {c: read(_config(folder / c)) for c, (_, read, _) in specs.items()}  # all sizes before any file
     parts = {}
     for component, (cls, _, name_of) in specs.items():
@@ -220,8 +277,9 @@ def diffusers_parts(folder: Path, variant: str | None = None) -> Parts:
 
 
 def _text_name(key: str, shape: tuple[int, ...]) -> str:
-    """Official files name the text tower `text_model.…`; files written by transformers >= 5 drop the prefix."""
-    return key if key.startswith("text_model.") else f"text_model.{key}"
+    """Official files name the text tower `text_model.…` (and SDXL's second tower's projection `text_projection.…`);
+    files written by transformers >= 5 drop the `text_model.` prefix."""
+    return key if key.startswith(("text_model.", "text_projection.")) else f"text_model.{key}"
 
 
 # The first diffusers releases spelled the VAE's mid-block attention projections differently.

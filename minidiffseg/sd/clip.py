@@ -1,8 +1,14 @@
-"""CLIP text encoder of SD1.5 (openai/clip-vit-large-patch14's text tower), with transformers' names.
+"""CLIP text encoders of Stable Diffusion, with transformers' names: SD1.5's (openai/clip-vit-large-patch14's
+text tower), SD2.x's (OpenCLIP ViT-H/14's) and SDXL's two (CLIP ViT-L/14 and OpenCLIP ViT-bigG/14).
 
 `CLIPTextModel` owns `text_model`, so its state-dict keys are those of the official
 `text_encoder/model.safetensors` (`text_model.embeddings.token_embedding.weight`, ...), minus the
 `text_model.embeddings.position_ids` buffer, which is not built: positions are `arange(T)`.
+`CLIPTextModelWithProjection` adds `text_projection.weight`, as SDXL's `text_encoder_2/model.safetensors` has it.
+
+SDXL reads each tower's *penultimate* hidden states (the output of all layers but the last, before the final
+LayerNorm: diffusers' StableDiffusionXLPipeline.encode_prompt takes `hidden_states[-2]`), and from bigG also
+the pooled embedding: the last layer's output at the EOS token, final LayerNorm, `text_projection`.
 
 The transformer body (`CLIPEncoder`: pre-LayerNorm blocks of attention + QuickGELU MLP) is shared
 with the CLIP vision tower, which calls it without the causal mask.
@@ -113,15 +119,34 @@ class CLIPTextTransformer(nn.Module):
         x = self.encoder(x, causal=True)  # CLIP's text tower attends only to earlier tokens
         return self.final_layer_norm(x)
 
+    def penultimate(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, C): the output of every layer but the last, before final_layer_norm (transformers'
+        `hidden_states[-2]`); the last layer and the norm are not run (nor, when streamed, fetched)."""
+        x = self.embeddings(input_ids)  # (B, T, C)
+        for layer in self.encoder.layers[:-1]:  # each through its module call: streaming's hooks fill it
+            x = layer(x, causal=True)
+        return x
+
+
+def eos_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(B, T) ids -> (B,) the position of each row's pooled (EOS) token, by transformers' CLIPTextModel rule:
+    `eos_token_id` 2 is the legacy value of the SD configs (CLIPTextConfig.eos_token_id) and means the position
+    of the largest id (EOS, 49407, is CLIP's largest; the first one where the row pads with EOS); any other value
+    is the EOS id, found at its first position (a row without it gives 0)."""
+    if eos_token_id == 2:
+        return input_ids.argmax(dim=-1)  # ties: torch.argmax returns the first maximal position
+    return (input_ids == eos_token_id).int().argmax(dim=-1)
+
 
 class CLIPTextModel(nn.Module):
     """SD1.5's / SD2.x's text encoder: token ids (B, 77) -> last hidden state (B, 77, hidden_size).
     (SD2.x's folders store the OpenCLIP tower without its last layer: its output is the original's
-    penultimate layer followed by the final LayerNorm, docs/sd2.md §1.)
+    penultimate layer followed by the final LayerNorm, docs/sd2.md §1.) SDXL's first text encoder (CLIP
+    ViT-L/14, all 12 layers) is read through `penultimate` instead.
 
     No padding mask: SD1.5 pads with EOS (SD2.x with "!") and attends to the padding (the causal mask
     alone), and the U-Net's cross-attention reads all 77 positions. No pooling and no projection either: those belong
-    to CLIPModel, used only by the class filter.
+    to CLIPModel, used only by the class filter, and to CLIPTextModelWithProjection (SDXL's bigG).
     """
 
     stream_blocks = (CLIPTextEmbeddings, CLIPEncoderLayer)  # the streaming grain (sd/stream.py `blocks`), + the final norm
@@ -133,3 +158,35 @@ class CLIPTextModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_model(input_ids)
+
+    def penultimate(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, 77) ids -> (B, 77, hidden_size): the hidden states after all layers but the last, before the final
+        LayerNorm, which SDXL conditions on (CLIPTextTransformer.penultimate)."""
+        return self.text_model.penultimate(input_ids)
+
+
+class CLIPTextModelWithProjection(nn.Module):
+    """SDXL's second text encoder, OpenCLIP ViT-bigG/14 (transformers `CLIPTextModelWithProjection`: its
+    `text_encoder_2/config.json` says 32 layers, 1280 wide, 20 heads, MLP 5120, `hidden_act: "gelu"`,
+    `projection_dim: 1280`): token ids (B, 77) -> (penultimate hidden states (B, 77, hidden_size), pooled
+    embedding (B, projection_dim)), in one pass through the layers.
+
+    The pooled embedding is the last layer's output at the EOS token (`eos_positions`), final LayerNorm, then
+    `text_projection` (a Linear without bias). The norm is per token, so it is applied to the B pooled rows only:
+    the same values as transformers' norm of all 77 positions followed by the pick.
+    """
+
+    stream_blocks = CLIPTextModel.stream_blocks  # + the final norm and text_projection, blocks of their own
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text_model = CLIPTextTransformer(cfg)
+        self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        states = self.text_model.penultimate(input_ids)  # (B, T, C)
+        last = self.text_model.encoder.layers[-1](states, causal=True)  # (B, T, C)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        eos = last[rows, eos_positions(input_ids, self.cfg.eos_token_id)]  # (B, C)
+        return states, self.text_projection(self.text_model.final_layer_norm(eos))  # (B, T, C), (B, P)

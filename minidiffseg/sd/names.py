@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
-COMPONENTS = ("text_encoder", "vae", "unet")  # the networks of a checkpoint, in the order they are loaded
-WHAT = {"text_encoder": "text encoder", "vae": "VAE", "unet": "U-Net"}  # each one's name in messages
+# the networks of a checkpoint, in the order they are loaded; SDXL adds its second text tower (OpenCLIP bigG)
+COMPONENTS = ("text_encoder", "text_encoder_2", "vae", "unet")
+WHAT = {"text_encoder": "text encoder", "text_encoder_2": "second text encoder", "vae": "VAE",
+        "unet": "U-Net"}  # each one's name in messages
 
 # keys of the official files that no network we build holds, as fnmatch patterns over our names; the
 # single-file layout ignores the same keys under its own prefixes (ldm.IGNORED)
 NOT_BUILT = {"text_encoder": ("text_model.embeddings.position_ids",),  # the arange(77) buffer
+             "text_encoder_2": ("text_model.embeddings.position_ids",),
              "vae": ("decoder.*", "post_quant_conv.*"),  # the decoder half
              "unet": ()}
 

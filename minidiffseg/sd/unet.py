@@ -1,4 +1,4 @@
-"""The SD1.5 / SD2.x U-Net (docs/design.md §3, docs/sd2.md §1) with diffusers' parameter names, so the
+"""The SD1.5 / SD2.x / SDXL U-Net (docs/design.md §3, docs/sd2.md §1) with diffusers' parameter names, so the
 official `unet/diffusion_pytorch_model.safetensors` loads with `load_state_dict(strict=True)`.
 
 Layout for block_out_channels (320, 640, 1280, 1280), layers_per_block 2:
@@ -9,6 +9,15 @@ Layout for block_out_channels (320, 640, 1280, 1280), layers_per_block 2:
   up_blocks.1-3    CrossAttnUpBlock2D: 3 × (resnet, transformer), then ×2 (not after the last)
 Every transformer has attn1 (self) and attn2 (cross): 16 of each; SD1.5: 8 heads everywhere; SD2.x:
 heads of 64 channels (5, 10, 20, 20 per level), Linear proj_in/proj_out, context width 1024.
+
+SDXL (block_out_channels (320, 640, 1280), UNetConfig.down_block_types / up_block_types):
+  down_blocks.0    DownBlock2D: 2 resnets, then a stride-2 conv (no attention at the 128² grid of a 1024² image)
+  down_blocks.1-2  CrossAttnDownBlock2D, transformers 2 and 10 BasicTransformerBlocks deep (transformer_blocks.0..N-1);
+                   down_blocks.2 does not downsample
+  mid_block        resnet, transformer (10 deep: the deepest level's), resnet
+  up_blocks.0-1    CrossAttnUpBlock2D, 10 and 2 deep, then ×2; up_blocks.2 UpBlock2D: 3 resnets
+70 transformer blocks, 140 attention layers at levels 2 and 4 (64² and 32² at 1024²), 64-channel heads, context
+width 2048; the timestep embedding gets `add_embedding` of the pooled text and 6 size numbers added ("text_time").
 """
 
 from __future__ import annotations
@@ -108,17 +117,19 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2DModel(nn.Module):
-    """GroupNorm (eps 1e-6) → 1×1 conv in → one transformer block over the HW tokens → 1×1 conv out, + residual.
-    SD2.x (`linear`): proj_in/proj_out are Linear layers applied to the tokens instead (the same map; the
-    checkpoint stores [C, C] instead of [C, C, 1, 1])."""
+    """GroupNorm (eps 1e-6) → 1×1 conv in → `depth` transformer blocks over the HW tokens → 1×1 conv out,
+    + residual (SD1.5/SD2.x: one block; SDXL: 1, 2 or 10 per level). SD2.x and SDXL (`linear`): proj_in/proj_out
+    are Linear layers applied to the tokens instead (the same map; the checkpoint stores [C, C] instead of
+    [C, C, 1, 1])."""
 
     def __init__(self, dim: int, heads: int, context_dim: int, groups: int, linear: bool = False,
-                 upcast: bool = False):
+                 upcast: bool = False, depth: int = 1):
         super().__init__()
         self.linear = linear
         self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
         self.proj_in = nn.Linear(dim, dim) if linear else nn.Conv2d(dim, dim, 1)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(dim, heads, context_dim, upcast)])
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(dim, heads, context_dim, upcast)
+                                                 for _ in range(depth)])
         self.proj_out = nn.Linear(dim, dim) if linear else nn.Conv2d(dim, dim, 1)
 
     def forward(self, x, context, store):
@@ -135,10 +146,10 @@ class Transformer2DModel(nn.Module):
 
 
 def transformer(ch: int, cfg: UNetConfig, level: int) -> Transformer2DModel:
-    """The Transformer2DModel of block level `level` (0 = the first down block): its head count, and
-    SD2.x's linear projections and float32 attention where the config says so."""
+    """The Transformer2DModel of block level `level` (0 = the first down block): its head count and depth,
+    and SD2.x's linear projections and float32 attention where the config says so."""
     return Transformer2DModel(ch, cfg.heads(level), cfg.cross_attention_dim, cfg.norm_num_groups,
-                              linear=cfg.use_linear_projection, upcast=cfg.upcast_attention)
+                              linear=cfg.use_linear_projection, upcast=cfg.upcast_attention, depth=cfg.depth(level))
 
 
 class Downsample2D(nn.Module):
@@ -213,6 +224,7 @@ class MidBlock(nn.Module):
         g = cfg.norm_num_groups
         self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, cfg.time_embed_dim, g, cfg.norm_eps) for _ in range(2)])
         self.attentions = nn.ModuleList([transformer(ch, cfg, len(cfg.block_out_channels) - 1)])  # the deepest level's
+        # heads and depth (SDXL: 20 heads, 10 blocks)
 
     def forward(self, x, temb, context, store):
         x = self.resnets[0](x, temb)
@@ -223,7 +235,8 @@ class MidBlock(nn.Module):
 class UNet(nn.Module):
     # the streaming grain (sd/stream.py `blocks`, docs/memory.md §2): these whole; every other module holding
     # parameters on its own, so each layer of a resnet (a 2560→1280 up resnet holds 49 M parameters, its conv1 30 M)
-    stream_blocks = (Transformer2DModel, Downsample2D, Upsample2D, TimestepEmbedding)
+    stream_blocks: tuple[type[nn.Module], ...] = (Transformer2DModel, Downsample2D, Upsample2D, TimestepEmbedding)
+    add_embedding: TimestepEmbedding  # SDXL only ("text_time")
 
     def __init__(self, cfg: UNetConfig = UNetConfig()):
         super().__init__()
@@ -232,18 +245,27 @@ class UNet(nn.Module):
         levels = len(ch)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
-        # SD1.5: cross-attention in every level but the deepest (down) / the first (up)
+        if cfg.addition_embed_type == "text_time" and cfg.projection_class_embeddings_input_dim:
+            # SDXL: (pooled text | 6 embedded size numbers) 2816 -> 1280
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
+        # where the transformers are: SD1.5/SD2.x every level but the deepest (down) / the first (up); SDXL
+        # not the first level (down) / the last (up)
         self.down_blocks = nn.ModuleList([
-            DownBlock(ch[max(i - 1, 0)], ch[i], cfg, attention=i < levels - 1, downsample=i < levels - 1, level=i)
+            DownBlock(ch[max(i - 1, 0)], ch[i], cfg, attention=cfg.down_attention[i], downsample=i < levels - 1,
+                      level=i)
             for i in range(levels)])
         self.mid_block = MidBlock(ch[-1], cfg)
         rev = ch[::-1]
         self.up_blocks = nn.ModuleList([
-            UpBlock(rev[min(i + 1, levels - 1)], rev[i], rev[max(i - 1, 0)], cfg, attention=i > 0, upsample=i < levels - 1,
-                    level=levels - 1 - i)
+            UpBlock(rev[min(i + 1, levels - 1)], rev[i], rev[max(i - 1, 0)], cfg, attention=cfg.up_attention[i],
+                    upsample=i < levels - 1, level=levels - 1 - i)
             for i in range(levels)])
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        if max(cfg.depth(i) for i in range(levels)) > 1:
+            # SDXL: a 10-deep 1280-wide transformer holds 350.8 M parameters (10 blocks of 34.8 M), too much to
+            # fetch at once; its blocks are fetched one by one instead (its norm, proj_in, proj_out each on its own)
+            self.stream_blocks = (BasicTransformerBlock, Downsample2D, Upsample2D, TimestepEmbedding)
         self._name_attention_layers()
 
     def _name_attention_layers(self):
@@ -258,24 +280,58 @@ class UNet(nn.Module):
                 m.level = 2 ** depth
 
     def attention_layers(self, kind: str | None = None, level: int | None = None) -> list[Attention]:
-        """The 32 attention layers in execution order, optionally filtered by kind ("self"/"cross") and level."""
+        """The attention layers in execution order (SD1.5/SD2.x: 32 at levels 1-8; SDXL: 140 at levels 2 and 4),
+        optionally filtered by kind ("self"/"cross") and level."""
         return [m for m in self.modules() if isinstance(m, Attention)
                 and (kind is None or m.kind == kind) and (level is None or m.level == level)]
 
-    def forward(self, latents: torch.Tensor, t, context: torch.Tensor,
-                store: AttentionStore | None = None, output: bool = True) -> torch.Tensor | None:
-        """latents (B or 1, 4, h, w), t: int or (B,), context (B, 77, 768) -> ε (B, 4, h, w).
+    def text_time(self, text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None,
+                  dtype: torch.dtype) -> torch.Tensor:
+        """SDXL's `add_embedding` input: the pooled text (B, P) beside the sinusoidal embedding of each time id
+        (B or 1, 6: original height, width, crop top, left, target height, width) at addition_time_embed_dim
+        wide, cos first as the timestep's (diffusers' parameterless `add_time_proj`): (B, P + 6·d), SDXL's
+        d = 256 and P = 1280 giving projection_class_embeddings_input_dim 2816."""
+        missing = [n for n, v in (("text_embeds", text_embeds), ("time_ids", time_ids)) if v is None]
+        if missing or text_embeds is None or time_ids is None:
+            raise ValueError(f"this U-Net (addition_embed_type 'text_time': SDXL) needs text_embeds (B, pooled width) "
+                             f"and time_ids (B or 1, 6); {' and '.join(missing)} not given")
+        ids = torch.as_tensor(time_ids, device=text_embeds.device)
+        ids = ids.reshape(ids.shape[0] if ids.ndim > 1 else 1, -1)  # (B or 1, 6)
+        d = self.cfg.addition_time_embed_dim
+        assert d is not None  # UNetConfig requires it with "text_time"
+        times = timestep_embedding(ids.reshape(-1), d, self.cfg.flip_sin_to_cos, self.cfg.freq_shift)
+        times = times.reshape(ids.shape[0], -1)  # (B or 1, 6·d), float32
+        rows = max(len(times), len(text_embeds))
+        width = text_embeds.shape[-1] + times.shape[-1]
+        if {len(times), len(text_embeds)} - {1, rows} or width != self.cfg.projection_class_embeddings_input_dim:
+            raise ValueError(f"text_embeds {tuple(text_embeds.shape)} and time_ids {tuple(ids.shape)}: expected B or 1 "
+                             f"rows each and {self.cfg.projection_class_embeddings_input_dim} features together "
+                             f"(pooled width + {ids.shape[-1]}·{d}), got {width}")
+        return torch.cat([text_embeds.to(dtype).expand(rows, -1), times.to(dtype).expand(rows, -1)], dim=-1)
+
+    def forward(self, latents: torch.Tensor, t, context: torch.Tensor, store: AttentionStore | None = None,
+                output: bool = True, text_embeds: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """latents (B or 1, 4, h, w), t: int or (B,), context (B, 77, 768 | 1024 | 2048) -> ε (B, 4, h, w).
 
         The batch broadcasts: with one latent for B prompts (one image, one prompt per class), all
         that comes before the first cross-attention (conv_in, the first resnet, the first
         self-attention: ~5 % of a pass) runs once, and the batch grows to B where the text enters.
         `store` records attention (see attention.py); `output=False` skips conv_norm_out/conv_out
         and returns None, for when only the attention is wanted.
+        SDXL (addition_embed_type "text_time") also needs `text_embeds` (B or 1, pooled width: 1280) and
+        `time_ids` (B or 1, 6); with B rows of text_embeds the batch grows at the first resnet instead, whose
+        time embedding then has B rows.
         """
         t = torch.as_tensor(t, device=latents.device).reshape(-1)
         t = t.expand(latents.shape[0]) if t.numel() == 1 else t  # (1 or B,): broadcasts like the latents
         temb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
                                                       self.cfg.freq_shift).to(latents.dtype))  # (1 or B, 1280)
+        if self.cfg.addition_embed_type == "text_time":
+            temb = temb + self.add_embedding(self.text_time(text_embeds, time_ids, temb.dtype))  # (B, 1280)
+        elif text_embeds is not None or time_ids is not None:
+            raise ValueError("text_embeds/time_ids given to a U-Net without SDXL's additional embedding "
+                             "(addition_embed_type None): they would be ignored")
         x = self.conv_in(latents)
         if store is not None:
             store.latent_hw = (latents.shape[-2], latents.shape[-1])
