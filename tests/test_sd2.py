@@ -358,7 +358,8 @@ def test_bad_sd2_single_files(sd2_file, tmp_path):
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.ones(3),
                **{k: v for k, v in tensors.items() if not k.startswith("cond_stage_model.")}}, sdxl)
     with pytest.raises(UserError, match=r"sdxl\.safetensors: unknown checkpoint layout: no text encoder "
-                                        r"\(cond_stage_model\.transformer\.text_model\.… or cond_stage_model\.model\.…\)"):
+                                        r"\(conditioner\.embedders\.0\.transformer\.text_model\.…\) tensors, so not an "
+                                        r"SDXL single file"):  # an SD2 U-Net beside one SDXL key: SDXL's towers missing
         load_sd(sdxl, tokenizer=sd2_file.parent / "tokenizer")
     key = openclip.PREFIX + "transformer.resblocks.1.attn.in_proj_bias"
     save_file({k: v for k, v in tensors.items() if k != key}, tmp_path / "cut.safetensors", metadata)

@@ -20,7 +20,7 @@ from minidiffseg.sd import hub, load_sd
 from parity import rel_err
 from reference_sd import StoreEveryMap
 from tiny_sd import diffusers, randomise_, transformers
-from tiny_sdxl import TEXT_G, TURBO_SCHEDULER, write_tiny_sdxl_diffusers
+from tiny_sdxl import TEXT_G, TURBO_SCHEDULER, single_file_state, write_tiny_sdxl_diffusers, write_tiny_sdxl_single_file
 
 RES = 128  # the tiny SDXL's sample_size 16 × 8
 # the SDXL recipe's constants, stated here rather than imported from the code under test (docs/sdxl.md §3)
@@ -34,6 +34,11 @@ def xl_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_sdxl")
     write_tiny_sdxl_diffusers(folder)
     return write_tiny_sdxl_diffusers(folder, variant="fp16")
+
+
+@pytest.fixture(scope="module")
+def xl_file(tmp_path_factory):
+    return write_tiny_sdxl_single_file(tmp_path_factory.mktemp("tiny_sdxl_file") / "sd_xl_tiny.safetensors")
 
 
 def _text(cls, folder):
@@ -163,6 +168,59 @@ def test_streamed_sdxl_equals_resident(xl_dir):
     assert torch.equal(resident.scores, streamed.scores) and torch.equal(resident.mask, streamed.mask)
 
 
+def test_the_single_file_loads_the_folders_networks(xl_dir, xl_file):
+    """The same weights as one original SDXL file (CLIP-L under conditioner.embedders.0, bigG's OpenCLIP names with
+    fused q/k/v and transposed projection under conditioner.embedders.1, label_emb): the networks' outputs equal
+    the folder's bit for bit, and so do the segmentations; streamed, the U-Net and VAE stream (bigG's split
+    projections stay resident)."""
+    folder, single = load_sd(xl_dir), load_sd(xl_file)
+    assert (single.kind, single.name) == ("sdxl", "SDXL (128²)") and single.vae.cfg == folder.vae.cfg
+    prompts = ["a photograph of cat", ""]
+    with torch.no_grad():
+        a, b = folder.encode_text(prompts), single.encode_text(prompts)
+        x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+        eps = [sd.unet(x, 100, a.states[:1], text_embeds=a.pooled[:1], time_ids=sd.time_ids(x)) for sd in (folder, single)]
+    assert torch.equal(a.states, b.states) and torch.equal(a.pooled, b.pooled) and torch.equal(*eps)
+    image = sample_image_paths()[1]
+    want = Segmenter(folder)(image, ["cat", "sofa"], seed=1).scores
+    assert torch.equal(Segmenter(single)(image, ["cat", "sofa"], seed=1).scores, want)
+    assert torch.equal(Segmenter.from_pretrained(xl_file, stream=True)(image, ["cat", "sofa"], seed=1).scores, want)
+
+
+def test_single_file_rules_equal_diffusers_converters():
+    """Our single-file rules for the whole SDXL file give what diffusers' own converters give (CLIP-L: the prefix
+    stripped; bigG: convert_open_clip_checkpoint; U-Net and VAE: convert_ldm_*), name for name and value for value."""
+    from diffusers.loaders import single_file_utils as reference
+
+    from minidiffseg.sd import ldm
+    from tiny_sdxl import tiny_reference_xl
+
+    state = single_file_state()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    unet_cfg, vae_cfg, _, _ = ldm.infer_sdxl_configs(shapes)
+    names, unknown = ldm.from_ldm(shapes, unet_cfg, vae_cfg)
+    assert not unknown, unknown
+    unet, vae, text_l, text_g = tiny_reference_xl()
+    theirs_g = reference.convert_open_clip_checkpoint(text_g, state, prefix="conditioner.embedders.1.model.")
+    ours_g = {n: state[k] for k, n in names["text_encoder_2"].items()}
+    ours_l = {n: state[k] for k, n in names["text_encoder"].items()}
+    theirs_unet = reference.convert_ldm_unet_checkpoint(state, dict(unet.config))
+    ours_unet = {n: state[k] for k, n in names["unet"].items()}
+    for what, ours, theirs in (("U-Net", ours_unet, theirs_unet),
+                               ("CLIP-L", ours_l, {k: v for k, v in text_l.state_dict().items()})):
+        theirs = {k if what == "U-Net" or k.startswith("text_model.") else f"text_model.{k}": v for k, v in theirs.items()
+                  if not k.endswith("position_ids")}
+        assert set(ours) == set(theirs), f"{what}: {sorted(set(ours) ^ set(theirs))[:5]}"
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), what
+    # bigG: our loaded module (OpenCLIP's names, split after loading) against the converter's state dict
+    from minidiffseg.sd.openclip import from_openclip
+
+    split = from_openclip(ours_g, text_g.config.num_hidden_layers)  # OpenCLIP's names -> CLIPTextModelWithProjection's
+    theirs_g = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
+                for k, v in theirs_g.items() if not k.endswith("position_ids")}
+    assert set(split) == set(theirs_g) and all(torch.equal(split[k], theirs_g[k]) for k in split)
+
+
 def test_a_recipe_level_sdxl_lacks_is_one_line(xl_dir):
     sd = load_sd(xl_dir)
     with pytest.raises(UserError, match=r"recipe level_weights names level\(s\) \[1, 8\], but SDXL \(128²\) has "
@@ -201,9 +259,27 @@ def test_an_sdxl_unet_with_another_models_text_tower_is_refused(xl_dir, tiny_sd_
         load_sd(pooled)
 
 
+def test_bad_sdxl_single_files(xl_file, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(xl_file)
+    with safe_open(str(xl_file), "pt") as f:
+        metadata = f.metadata()
+    one_tower = tmp_path / "one-tower.safetensors"
+    save_file({k: v for k, v in tensors.items() if not k.startswith("conditioner.embedders.1.")}, one_tower, metadata)
+    with pytest.raises(UserError, match=r"one-tower\.safetensors: unknown checkpoint layout: no second text encoder "
+                                        r"\(conditioner\.embedders\.1\.model\.…\) tensors, so not an SDXL single file"):
+        load_sd(one_tower, tokenizer=xl_file.parent / "tokenizer")
+    refiner = tmp_path / "refiner.safetensors"
+    save_file({"conditioner.embedders.0.model.ln_final.weight": torch.ones(3), **tensors}, refiner, metadata)
+    with pytest.raises(UserError, match=r"refiner\.safetensors: an SDXL refiner"):
+        load_sd(refiner)
+
+
 # ---- the commands ---------------------------------------------------------------------------------------
 
-def test_segment_names_the_model_and_inspect_weights_knows_the_folder(xl_dir, tmp_path, capsys):
+def test_segment_names_the_model_and_inspect_weights_knows_both_layouts(xl_dir, xl_file, tmp_path, capsys):
     from minidiffseg.cli import main
 
     image = sample_image_paths()[1]
@@ -215,6 +291,9 @@ def test_segment_names_the_model_and_inspect_weights_knows_the_folder(xl_dir, tm
     assert main(["inspect-weights", str(xl_dir)]) == 0
     out = capsys.readouterr().out
     assert "diffusers SDXL (128²) folder" in out and "second text encoder" in out and "OK:" in out, out
+    assert main(["inspect-weights", str(xl_file)]) == 0
+    out = capsys.readouterr().out
+    assert "LDM single file (original layout): SDXL (128²)" in out and "second text encoder" in out, out
 
 
 def test_explore_runs_on_sdxl(xl_dir):

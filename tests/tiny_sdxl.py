@@ -15,6 +15,11 @@ fields the reference classes take), for the inventories on the meta device and t
 - `write_tiny_sdxl_diffusers(dir)`: UNet2DConditionModel / AutoencoderKL / CLIPTextModel /
   CLIPTextModelWithProjection saved with `save_pretrained`, tokenizer/ (pads with EOS, as SDXL's) and
   tokenizer_2/ (special_tokens_map.json: pad "!"), the scheduler config of SDXL base (or SDXL-Turbo's).
+- `write_tiny_sdxl_single_file(path)`: the same weights as an original SDXL single file: the U-Net (with
+  `label_emb`) and VAE under the LDM names (minidiffseg.sd.ldm.to_ldm), CLIP-L in transformers' names under
+  `conditioner.embedders.0.transformer.`, bigG in OpenCLIP's layout under `conditioner.embedders.1.model.`
+  (fused q/k/v, transposed text_projection, logit_scale), the VAE decoder that is ignored, and both
+  tokenizer folders beside it. The tiny sizes no shape tells go into the file's metadata.
 
 Import from a test as `from tiny_sdxl import ...` (pytest puts tests/ on sys.path).
 """
@@ -26,8 +31,12 @@ from pathlib import Path
 
 import torch
 
+from safetensors.torch import save_file
+
 from assets import write_sd15_tokenizer
-from tiny_sd import randomise_
+from minidiffseg.sd import ldm, openclip
+from minidiffseg.sd.config import CLIPTextConfig, UNetConfig, VAEConfig
+from tiny_sd import encoder_state, randomise_, text_state
 from tiny_sd2 import write_sd2_tokenizer
 
 UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
@@ -89,3 +98,32 @@ def write_tiny_sdxl_diffusers(dir: str | Path, seed: int = 0, variant: str | Non
         (dir / "scheduler").mkdir(exist_ok=True)
         (dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     return dir
+
+
+def single_file_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """An SDXL single file's tensors for the weights of write_tiny_sdxl_diffusers(seed)."""
+    unet, vae, text_l, text_g = tiny_reference_xl(seed)
+    sd = ldm.to_ldm(unet.state_dict(), encoder_state(vae), {})
+    sd.update({f"{ldm.XL_TEXT}{k}": v for k, v in text_state(text_l).items()})
+    sd[f"{ldm.XL_TEXT}text_model.embeddings.position_ids"] = torch.arange(77)[None]  # ignored by name
+    state_g = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
+               for k, v in text_g.state_dict().items() if not k.endswith("position_ids")}
+    sd.update({openclip.SDXL.prefix + k: v for k, v in openclip.to_openclip(state_g).items()})
+    sd[openclip.SDXL.prefix + "logit_scale"] = torch.tensor(4.6052)  # CLIP's contrastive temperature: ignored
+    sd.update({f"{ldm.VAE}{k}": v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))})
+    return sd
+
+
+def write_tiny_sdxl_single_file(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """The weights of write_tiny_sdxl_diffusers(seed) as one original SDXL .safetensors file (+ both tokenizer
+    folders beside it); the tiny sizes no shape tells in its metadata (ldm.config_metadata)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = single_file_state(seed)
+    configs = (UNetConfig.from_diffusers(json.loads(json.dumps(UNET))), VAEConfig.from_diffusers(VAE),
+               CLIPTextConfig.from_transformers(TEXT_L), CLIPTextConfig.from_transformers(TEXT_G))
+    save_file({k: v.to(dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in sd.items()}, path,
+              metadata={"format": "pt", **ldm.config_metadata(*configs)})
+    write_sd15_tokenizer(path.parent / "tokenizer")
+    write_sd2_tokenizer(path.parent / "tokenizer_2")
+    return path

@@ -320,28 +320,42 @@ def _weights(component: Path, variant: str | None) -> Path:
 
 
 def single_file_parts(path: Path) -> tuple[Parts, list[str]]:
-    """Text encoder, VAE encoder and U-Net of an LDM single file (sizes from the tensor shapes), and the
+    """Text encoder(s), VAE encoder and U-Net of an LDM single file (sizes from the tensor shapes), and the
     file keys that are neither translated nor ignored (an error for loading, a finding for inspection)."""
     shapes, metadata = read_header(path)
-    prefixes = {"U-Net": (ldm.UNET,), "VAE": (ldm.VAE,), "text encoder": (f"{ldm.TEXT}text_model.", openclip.PREFIX)}
+    sdxl = ldm.is_sdxl(shapes)
+    if any(k.startswith(ldm.XL_REFINER) for k in shapes):
+        raise UserError(f"{path}: an SDXL refiner (its only text tower is bigG, under {ldm.XL_REFINER}…): the refiner "
+                        "is not a model minidiffseg segments with; give SDXL base or SDXL-Turbo")
+    text = {"text encoder": (f"{ldm.XL_TEXT}text_model.",), "second text encoder": (openclip.SDXL.prefix,)} if sdxl \
+        else {"text encoder": (f"{ldm.TEXT}text_model.", openclip.PREFIX)}
+    prefixes = {"U-Net": (ldm.UNET,), "VAE": (ldm.VAE,), **text}
     absent = [f"{what} ({' or '.join(p + '…' for p in prefix)})" for what, prefix in prefixes.items()
               if not any(k.startswith(prefix) for k in shapes)]
     if absent:
-        raise UserError(f"{path}: unknown checkpoint layout: no {', '.join(absent)} tensors, so not an SD1.5 or "
-                        "SD2.x single file (an SDXL file, or a lone component?); give an SD1.5/SD2.x single file "
-                        f"or a diffusers folder ({DOWNLOAD})")
+        model = "an SDXL" if sdxl else "an SD1.5 or SD2.x"
+        raise UserError(f"{path}: unknown checkpoint layout: no {', '.join(absent)} tensors, so not {model} single "
+                        "file (a lone component?); give a whole single file or a diffusers folder "
+                        f"({DOWNLOAD})")
     try:
-        unet_cfg, vae_cfg, text_cfg = ldm.infer_configs(shapes, metadata)
+        if sdxl:
+            unet_cfg, vae_cfg, text_cfg, text_2_cfg = ldm.infer_sdxl_configs(shapes, metadata)
+        else:
+            unet_cfg, vae_cfg, text_cfg = ldm.infer_configs(shapes, metadata)
     except KeyError as e:
         raise UserError(f"{path}: tensor {e.args[0]} missing, so the architecture sizes cannot be read; the file "
-                        "is incomplete or not SD1.5/SD2.x: download it again") from None
+                        f"is incomplete or not {'SDXL' if sdxl else 'SD1.5/SD2.x'}: download it again") from None
     names, unknown = ldm.from_ldm(shapes, unet_cfg, vae_cfg)
-    sd2_text = ldm.is_openclip(shapes)  # OpenCLIP's names, filled as they are and split afterwards
+    sd2_text = not sdxl and ldm.is_openclip(shapes)  # OpenCLIP's names, filled as they are and split afterwards
     text_cls = openclip.OpenCLIPTextWeights if sd2_text else CLIPTextModel
     parts = {"text_encoder": Part(WHAT["text_encoder"], path, build_on_meta(text_cls, text_cfg), names["text_encoder"],
-                                  shapes, finish=openclip.to_clip_text if sd2_text else None),
-             "vae": Part(WHAT["vae"], path, build_on_meta(VAEEncoder, vae_cfg), names["vae"], shapes),
-             "unet": Part(WHAT["unet"], path, build_on_meta(UNet, unet_cfg), names["unet"], shapes)}
+                                  shapes, finish=openclip.to_clip_text if sd2_text else None)}
+    if sdxl:  # bigG under OpenCLIP's names, split into CLIPTextModelWithProjection after loading
+        parts["text_encoder_2"] = Part(WHAT["text_encoder_2"], path,
+                                       build_on_meta(openclip.OpenCLIPTextWeightsWithProjection, text_2_cfg),
+                                       names["text_encoder_2"], shapes, finish=openclip.to_clip_text_with_projection)
+    parts.update({"vae": Part(WHAT["vae"], path, build_on_meta(VAEEncoder, vae_cfg), names["vae"], shapes),
+                  "unet": Part(WHAT["unet"], path, build_on_meta(UNet, unet_cfg), names["unet"], shapes)})
     if ldm.uses_ema(names):  # a non-"emaonly" file: its EMA U-Net is loaded, the trained copy ignored
         parts["unet"].what = f"{parts['unet'].what} (EMA)"
     placed = {k for p in parts.values() for k in p.names} | set(unknown)  # loaded, or reported as unexpected
@@ -354,8 +368,10 @@ def single_file_parts(path: Path) -> tuple[Parts, list[str]]:
 
 def component_of(key: str) -> str:
     """The network a single-file key belongs to, by prefix; the rest (EMA copy, DDPM schedule) goes with the U-Net."""
-    if key.startswith((ldm.TEXT, openclip.PREFIX)):  # SD1.5's and SD2.x's text towers
+    if key.startswith((ldm.TEXT, openclip.PREFIX, ldm.XL_TEXT)):  # SD1.5's, SD2.x's, SDXL's first text tower
         return "text_encoder"
+    if key.startswith(openclip.SDXL.prefix):
+        return "text_encoder_2"
     return "vae" if key.startswith(ldm.VAE) else "unet"
 
 

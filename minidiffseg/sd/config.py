@@ -138,7 +138,7 @@ class UNetConfig:
                                 "(minidiffseg builds one value for every level, as SD1.5, SD2.x and SDXL have)")
         heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
         out = _pick(cls, {k: v for k, v in cfg.items() if k not in ("attention_head_dim",)})
-        return replace(out, num_heads=tuple(heads) if isinstance(heads, list) else int(heads),
+        return replace(out, num_heads=tuple(heads) if isinstance(heads, (list, tuple)) else int(heads),
                        upcast_attention=bool(out.upcast_attention))  # SDXL's config.json says null
 
     @classmethod

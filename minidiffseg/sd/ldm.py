@@ -47,6 +47,10 @@ from .config import CLIPTextConfig, UNetConfig, VAEConfig
 from .names import NOT_BUILT, rename
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+# SDXL's single files keep the conditioner's embedders: CLIP-L under XL_TEXT in transformers' names (sgm's
+# FrozenCLIPEmbedder), OpenCLIP bigG under openclip.SDXL.prefix (diffusers' detection keys `clip_sdxl`,
+# `open_clip_sdxl`); the refiner's only embedder, bigG, sits under XL_REFINER
+XL_TEXT, XL_REFINER = "conditioner.embedders.0.transformer.", "conditioner.embedders.0.model."
 
 # resnet leaves: ours -> LDM (U-Net ResBlock: in_layers = [GroupNorm, SiLU, Conv], out_layers = [GroupNorm,
 # SiLU, Dropout, Conv], emb_layers = [SiLU, Linear]; the VAE's ResnetBlock keeps our names but the shortcut)
@@ -67,6 +71,7 @@ DDPM_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_c
 IGNORED = (
     *(f"{VAE}{pattern}" for pattern in NOT_BUILT["vae"]),
     *(f"{TEXT}{pattern}" for pattern in NOT_BUILT["text_encoder"]),
+    *(f"{XL_TEXT}{pattern}" for pattern in NOT_BUILT["text_encoder"]),
     "model_ema.*",  # EMA copy of the U-Net in non-"emaonly" files (loaded instead when whole: `ema_names`), counters
     *DDPM_BUFFERS,  # the noise schedule, which schedule.py computes
 )
@@ -77,7 +82,8 @@ IGNORED = (
 NOT_IN_SHAPES = {"unet": ("num_heads", "norm_num_groups", "norm_eps", "freq_shift", "flip_sin_to_cos",
                           "upcast_attention", "sample_size", "addition_time_embed_dim"),
                  "vae": ("norm_num_groups", "scaling_factor"),
-                 "text_encoder": ("num_attention_heads", "layer_norm_eps", "projection_dim", "hidden_act")}
+                 "text_encoder": ("num_attention_heads", "layer_norm_eps", "projection_dim", "hidden_act"),
+                 "text_encoder_2": ("num_attention_heads", "layer_norm_eps", "hidden_act")}
 HEAD_CHANNELS = 64  # v2-inference.yaml: num_head_channels 64, so an SD2.x level of C channels has C/64 heads
 # SDXL, told apart by its `label_emb` (the "text_time" embedding): the values of its original config (Stability-AI
 # generative-models configs/inference/sd_xl_base.yaml: num_head_channels 64 as SD2.x's, attention without float32
@@ -150,6 +156,11 @@ def is_ignored(key: str) -> bool:
     return any(fnmatchcase(key, pattern) for pattern in IGNORED)
 
 
+def is_sdxl(keys) -> bool:
+    """Whether a file is SDXL's: its conditioner's embedders, or its U-Net's `label_emb` (the text_time embedding)."""
+    return any(k.startswith(("conditioner.embedders.", f"{UNET}label_emb.")) for k in keys)
+
+
 def is_openclip(keys) -> bool:
     """Whether a file's text tower is OpenCLIP's (SD2.x) rather than OpenAI's CLIP (SD1.5): OpenCLIP's token
     table and no OpenAI tower (a stray OpenCLIP key in an SD1.5 file is an unexpected key, not a layout)."""
@@ -214,30 +225,52 @@ def infer_configs(shapes: dict[str, tuple], metadata: dict[str, str] | None = No
     attention in float32, as the original SD2.x code computes it by default). The text tower is OpenAI's
     CLIP (SD1.5) or OpenCLIP's (SD2.x, minidiffseg.sd.openclip), whichever the file holds.
     Raises KeyError naming the first key it needs that the file lacks. The U-Net alone: `infer_unet_config`."""
-    e = f"{VAE}encoder."
     unet = infer_unet_config(shapes, metadata)
-    vae_levels = _count(shapes, rf"{re.escape(e)}down\.(\d+)\.")
+    text = _clip_config(shapes, TEXT) if not is_openclip(shapes) else openclip.infer_text_config(shapes)
+    return unet, _vae_config(shapes, metadata), _with_metadata(text, "text_encoder", metadata)
+
+
+def infer_sdxl_configs(shapes: dict[str, tuple], metadata: dict[str, str] | None = None
+                       ) -> tuple[UNetConfig, VAEConfig, CLIPTextConfig, CLIPTextConfig]:
+    """U-Net, VAE and both text towers' sizes of an SDXL single file (as `infer_configs`): CLIP-L from its
+    transformers-named tensors under XL_TEXT, bigG from OpenCLIP's (openclip.infer_text_config); the VAE's
+    shape-less fields SDXL's (scaling 0.13025, float32 under float16). Raises KeyError as infer_configs does."""
+    vae = _vae_config(shapes, metadata, SDXL_VAE)
+    text_l = _with_metadata(_clip_config(shapes, XL_TEXT), "text_encoder", metadata)
+    text_g = _with_metadata(openclip.infer_text_config(shapes, openclip.SDXL), "text_encoder_2", metadata)
+    return infer_unet_config(shapes, metadata), vae, text_l, text_g
+
+
+# SDXL's VAE (its vae/config.json): what its single file's shapes do not say
+SDXL_VAE = {"scaling_factor": 0.13025, "force_upcast": True}
+
+
+def _vae_config(shapes: dict[str, tuple], metadata: dict[str, str] | None, implied: dict | None = None) -> VAEConfig:
+    e = f"{VAE}encoder."
+    levels = _count(shapes, rf"{re.escape(e)}down\.(\d+)\.")
     vae = VAEConfig(
         in_channels=shapes[f"{e}conv_in.weight"][1], latent_channels=shapes[f"{VAE}quant_conv.weight"][0] // 2,
-        block_out_channels=tuple(shapes[f"{e}down.{i}.block.0.conv1.weight"][0] for i in range(vae_levels)),
-        layers_per_block=_count(shapes, rf"{re.escape(e)}down\.0\.block\.(\d+)\."))
-    t = f"{TEXT}text_model."
-    if not is_openclip(shapes):
-        vocab, width = shapes[f"{t}embeddings.token_embedding.weight"]
-        text = CLIPTextConfig(
-            vocab_size=vocab, hidden_size=width,
-            intermediate_size=shapes[f"{t}encoder.layers.0.mlp.fc1.weight"][0],
-            num_hidden_layers=_count(shapes, rf"{re.escape(t)}encoder\.layers\.(\d+)\."),
-            max_position_embeddings=shapes[f"{t}embeddings.position_embedding.weight"][0])
-    else:
-        text = openclip.infer_text_config(shapes)
-    return unet, _with_metadata(vae, "vae", metadata), _with_metadata(text, "text_encoder", metadata)
+        block_out_channels=tuple(shapes[f"{e}down.{i}.block.0.conv1.weight"][0] for i in range(levels)),
+        layers_per_block=_count(shapes, rf"{re.escape(e)}down\.0\.block\.(\d+)\."), **(implied or {}))
+    return _with_metadata(vae, "vae", metadata)
 
 
-def config_metadata(unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig) -> dict[str, str]:
-    """The safetensors metadata that makes `infer_configs` exact for non-SD1.5 sizes (tiny test models)."""
-    return {f"minidiffseg.{c}.{f}": json.dumps(getattr(cfg, f))
-            for c, cfg in (("unet", unet), ("vae", vae), ("text_encoder", text)) for f in NOT_IN_SHAPES[c]}
+def _clip_config(shapes: dict[str, tuple], prefix: str) -> CLIPTextConfig:
+    """An OpenAI CLIP text tower's sizes from its transformers-named tensors under `prefix`."""
+    t = f"{prefix}text_model."
+    vocab, width = shapes[f"{t}embeddings.token_embedding.weight"]
+    return CLIPTextConfig(vocab_size=vocab, hidden_size=width,
+                          intermediate_size=shapes[f"{t}encoder.layers.0.mlp.fc1.weight"][0],
+                          num_hidden_layers=_count(shapes, rf"{re.escape(t)}encoder\.layers\.(\d+)\."),
+                          max_position_embeddings=shapes[f"{t}embeddings.position_embedding.weight"][0])
+
+
+def config_metadata(unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig,
+                    text_2: CLIPTextConfig | None = None) -> dict[str, str]:
+    """The safetensors metadata that makes `infer_configs` (`infer_sdxl_configs` with `text_2`) exact for
+    non-SD1.5 sizes (tiny test models)."""
+    configs = (("unet", unet), ("vae", vae), ("text_encoder", text), *((("text_encoder_2", text_2),) if text_2 else ()))
+    return {f"minidiffseg.{c}.{f}": json.dumps(getattr(cfg, f)) for c, cfg in configs for f in NOT_IN_SHAPES[c]}
 
 
 def from_ldm(keys, unet: UNetConfig, vae: VAEConfig) -> tuple[dict[str, dict[str, str]], list[str]]:
@@ -246,15 +279,18 @@ def from_ldm(keys, unet: UNetConfig, vae: VAEConfig) -> tuple[dict[str, dict[str
     keys (`ema_names`) and the trained U-Net's keys are left out, as ignored. An OpenCLIP text tower (SD2.x)
     keeps OpenCLIP's names, which are those of minidiffseg.sd.openclip.OpenCLIPTextWeights; its unused keys
     are ignored by name."""
-    openclip_text = is_openclip(keys)
+    openclip_text, sdxl = is_openclip(keys), is_sdxl(keys)
+    text: dict[str, dict[str, str]] = {"text_encoder": {"": openclip.PREFIX} if openclip_text else TEXT_RULES}
+    if sdxl:  # CLIP-L keeps transformers' names; bigG OpenCLIP's (OpenCLIPTextWeightsWithProjection's)
+        text = {"text_encoder": {"text_model.": f"{XL_TEXT}text_model."}, "text_encoder_2": {"": openclip.SDXL.prefix}}
     rules = {"unet": unet_rules(len(unet.block_out_channels), unet.layers_per_block, unet.down_attention,
                                 unet.up_attention, unet.addition_embed_type == "text_time"),
-             "vae": vae_rules(len(vae.block_out_channels), vae.layers_per_block),
-             "text_encoder": {"": openclip.PREFIX} if openclip_text else TEXT_RULES}
+             "vae": vae_rules(len(vae.block_out_channels), vae.layers_per_block), **text}
     inverse = {c: {ldm: ours for ours, ldm in r.items()} for c, r in rules.items()}
     names: dict[str, dict[str, str]] = {c: {} for c in rules}
     unknown = []
-    unused = set(openclip.ignored(keys, openclip.layers_used(keys))) if openclip_text else set()
+    tower = openclip.SDXL if sdxl else openclip.SD2
+    unused = set(openclip.ignored(keys, openclip.layers_used(keys, tower), tower)) if openclip_text or sdxl else set()
     for key in keys:
         if is_ignored(key) or key in unused:
             continue

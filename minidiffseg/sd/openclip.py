@@ -35,7 +35,7 @@ diffusers' single-file loader converts it with convert_open_clip_checkpoint unde
 the penultimate layer *and* the pooled embedding, which needs the last layer, `ln_final` and the projection:
 so every resblock is built, `text_projection` is kept and only `logit_scale` (and an `attn_mask` buffer, if
 saved) is ignored. OpenCLIP applies the projection as `x @ text_projection` ([W, P]); a Linear holds its
-transpose ([P, W]), which `from_openclip` takes as a view. `OpenCLIPTower` says which of the two layouts
+transpose ([P, W]), which `from_openclip` copies into that layout (one 1280² tensor: the same bits as a folder's). `OpenCLIPTower` says which of the two layouts
 (`SD2`, `SDXL`) a function reads; SD2's is the default everywhere.
 """
 
@@ -96,8 +96,8 @@ def rules(layers: int) -> dict[str, str]:
 
 def from_openclip(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
     """OpenCLIP text-tower tensors (names without the tower's prefix) -> our CLIPTextModel's (with
-    `text_projection`: CLIPTextModelWithProjection's) names; the fused projections split into q/k/v and
-    text_projection transposed (views). Raises KeyError naming a tensor no rule covers."""
+    `text_projection`: CLIPTextModelWithProjection's) names; the fused projections split into q/k/v (views) and
+    text_projection transposed (a contiguous copy). Raises KeyError naming a tensor no rule covers."""
     inverse = {b: a for a, b in rules(layers).items()}
     out = {}
     for key, t in state.items():
@@ -105,7 +105,9 @@ def from_openclip(state: dict[str, torch.Tensor], layers: int) -> dict[str, torc
         if key == POSITIONS[1]:
             out[POSITIONS[0]] = t
         elif key == PROJECTION[1]:
-            out[PROJECTION[0]] = t.t()  # [W, P] -> [P, W]
+            # [W, P] -> [P, W], copied into a Linear weight's layout (1280² floats): a transposed view would send the
+            # product down another GEMM path, and the pooled embedding would differ from the folder's in the last bits
+            out[PROJECTION[0]] = t.t().contiguous()
         elif fused:
             i, leaf = fused.groups()
             for proj, rows in zip(FUSED, t.chunk(3)):  # [3C, ...] -> 3 × [C, ...]
@@ -205,8 +207,8 @@ def to_clip_text(weights: OpenCLIPTextWeights) -> CLIPTextModel:
 
 
 def to_clip_text_with_projection(weights: OpenCLIPTextWeightsWithProjection) -> CLIPTextModelWithProjection:
-    """SDXL's loaded bigG tensors as our CLIPTextModelWithProjection (same tensors, renamed; q/k/v and
-    text_projection.weight are views: row blocks of the fused projection, the transpose of [W, P])."""
+    """SDXL's loaded bigG tensors as our CLIPTextModelWithProjection (same tensors, renamed; q/k/v are views:
+    row blocks of the fused projection; text_projection.weight the transpose of [W, P], copied contiguous)."""
     return _as(CLIPTextModelWithProjection, weights, SDXL)
 
 
