@@ -126,11 +126,14 @@ def short_layer_name(name: str) -> str:
     """A U-Net attention layer's state-dict path, short for display: its block, the attention's index in
     it, and its kind. "up_blocks.1.attentions.2.transformer_blocks.0.attn2" -> "up1.2 attn2",
     "down_blocks.0.attentions.1.transformer_blocks.0.attn1" -> "down0.1 attn1", the mid block's
-    "mid_block.attentions.0.transformer_blocks.0.attn2" -> "mid.0 attn2"."""
+    "mid_block.attentions.0.transformer_blocks.0.attn2" -> "mid.0 attn2". Where an attention holds several
+    transformer blocks (SDXL: up to 10), a block past the first adds its index: "…attentions.0.transformer_blocks.3.
+    attn2" -> "mid.0.3 attn2"."""
     parts = name.split(".")
+    block = f".{parts[-2]}" if parts[-2] != "0" else ""  # parts[-2]: the transformer block's index
     if parts[0] == "mid_block":
-        return f"mid.{parts[2]} {parts[-1]}"
-    return f"{parts[0].split('_')[0]}{parts[1]}.{parts[3]} {parts[-1]}"
+        return f"mid.{parts[2]}{block} {parts[-1]}"
+    return f"{parts[0].split('_')[0]}{parts[1]}.{parts[3]}{block} {parts[-1]}"
 
 
 def attention_grid(r, level_of: dict[str, int]) -> Image.Image:

@@ -303,6 +303,19 @@ def test_fill_prompts_and_short_layer_names():
     assert short_layer_name("up_blocks.1.attentions.2.transformer_blocks.0.attn2") == "up1.2 attn2"
     assert short_layer_name("down_blocks.0.attentions.1.transformer_blocks.0.attn1") == "down0.1 attn1"
     assert short_layer_name("mid_block.attentions.0.transformer_blocks.0.attn2") == "mid.0 attn2"
+    # SDXL's deeper transformers: every block of the 140 layers gets its own name
+    assert short_layer_name("mid_block.attentions.0.transformer_blocks.3.attn2") == "mid.0.3 attn2"
+    assert short_layer_name("down_blocks.2.attentions.1.transformer_blocks.9.attn1") == "down2.1.9 attn1"
+    import torch
+
+    from minidiffseg.sd.config import UNetConfig
+    from minidiffseg.sd.unet import UNet
+    from tiny_sdxl import FULL_UNET
+
+    with torch.device("meta"):
+        names = [m.name for m in UNet(UNetConfig.from_diffusers(
+            {k: list(v) if isinstance(v, tuple) else v for k, v in FULL_UNET.items()})).attention_layers()]
+    assert len(names) == 140 and len({short_layer_name(n) for n in names}) == 140
 
 
 # ---- the page, through gradio_client against a server on 127.0.0.1 -----------------------------
