@@ -4,6 +4,7 @@
     stream_mechanisms.py  one U-Net pass with the weights streamed by each candidate mechanism
     stream_stages.py      a streamed run step by step against a resident one
     crf.py                the dense CRF against the C++ reference, pydensecrf
+    sdxl.py               SDXL resident and streamed, fp32 and bf16, 512² and 1024², beside the diffusers recipe
 
 Each runs from the repository root as `python -m bench.experiments.NAME`.
 """
