@@ -23,6 +23,17 @@ def tiny_sd_dir(tmp_path_factory):
     return write_tiny_diffusers(folder, variant="fp16")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A tiny random SDXL in the diffusers folder layout (fp32 files and the .fp16 variant), written once per
+    session by the reference libraries (tests/tiny_sdxl.py)."""
+    from tiny_sdxl import write_tiny_sdxl_diffusers
+
+    folder = tmp_path_factory.mktemp("tiny_sdxl")
+    write_tiny_sdxl_diffusers(folder)
+    return write_tiny_sdxl_diffusers(folder, variant="fp16")
+
+
 TINY_RES = 128  # the tiny model's segmenters stretch images to 128² (a 16×16 latent): levels are relative,
 # so the code path is the official 512²'s, only faster
 

@@ -23,7 +23,13 @@ from minidiffseg.cli.evaluate import register
 
 
 def cli(capsys, *argv: str) -> tuple[int, str]:
-    """The CLI convention of minidiffseg.cli.main: UserError -> one stderr line, exit code 2."""
+    """The CLI convention of minidiffseg.cli.main: UserError -> one stderr line, exit code 2. (exit code, stderr)"""
+    rc, _, err = run_cli(capsys, *argv)
+    return rc, err
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of one command."""
     parser = argparse.ArgumentParser(prog="minidiffseg")
     register(parser.add_subparsers(required=True))
     args = parser.parse_args([str(a) for a in argv])
@@ -32,7 +38,8 @@ def cli(capsys, *argv: str) -> tuple[int, str]:
     except UserError as e:
         print(f"minidiffseg: error: {e}", file=sys.stderr)
         rc = e.exit_code
-    return rc, capsys.readouterr().err.strip()
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err.strip()
 
 
 @pytest.fixture
@@ -112,16 +119,18 @@ def test_official_label_file_on_coco_object(tmp_path):
     assert find(ds.samples[0], None) == [vocab.index("person"), vocab.index("couch"), vocab.index("tv")]
 
 
-def test_end_to_end_with_the_tiny_model(capsys, tmp_path, tiny_sd_dir):
-    weights = tiny_sd_dir
+@pytest.mark.parametrize("model", ["tiny_sd_dir", "tiny_sdxl_dir"], ids=["sd15", "sdxl"])
+def test_end_to_end_with_the_tiny_model(capsys, tmp_path, request, model):
+    weights = request.getfixturevalue(model)  # SD1.5 and SDXL through the same commands, no flag between them
     names = write_dataset(tmp_path / "data", "voc", [(15, 7), (12, 15), (3, 20)])
     split = tmp_path / "data" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
     (split / "train.txt").write_text(names[0] + "\n")
     (split / "val.txt").write_text("\n".join(names[1:]) + "\n")
     common = ("--dataset", "voc", "--root", tmp_path / "data", "--weights", weights, "--device", "cpu",
               "--resolution", "128")  # 16x16 latents: every code path, in seconds
-    rc, err = cli(capsys, "calibrate", *common, "--out", tmp_path / "cal", "--taus", "0.2:0.8:0.2")
+    rc, out, err = run_cli(capsys, "calibrate", *common, "--out", tmp_path / "cal", "--taus", "0.2:0.8:0.2")
     assert rc == 0, err
+    assert f"{'SDXL (128²)' if model == 'tiny_sdxl_dir' else 'SD1.5'} from {weights}, at 128²" in out, out
     cal = json.loads((tmp_path / "cal" / "tau.json").read_text())
     assert cal["images"] == names[:1] and cal["tau"] in (0.2, 0.4, 0.6, 0.8)
     rc, err = cli(capsys, "eval", *common, "--out", tmp_path / "ev", "--tau-file",

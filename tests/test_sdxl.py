@@ -20,7 +20,7 @@ from minidiffseg.sd import hub, load_sd
 from parity import rel_err
 from reference_sd import StoreEveryMap
 from tiny_sd import diffusers, randomise_, transformers
-from tiny_sdxl import TEXT_G, TURBO_SCHEDULER, single_file_state, write_tiny_sdxl_diffusers, write_tiny_sdxl_single_file
+from tiny_sdxl import TEXT_G, TURBO_SCHEDULER, single_file_state, write_tiny_sdxl_single_file
 
 RES = 128  # the tiny SDXL's sample_size 16 × 8
 # the SDXL recipe's constants, stated here rather than imported from the code under test (docs/sdxl.md §3)
@@ -30,10 +30,8 @@ SCALE = 0.13025  # SDXL's latent scaling factor
 
 
 @pytest.fixture(scope="module")
-def xl_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_sdxl")
-    write_tiny_sdxl_diffusers(folder)
-    return write_tiny_sdxl_diffusers(folder, variant="fp16")
+def xl_dir(tiny_sdxl_dir):
+    return tiny_sdxl_dir  # tests/conftest.py: shared with the commands' tests (test_eval_cli.py)
 
 
 @pytest.fixture(scope="module")
