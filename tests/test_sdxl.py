@@ -286,6 +286,10 @@ def test_segment_names_the_model_and_inspect_weights_knows_both_layouts(xl_dir, 
     out, err = capsys.readouterr()
     assert out.splitlines()[-1] == f"SDXL (128²) at 128²: 1 image(s) segmented into {tmp_path / 'out'}"
     assert (tmp_path / "out" / f"{image.stem}_scores.safetensors").is_file()
+    assert main(["maps", str(image), "--classes", "cat", "--weights", str(xl_dir), "--out", str(tmp_path / "m.png"),
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out  # SDXL's 2 levels of its 17 tiny cross-attention layers, one column each
+    assert "17 cross-attention layers, 2 levels" in out and "; SDXL (128²) at 128²" in out, out
     assert main(["inspect-weights", str(xl_dir)]) == 0
     out = capsys.readouterr().out
     assert "diffusers SDXL (128²) folder" in out and "second text encoder" in out and "OK:" in out, out
