@@ -74,7 +74,8 @@ def reference_vae(cfg: VAEConfig):
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
         latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
-        scaling_factor=cfg.scaling_factor)
+        scaling_factor=cfg.scaling_factor, force_upcast=cfg.force_upcast)  # diffusers' default is True; SD1.5's hub
+    # config has no such field (our False): written explicitly, the folder says what the hub's means
 
 
 def reference_text_config(cfg: CLIPTextConfig):
@@ -85,7 +86,8 @@ def reference_text_config(cfg: CLIPTextConfig):
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         max_position_embeddings=cfg.max_position_embeddings, layer_norm_eps=cfg.layer_norm_eps,
-        projection_dim=cfg.projection_dim, hidden_act=cfg.hidden_act)
+        projection_dim=cfg.projection_dim, hidden_act=cfg.hidden_act,
+        eos_token_id=cfg.eos_token_id)  # SD's hub configs say 2 (transformers' legacy EOS rule); its default is 49407
 
 
 def text_state(text) -> dict[str, torch.Tensor]:

@@ -182,8 +182,9 @@ class Segmenter:
         chosen = precision(dtype, device) if dtype is not None else Precision(self.dtype)
         for net in self.sd.networks().values():
             weights, p = weights_of(net), chosen
-            if getattr(getattr(net, "cfg", None), "force_upcast", False) and p.compute == torch.float16:
-                p = Precision(torch.float32)  # SDXL's VAE overflows float16: computed in float32 (sd/checkpoint.py)
+            if net is getattr(self.sd, "vae", None) and getattr(self.sd, "upcast_vae", False) \
+                    and p.compute == torch.float16:
+                p = Precision(torch.float32)  # SDXL's VAE overflows float16: computed in float32 (sd/xl.py)
             if isinstance(weights, Resident) and p.keep is not None:  # kept in half precision, up-cast per block
                 state = {k: t.to(p.keep) for k, t in net.state_dict().items()}
                 UpcastWeights(net, {k: k for k in state}, state, p.compute, device)

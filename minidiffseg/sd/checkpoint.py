@@ -114,7 +114,8 @@ def load_sd(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: 
     load = stream_weights if stream else partial(upcast_weights, keep=keep) if keep is not None else load_strict
     # an SD2.x single file's text tower is filled under OpenCLIP's names and then split (`finish`): it is
     # loaded resident even when the rest streams (docs/sd2.md §3)
-    nets = {c: (load_strict if p.finish else load)(p.module, p.file, p.names, _dtype_of(c, p, dtype), device, p.what)
+    nets = {c: (load_strict if p.finish else load)(p.module, p.file, p.names,
+                                                   _dtype_of(c, p, dtype, kind in SDXL_KINDS), device, p.what)
             for c, p in parts.items()}
     nets = {c: finish(net) if (finish := parts[c].finish) is not None else net for c, net in nets.items()}
     vae, unet = nets["vae"], nets["unet"]
@@ -131,11 +132,12 @@ def load_sd(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: 
     return StableDiffusion(tok, text_encoder, vae, unet, schedule, name, kind)
 
 
-def _dtype_of(component: str, part: Part, dtype: torch.dtype) -> torch.dtype:
-    """The dtype a network is loaded in: `dtype`, but float32 for a VAE whose config says `force_upcast` (SDXL's:
-    it overflows float16) when `dtype` is float16, as diffusers computes it."""
+def _dtype_of(component: str, part: Part, dtype: torch.dtype, sdxl: bool) -> torch.dtype:
+    """The dtype a network is loaded in: `dtype`, but float32 for SDXL's VAE when its config says `force_upcast`
+    and `dtype` is float16 (it overflows float16), as diffusers' SDXL pipelines compute it. Only SDXL's: diffusers
+    writes force_upcast true into every VAE config it saves (its default) and its SD1.5/SD2.x pipelines ignore it."""
     cfg = getattr(part.module, "cfg", None)
-    upcast = component == "vae" and dtype == torch.float16 and getattr(cfg, "force_upcast", False)
+    upcast = sdxl and component == "vae" and dtype == torch.float16 and getattr(cfg, "force_upcast", False)
     return torch.float32 if upcast else dtype
 
 

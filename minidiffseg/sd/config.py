@@ -169,7 +169,8 @@ class VAEConfig:
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215  # SD1.5 latent scale (vae/config.json "scaling_factor"); SDXL: 0.13025
     # SDXL's VAE: its activations overflow float16 (NaN; diffusers issue #7188, the encoder too), so it is
-    # computed in float32 when the rest computes in float16 (what diffusers does when the config says so)
+    # computed in float32 when the rest computes in float16 (what diffusers' SDXL pipelines do when the config says
+    # so); read for SDXL only: diffusers writes true into every VAE config it saves (sd/checkpoint.py `_dtype_of`)
     force_upcast: bool = False
 
     @classmethod

@@ -56,6 +56,11 @@ class StableDiffusionXL:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    @property
+    def upcast_vae(self) -> bool:
+        """Whether the VAE computes in float32 when the rest computes in float16 (its config's `force_upcast`)."""
+        return self.vae.cfg.force_upcast
+
     def networks(self) -> dict[str, nn.Module]:
         return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2, "vae": self.vae,
                 "unet": self.unet}
