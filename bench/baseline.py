@@ -90,24 +90,47 @@ class DiffusersRecipe:
                 self.maps.clear()
                 self.unet(torch.cat([z_t, z_t]), TIMESTEP, encoder_hidden_states=torch.cat([empty, cond]))
             with clock("fusion"):
-                a = 0
-                for level, weight in DEFAULT_LEVEL_WEIGHTS.items():
-                    s = side // level
-                    cross = [p[1, :, :, token] for name, p in self.maps.items()
-                             if name.endswith("attn2") and p.shape[2] == s * s]  # conditional row, (heads, N)
-                    m = torch.stack(cross).float().mean((0, 1)).reshape(1, 1, s, s)
-                    m = F.interpolate(m, size=(side, side), mode="bilinear", align_corners=False)
-                    a = a + weight * (m - m.min()) / (m.max() - m.min())
+                a = fuse_token(self.maps, token, side, side, DEFAULT_LEVEL_WEIGHTS)
             with clock("refinement"):
-                s = torch.stack([p[1].mean(0) for name, p in self.maps.items()
-                                 if name.endswith("attn1") and p.shape[2] == side * side]).mean(0)  # (HW, HW)
-                refined.append((s.float() @ a.flatten()).reshape(side, side))
+                refined.append(refine_naive(self.maps, a, side))
         self.maps.clear()
         with clock("post-processing"):
-            up = F.interpolate(torch.stack(refined)[None], size=(image.height, image.width), mode="bilinear",
-                               align_corners=False)[0]  # (C, H, W)
-            lo, hi = up.amin((1, 2), keepdim=True), up.amax((1, 2), keepdim=True)
-            scores = (up - lo) / (hi - lo)
-            mask = torch.cat([torch.full_like(scores[:1], DEFAULT_TAU), scores]).argmax(0)
+            mask = decide(refined, image)
         clock.add("end to end", RECIPE)
         return mask
+
+
+# The recipe's steps after the U-Net pass on the maps StoreEveryMap kept ({layer: (2, heads, N, T)}, row 1 the
+# conditional one), shared with the SDXL baseline (baseline_xl.py)
+
+def fuse_token(maps: dict[str, torch.Tensor], token: int, side: int, grid: int, weights: dict[int, float]
+               ) -> torch.Tensor:
+    """A (1, 1, grid, grid) of one class token: per level (a latent of `side`² has level l at (side/l)²) the mean
+    over its layers and heads, bilinear to `grid`², min-max, weighted by `weights`, summed."""
+    a: torch.Tensor | int = 0
+    for level, weight in weights.items():
+        s = side // level
+        cross = [p[1, :, :, token] for name, p in maps.items()
+                 if name.endswith("attn2") and p.shape[2] == s * s]  # conditional row, (heads, N)
+        m = torch.stack(cross).float().mean((0, 1)).reshape(1, 1, s, s)
+        m = F.interpolate(m, size=(grid, grid), mode="bilinear", align_corners=False)
+        a = a + weight * (m - m.min()) / (m.max() - m.min())
+    assert isinstance(a, torch.Tensor), "no fusion weights"
+    return a
+
+
+def refine_naive(maps: dict[str, torch.Tensor], a: torch.Tensor, grid: int) -> torch.Tensor:
+    """M (grid, grid) = S·A with S (grid², grid²) the mean of the conditional row's self-attention maps on `grid`²
+    over their layers and heads, built in full."""
+    s = torch.stack([p[1].mean(0) for name, p in maps.items()
+                     if name.endswith("attn1") and p.shape[2] == grid * grid]).mean(0)  # (HW, HW)
+    return (s.float() @ a.flatten()).reshape(grid, grid)
+
+
+def decide(refined: list[torch.Tensor], image) -> torch.Tensor:
+    """The classes' M upsampled to the image, min-max per class, argmax against the background score τ."""
+    up = F.interpolate(torch.stack(refined)[None], size=(image.height, image.width), mode="bilinear",
+                       align_corners=False)[0]  # (C, H, W)
+    lo, hi = up.amin((1, 2), keepdim=True), up.amax((1, 2), keepdim=True)
+    scores = (up - lo) / (hi - lo)
+    return torch.cat([torch.full_like(scores[:1], DEFAULT_TAU), scores]).argmax(0)

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from minidiffseg.image import to_tensor
-from minidiffseg.method.recipe import CLASS_WEIGHT, DEFAULT_TAU, SDXL_LEVEL_WEIGHTS, TEMPLATES, TIMESTEP
+from minidiffseg.method.recipe import CLASS_WEIGHT, SDXL_LEVEL_WEIGHTS, TEMPLATES, TIMESTEP
 # tests/reference_sd.py (bench/__init__.py puts tests/ on the path)
 from reference_sd import StoreEveryMap
 
-from bench.baseline import _variant
+from bench.baseline import _variant, decide, fuse_token, refine_naive
 
 RECIPE = ["text encode", "VAE encode", "U-Net + capture", "fusion", "refinement", "post-processing"]
 
@@ -88,24 +88,11 @@ class DiffusersXLRecipe:
                 self.unet(torch.cat([z_t, z_t]), TIMESTEP, encoder_hidden_states=torch.cat([empty, cond]),
                           added_cond_kwargs={"text_embeds": torch.cat([empty_pooled, pooled]), "time_ids": time_ids})
             with clock("fusion"):
-                a = 0
-                for level, weight in SDXL_LEVEL_WEIGHTS.items():
-                    s = side // level
-                    cross = [p[1, :, :, token] for name, p in self.maps.items()
-                             if name.endswith("attn2") and p.shape[2] == s * s]  # conditional row, (heads, N)
-                    m = torch.stack(cross).float().mean((0, 1)).reshape(1, 1, s, s)
-                    m = F.interpolate(m, size=(grid, grid), mode="bilinear", align_corners=False)
-                    a = a + weight * (m - m.min()) / (m.max() - m.min())
+                a = fuse_token(self.maps, token, side, grid, SDXL_LEVEL_WEIGHTS)
             with clock("refinement"):
-                s = torch.stack([p[1].mean(0) for name, p in self.maps.items()
-                                 if name.endswith("attn1") and p.shape[2] == grid * grid]).mean(0)  # (HW, HW)
-                refined.append((s.float() @ a.flatten()).reshape(grid, grid))
+                refined.append(refine_naive(self.maps, a, grid))
         self.maps.clear()
         with clock("post-processing"):
-            up = F.interpolate(torch.stack(refined)[None], size=(image.height, image.width), mode="bilinear",
-                               align_corners=False)[0]  # (C, H, W)
-            lo, hi = up.amin((1, 2), keepdim=True), up.amax((1, 2), keepdim=True)
-            scores = (up - lo) / (hi - lo)
-            mask = torch.cat([torch.full_like(scores[:1], DEFAULT_TAU), scores]).argmax(0)
+            mask = decide(refined, image)
         clock.add("end to end", RECIPE)
         return mask

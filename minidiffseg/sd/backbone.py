@@ -1,5 +1,6 @@
 """Stable Diffusion 1.5 / 2.x as the method sees it: the networks of one checkpoint (sd/checkpoint.py loads
-them) behind the backbone contract (minidiffseg/backbone.py)."""
+them) behind the backbone contract (minidiffseg/backbone.py); `UNetBackbone`, what it shares with SDXL's
+(sd/xl.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,32 @@ from .unet import UNet
 from .vae import VAEEncoder
 
 
+class UNetBackbone:
+    """What the backbones built on a U-Net and SD's DDPM schedule share (StableDiffusion here, StableDiffusionXL
+    in sd/xl.py): their device and dtype are the U-Net's, their attention layers the U-Net's, their noise DDPM's."""
+
+    unet: UNet
+    schedule: NoiseSchedule
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def attention_layers(self) -> list[AttentionLayer]:
+        """The U-Net's attention layers in execution order (SD1.5/SD2.x: 16 self, 16 cross; SDXL: 70 of each)."""
+        return [AttentionLayer(m.name, m.kind, m.level, m.heads) for m in self.unet.attention_layers()]
+
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        """z_t = √ᾱ_t z0 + √(1 − ᾱ_t) ε (DDPM, 1000 steps)."""
+        return self.schedule.add_noise(z0, noise, t)
+
+
 @dataclass
-class StableDiffusion:
+class StableDiffusion(UNetBackbone):
     """The networks of one checkpoint. `name` says which Stable Diffusion it is, as its configs and shapes
     tell (`model_name`): "SD1.5", "SD2.x-base (512², ε-prediction)", "SD2.x (768², v-prediction)", ..."""
 
@@ -35,20 +60,8 @@ class StableDiffusion:
         """The image side the U-Net was trained at: its latent sample_size × the VAE's downsampling (8)."""
         return self.unet.cfg.sample_size * 2 ** (len(self.vae.cfg.block_out_channels) - 1)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
     def networks(self) -> dict[str, nn.Module]:
         return {"text_encoder": self.text_encoder, "vae": self.vae, "unet": self.unet}
-
-    def attention_layers(self) -> list[AttentionLayer]:
-        """The U-Net's 32 attention layers (16 self, 16 cross) in execution order."""
-        return [AttentionLayer(m.name, m.kind, m.level, m.heads) for m in self.unet.attention_layers()]
 
     def encode_text(self, texts: list[str]) -> TextEncoding:
         """Prompts -> the U-Net's context (B, 77, 768 | 1024): CLIP's last (SD2.x: penultimate) hidden states."""
@@ -57,10 +70,6 @@ class StableDiffusion:
     def encode_image(self, x: torch.Tensor, generator: torch.Generator | None, sample: bool = True) -> torch.Tensor:
         """x (1, 3, H, W) in [-1, 1] -> z0 (1, 4, H/8, W/8), scaled by 0.18215 (a posterior sample or its mean)."""
         return self.vae.encode(x, generator=generator, sample=sample)
-
-    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-        """z_t = √ᾱ_t z0 + √(1 − ᾱ_t) ε (DDPM, 1000 steps)."""
-        return self.schedule.add_noise(z0, noise, t)
 
     def denoise(self, z_t: torch.Tensor, t: int, text: TextEncoding, store: AttentionStore | None) -> None:
         """One U-Net pass recording into `store`; its ε is not computed (the last norm and conv skipped)."""

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..backbone import AttentionLayer, TextEncoding
+from ..backbone import TextEncoding
 from .attention import AttentionStore
+from .backbone import UNetBackbone
 from .clip import CLIPTextModel, CLIPTextModelWithProjection
 from .schedule import NoiseSchedule
 from .tokenizer import CLIPTokenizer
@@ -34,7 +35,7 @@ from .vae import VAEEncoder
 
 
 @dataclass
-class StableDiffusionXL:
+class StableDiffusionXL(UNetBackbone):
     """The networks of one SDXL checkpoint (sd/checkpoint.py loads them)."""
 
     tokenizer: CLIPTokenizer  # CLIP-L's: pads with EOS
@@ -49,14 +50,6 @@ class StableDiffusionXL:
     resolution: int = 1024  # the image side it was trained at (SDXL-Turbo: 512)
 
     @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-    @property
     def upcast_vae(self) -> bool:
         """Whether the VAE computes in float32 when the rest computes in float16 (its config's `force_upcast`)."""
         return self.vae.cfg.force_upcast
@@ -64,11 +57,6 @@ class StableDiffusionXL:
     def networks(self) -> dict[str, nn.Module]:
         return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2, "vae": self.vae,
                 "unet": self.unet}
-
-    def attention_layers(self) -> list[AttentionLayer]:
-        """The U-Net's attention layers in execution order: 70 transformer blocks of one self and one cross each
-        (levels 2 and 4: the 64² and 32² grids at 1024²)."""
-        return [AttentionLayer(m.name, m.kind, m.level, m.heads) for m in self.unet.attention_layers()]
 
     def encode_text(self, texts: list[str]) -> TextEncoding:
         """Prompts -> states (B, 77, 768 + 1280), CLIP-L's then bigG's penultimate hidden states, and the pooled
@@ -81,10 +69,6 @@ class StableDiffusionXL:
         """x (1, 3, H, W) in [-1, 1] -> z0 (1, 4, H/8, W/8) scaled by 0.13025, in the U-Net's dtype; the VAE computes
         in its own dtype (float32 where its config says `force_upcast` and the rest is float16: sd/checkpoint.py)."""
         return self.vae.encode(x, generator=generator, sample=sample).to(self.dtype)
-
-    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-        """z_t = √ᾱ_t z0 + √(1 − ᾱ_t) ε (DDPM, 1000 steps, as SD's)."""
-        return self.schedule.add_noise(z0, noise, t)
 
     def time_ids(self, z: torch.Tensor) -> torch.Tensor:
         """(1, 6): original size, crop top-left, target size of a whole image of the latent's size × 8."""
