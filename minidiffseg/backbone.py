@@ -38,9 +38,11 @@ class AttentionLayer:
     """One attention layer of the denoiser, as the method sees it."""
 
     name: str  # its state-dict path, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
-    kind: str  # "cross" (queries from the image, keys from the text) or "self"
-    level: int  # the latent grid's side over this layer's (1 = the finest, 64² for a 512² image)
+    kind: str  # "cross" (queries from the image, keys from the text), "self", or "joint" (an MM-DiT's: image and
+    # text tokens attend to each other at once; the method reads its image rows as both, sd/attention.py)
+    level: int  # the latent grid's side over this layer's (1 = the finest, 64² for a 512² image; an MM-DiT's: 2)
     heads: int
+    block: int | None = None  # a diffusion transformer's block index (transformer_blocks.N); U-Nets: None
 
 
 class Backbone(Protocol):

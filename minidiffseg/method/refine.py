@@ -5,10 +5,9 @@ S is HW×HW (4096² = 16.7 M entries per layer and head); it is never built. Bec
 M = mean_{l,h} softmax(Q_lh K_lhᵀ/√d) · A is exactly an attention with the class maps A as values, so
 it runs as fused `scaled_dot_product_attention`: memory O(HW·C) instead of O(HW²).
 
-CPU subtlety (measured, docs/design.md §6): when the value width differs from the head dim, torch's CPU
-SDPA silently falls back to a path that materialises the whole HW×HW matrix (1.7 s, +1.2 GB for
-C=4 here; 0.16 s, +9 MB with the width padded to the head dim). So the class maps are padded with
-zero columns to the head dim, and wider stacks are split into head-dim-wide slices.
+The fused attention is sd/attention.py's `attend_values`, which pads the class maps to the head dim
+(torch's CPU SDPA otherwise materialises the whole HW×HW matrix: 1.7 s, +1.2 GB for C=4 where padded it
+takes 0.16 s, +9 MB; measured, docs/design.md §6).
 `refine_chunked` is the portable alternative (row blocks, bounded memory); `refine_naive` builds S
 and exists for tests and the benchmark only.
 """
@@ -18,35 +17,35 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..sd.attention import attend_values
+
 QK = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (and timestep): q, k each (B, heads, HW, d)
 
 
-def refine(qk: QK, maps: torch.Tensor) -> torch.Tensor:
+def refine(qk: QK, maps: torch.Tensor, renormalise: bool = True) -> torch.Tensor:
     """maps A (B, HW, K) -> M (B, HW, K) = mean over layers and heads of softmax(QKᵀ/√d)·A, fused.
 
     A layer whose Q/K have batch 1 (the U-Net's first self-attention, before any text: the same for
-    every prompt row) is applied once to all B·K maps as columns."""
+    every prompt row) is applied once to all B·K maps as columns.
+
+    A joint attention's pair (an MM-DiT's, sd/attention.py): its HW image queries with all HW + T keys, the
+    image keys first. S is the image × image block of the head-averaged joint softmax; the text keys take part
+    of each row's mass, and `renormalise` divides each row of S by what its image keys kept, so that rows sum to
+    1 as a U-Net's do (docs/sd3.md §3). Still one fused attention: the values are A with a column of ones on the
+    image keys and zeros on the text keys, whose output is the row mass."""
     out = torch.zeros(maps.shape, dtype=torch.promote_types(maps.dtype, torch.float32), device=maps.device)
     b, n, kk = maps.shape
     for q, k in qk:
-        if q.shape[0] == 1 and b > 1:  # shared by all rows: (B, HW, K) -> (1, HW, B·K) and back
+        if k.shape[2] > q.shape[2]:  # joint: image keys, then text keys
+            values = F.pad(torch.cat([maps, torch.ones_like(maps[..., :1])], dim=-1), (0, 0, 0, k.shape[2] - n))
+            o = attend_values(q, k, values)  # (B, HW, K + 1): S·A, and each row's mass on the image keys
+            out += o[..., :kk] / o[..., kk:] if renormalise else o[..., :kk]
+        elif q.shape[0] == 1 and b > 1:  # shared by all rows: (B, HW, K) -> (1, HW, B·K) and back
             cols = maps.transpose(0, 1).reshape(1, n, b * kk)
-            out += _attend(q, k, cols, out.dtype).reshape(n, b, kk).transpose(0, 1)
+            out += attend_values(q, k, cols).reshape(n, b, kk).transpose(0, 1)
         else:
-            out += _attend(q, k, maps, out.dtype)
+            out += attend_values(q, k, maps)
     return (out / len(qk)).to(maps.dtype)
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, maps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """softmax(QKᵀ/√d)·A averaged over heads: q, k (B, heads, HW, d), maps (B, HW, K) -> (B, HW, K)."""
-    b, heads, n, d = q.shape
-    out = torch.empty(maps.shape, dtype=dtype, device=maps.device)
-    for start in range(0, maps.shape[-1], d):  # slices of at most d columns
-        a = maps[..., start:start + d].to(q.dtype)  # (B, HW, k ≤ d)
-        v = F.pad(a, (0, d - a.shape[-1]))[:, None].expand(b, heads, n, d)  # zero-pad to the head dim
-        o = F.scaled_dot_product_attention(q, k, v)[..., :a.shape[-1]]  # (B, heads, HW, k)
-        out[..., start:start + d] = o.mean(dim=1).to(dtype)
-    return out
 
 
 def refine_chunked(qk: QK, maps: torch.Tensor, rows: int = 1024) -> torch.Tensor:

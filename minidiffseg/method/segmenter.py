@@ -93,7 +93,22 @@ class AttentionMaps:
 
 def check_levels(recipe: Recipe, layers, model: str) -> None:
     """One UserError line when the recipe names grid levels at which the backbone has no attention layer of the
-    kind it reads (e.g. SD1.5's level 1 on SDXL, whose finest attention is at level 2)."""
+    kind it reads (e.g. SD1.5's level 1 on SDXL, whose finest attention is at level 2), or blocks a diffusion
+    transformer lacks, or when a U-Net's recipe meets a transformer (or the reverse)."""
+    blocks = sorted({m.block for m in layers if m.kind == "joint"})
+    if recipe.transformer or blocks:
+        if not blocks:
+            raise UserError(f"the recipe reads a diffusion transformer's blocks (block_weights) but {model} is a U-Net: "
+                            "give level_weights and self_levels instead")
+        if not recipe.transformer:
+            raise UserError(f"{model} is a diffusion transformer (one token grid, joint attention in blocks "
+                            f"{blocks[0]}..{blocks[-1]}): its recipe names block_weights and self_blocks, not levels")
+        for field_, wanted in (("block_weights", recipe.block_weights), ("self_blocks", recipe.self_blocks)):
+            missing = sorted(set(wanted) - set(blocks))
+            if missing:
+                raise UserError(f"recipe {field_} names block(s) {missing}, but {model} has joint attention in blocks "
+                                f"{blocks[0]}..{blocks[-1]} only: choose among those")
+        return
     have = {kind: sorted({m.level for m in layers if m.kind == kind}) for kind in ("cross", "self")}
     for kind, field_, wanted in (("cross", "level_weights", recipe.level_weights), ("self", "self_levels",
                                                                                   recipe.self_levels)):
@@ -139,9 +154,16 @@ class Segmenter:
         self.class_batch = class_batch
         layers = sd.attention_layers()
         check_levels(self.recipe, layers, getattr(sd, "name", "this model"))
-        self.cross_layers = {m.name for m in layers if m.kind == "cross" and m.level in self.recipe.level_weights}
-        self.self_layers = {m.name for m in layers if m.kind == "self" and m.level in self.recipe.self_levels}
+        r = self.recipe
+        if r.transformer:  # a diffusion transformer's joint attention, read by block (one token grid)
+            self.cross_layers = {m.name for m in layers if m.kind == "joint" and m.block in r.block_weights}
+            self.self_layers = {m.name for m in layers if m.kind == "joint" and m.block in r.self_blocks}
+        else:
+            self.cross_layers = {m.name for m in layers if m.kind == "cross" and m.level in r.level_weights}
+            self.self_layers = {m.name for m in layers if m.kind == "self" and m.level in r.self_levels}
         self.levels = {m.name: m.level for m in layers}
+        # the key each layer's cross maps are fused under, with `fusion_weights`: its block, or its level
+        self.groups = {m.name: m.block if r.transformer else m.level for m in layers}
         # prompt rows -> re-weighted text embeddings: the same classes over many images are encoded once
         self.text_cache: dict[tuple, TextEncoding] = {}
 
@@ -156,6 +178,7 @@ class Segmenter:
     timesteps = property(lambda self: self.recipe.timesteps)
     template = property(lambda self: self.recipe.template)
     level_weights = property(lambda self: self.recipe.level_weights)
+    fusion_weights = property(lambda self: self.recipe.fusion_weights)
     self_levels = property(lambda self: self.recipe.self_levels)
     prompt_options = property(lambda self: self.recipe.prompt_options)
     default_tau = property(lambda self: self.recipe.tau)
@@ -230,7 +253,8 @@ class Segmenter:
                 self.text_cache.clear()
             z_empty = self.sd.encode_text([""]).states  # z∅ (1, 77, D)
             z = self.sd.encode_text([r.text for r in rows])
-            w = torch.stack([r.weights for r in rows]).to(self.device)
+            w = torch.stack([r.weights for r in rows]).to(self.device)  # (B, 77): the CLIP tokens' weights
+            w = F.pad(w, (0, z.states.shape[1] - w.shape[1]), value=1.0)  # SD3: T5's tokens after them, as they are
             states = check_finite(reweight(z.states, z_empty, w), "the text embeddings (text encoder)")
             self.text_cache[key] = TextEncoding(states, z.pooled)
         return self.text_cache[key]
@@ -267,6 +291,7 @@ class Segmenter:
         that keeps the cross maps projected on `select` (B, 77, K) and the Q/K of the refinement layers;
         also the head-averaged probabilities of the layers named in `probs` (the explorer's every-token maps).
         `progress(i, n, t)` is called before pass i of n."""
+        select = F.pad(select, (0, 0, 0, context.states.shape[1] - select.shape[1]))  # SD3: no map from T5's tokens
         store = AttentionStore(cross=self.cross_layers, token_weights=select.to(self.device, self.dtype),
                                qk=self.self_layers, probs=set(probs))
         for i, (t, noise) in enumerate(zip(self.timesteps, noises)):
@@ -279,19 +304,19 @@ class Segmenter:
     def map_size(self, z0: torch.Tensor) -> tuple[int, int]:
         """The grid A and M live on: that of the refinement's self-attention, the latent's (64² at 512²) for
         SD1.5/SD2.x; SDXL's finest attention is at half the latent's side (64² at 1024²)."""
-        level = self.self_levels[0]
+        level = self.levels[min(self.self_layers)]  # all at one level (Recipe: one self level; an MM-DiT: one grid)
         return z0.shape[-2] // level, z0.shape[-1] // level
 
     def fuse(self, store: AttentionStore, size: tuple[int, int]) -> tuple[torch.Tensor, dict, dict]:
         """A (B, K, h, w) on the grid `size` (`map_size`), with the per-level and per-layer maps it was fused from."""
-        fused, levels, layers = fused_map(store, self.levels, self.level_weights, size)
+        fused, levels, layers = fused_map(store, self.groups, self.fusion_weights, size)
         return check_finite(fused, "the cross-attention maps (U-Net)"), levels, layers
 
     def refine(self, store: AttentionStore, fused: torch.Tensor) -> torch.Tensor:
         """M = S·A (B, K, h, w) with S the mean self-attention of the refinement layers, never built."""
         qk = [pair for name in sorted(self.self_layers) for pair in store.qk_pairs[name]]
         values = fused.flatten(2).transpose(1, 2)  # (B, hw, K)
-        return check_finite(refinement.refine(qk, values).transpose(1, 2).reshape(fused.shape),
+        return check_finite(refinement.refine(qk, values, self.recipe.renormalise).transpose(1, 2).reshape(fused.shape),
                             "the refined maps (U-Net self-attention)")
 
     # ---- the whole method ---------------------------------------------------------------------

@@ -16,6 +16,13 @@ so level 1 is the 64×64 resolution of a 512² image). Where the store wants not
 - `probs`: the full head-averaged probabilities (B, HWq, HWk) of chosen layers (small layers,
   pictures, tests).
 
+A diffusion transformer's joint attention (SD3's MM-DiT, sd3/mmdit.py: kind "joint") attends over the
+image tokens and then the text tokens at once; it passes `image_tokens` = the number of image tokens, and
+the store reads its image rows: the cross maps are its image × text block, the refinement's Q/K its image
+queries with every key (method/refine.py takes the image × image block). Nothing N×N is built there either:
+a map is an attention whose values are the token weights on the text keys and zeros on the image keys,
+so it runs fused (`attend_values`).
+
 Calling the U-Net several times with one store accumulates: maps are summed and counted per layer
 (`count`), Q/K are appended.
 """
@@ -77,6 +84,24 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, upcast: bool = False) -> t
     return torch.softmax(torch.matmul(q, (k * scale).transpose(-1, -2)), dim=-1)
 
 
+def attend_values(q: torch.Tensor, k: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """softmax(Q Kᵀ/√d) · values averaged over heads, fused (never N×Nk): q (B, h, N, d), k (B, h, Nk, d), values
+    (B, Nk, K) the same for every head -> (B, N, K) in at least float32.
+
+    CPU subtlety (measured, docs/design.md §6): when the value width differs from the head dim, torch's CPU SDPA
+    falls back to a path that materialises the whole N×Nk matrix; so the values are padded with zero columns to
+    the head dim, and wider stacks are split into head-dim-wide slices."""
+    b, heads, n, d = q.shape
+    dtype = torch.promote_types(values.dtype, torch.float32)
+    out = torch.empty((b, n, values.shape[-1]), dtype=dtype, device=values.device)
+    for start in range(0, values.shape[-1], d):  # slices of at most d columns
+        a = values[..., start:start + d].to(q.dtype)  # (B, Nk, k ≤ d)
+        v = F.pad(a, (0, d - a.shape[-1]))[:, None].expand(b, heads, a.shape[1], d)  # zero-pad to the head dim
+        o = F.scaled_dot_product_attention(q, k, v)[..., :a.shape[-1]]  # (B, heads, N, k)
+        out[..., start:start + d] = o.mean(dim=1).to(dtype)
+    return out
+
+
 @dataclass
 class AttentionStore:
     """What to record from one or several U-Net passes; see the module docstring.
@@ -102,12 +127,15 @@ class AttentionStore:
     def wants(self, layer: Attention) -> bool:
         return layer.name in self.cross or layer.name in self.qk or layer.name in self.probs
 
-    def attend(self, layer: Attention, q, k, v) -> torch.Tensor:
-        """Attention output for `layer`, recording what was asked for. q: (B, h, N, d)."""
+    def attend(self, layer, q, k, v, image_tokens: int | None = None) -> torch.Tensor:
+        """Attention output for `layer`, recording what was asked for. q: (B, h, N, d).
+        `image_tokens` (a joint attention): q, k, v hold that many image tokens, then the text tokens."""
         name = layer.name
         self.count[name] = self.count.get(name, 0) + 1
         if self.latent_hw is not None:
             self.shapes[name] = (self.latent_hw[0] // layer.level, self.latent_hw[1] // layer.level)
+        if image_tokens is not None:
+            return self._attend_joint(name, q, k, v, image_tokens)
         if name in self.qk:
             self.qk_pairs.setdefault(name, []).append((q, k))
         if name not in self.cross and name not in self.probs:
@@ -122,6 +150,26 @@ class AttentionStore:
             w = self.token_weights.to(mean.dtype)
             self._add(self.cross_maps, name, torch.bmm(mean, w.expand(mean.shape[0], -1, -1)))  # (B, N, K)
         return torch.matmul(p, v)
+
+    def _attend_joint(self, name: str, q, k, v, n: int) -> torch.Tensor:
+        """A joint attention's output, recording from its n image rows: the cross maps over the text keys
+        (the weights as values, zeros on the image keys), the probabilities of every text token (`probs`),
+        the image queries with all keys (`qk`)."""
+        q_img = q[:, :, :n]  # (B, h, n, d)
+        if name in self.qk:
+            self.qk_pairs.setdefault(name, []).append((q_img, k))
+        text = k.shape[2] - n
+        if name in self.cross:
+            if self.token_weights is None:
+                raise ValueError("AttentionStore.cross needs token_weights (B, T, K)")
+            w = self.token_weights.to(q.dtype).expand(q.shape[0], -1, -1)  # (B, T, K)
+            if w.shape[1] != text:
+                raise ValueError(f"token_weights has {w.shape[1]} token rows, the joint attention {text} text keys")
+            self._add(self.cross_maps, name, attend_values(q_img, k, F.pad(w, (0, 0, n, 0))))  # (B, n, K)
+        if name in self.probs:
+            eye = torch.eye(text, dtype=q.dtype, device=q.device).expand(q.shape[0], -1, -1)
+            self._add(self.prob_maps, name, attend_values(q_img, k, F.pad(eye, (0, 0, n, 0))))  # (B, n, T)
+        return F.scaled_dot_product_attention(q, k, v)
 
     @staticmethod
     def _add(maps: dict, name: str, value: torch.Tensor) -> None:

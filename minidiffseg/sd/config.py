@@ -172,6 +172,10 @@ class VAEConfig:
     # computed in float32 when the rest computes in float16 (what diffusers' SDXL pipelines do when the config says
     # so); read for SDXL only: diffusers writes true into every VAE config it saves (sd/checkpoint.py `_dtype_of`)
     force_upcast: bool = False
+    # SD3's VAE (16 latent channels): no 1×1 quant conv after the encoder (`use_quant_conv` false in its config),
+    # and its latents are shifted before scaling, (z − 0.0609) · 1.5305 (vae/config.json "shift_factor"); None: no shift
+    use_quant_conv: bool = True
+    shift_factor: float | None = None
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> "VAEConfig":

@@ -122,7 +122,7 @@ class Encoder(nn.Module):
 
 
 class VAEEncoder(nn.Module):
-    """`encoder` + `quant_conv` of diffusers' AutoencoderKL; state-dict keys equal theirs."""
+    """`encoder` + `quant_conv` of diffusers' AutoencoderKL (SD3's: no quant_conv); state-dict keys equal theirs."""
 
     # the streaming grain (sd/stream.py `blocks`): these, and the convs / the final norm on their own
     stream_blocks = (ResnetBlock, Downsample, SpatialSelfAttention)
@@ -131,14 +131,17 @@ class VAEEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1) if cfg.use_quant_conv else None
 
     def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x in [-1, 1] (B, 3, H, W) -> mean, logvar, each (B, latent_channels, H/8, W/8)."""
         # channels-last activations: oneDNN's CPU convolutions at 512² run ~11 % (fp32) / ~15 % (bf16) faster
         # so (measured, bench/README.md); the weights stay as loaded (memory-mapped), the result contiguous
-        x = x.to(self.quant_conv.weight.dtype).contiguous(memory_format=torch.channels_last)
-        mean, logvar = self.quant_conv(self.encoder(x)).contiguous().chunk(2, dim=1)
+        x = x.to(self.encoder.conv_in.weight.dtype).contiguous(memory_format=torch.channels_last)
+        h = self.encoder(x)  # (B, 2·latent_channels, H/8, W/8)
+        if self.quant_conv is not None:
+            h = self.quant_conv(h)
+        mean, logvar = h.contiguous().chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)  # the clamp of diffusers' DiagonalGaussianDistribution
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
@@ -149,8 +152,10 @@ class VAEEncoder(nn.Module):
         moments' dtype, so the same seeded generator gives the same latent as diffusers.
         """
         mean, logvar = self.moments(x)
-        if not sample:
-            return self.cfg.scaling_factor * mean
-        device = generator.device if generator is not None else mean.device
-        noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
-        return self.cfg.scaling_factor * (mean + torch.exp(0.5 * logvar) * noise)
+        if sample:
+            device = generator.device if generator is not None else mean.device
+            noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
+            mean = mean + torch.exp(0.5 * logvar) * noise
+        if self.cfg.shift_factor is not None:  # SD3: (z − shift) · scale
+            mean = mean - self.cfg.shift_factor
+        return self.cfg.scaling_factor * mean
