@@ -130,21 +130,26 @@ def short_layer_name(name: str) -> str:
     transformer blocks (SDXL: up to 10), a block past the first adds its index: "…attentions.0.transformer_blocks.3.
     attn2" -> "mid.0.3 attn2"."""
     parts = name.split(".")
+    if parts[0] == "transformer_blocks":  # an MM-DiT's: "transformer_blocks.9.attn" -> "block 9 attn"
+        return f"block {parts[1]} {parts[2]}"
     block = f".{parts[-2]}" if parts[-2] != "0" else ""  # parts[-2]: the transformer block's index
     if parts[0] == "mid_block":
         return f"mid.{parts[2]}{block} {parts[-1]}"
     return f"{parts[0].split('_')[0]}{parts[1]}.{parts[3]}{block} {parts[-1]}"
 
 
-def attention_grid(r, level_of: dict[str, int]) -> Image.Image:
+def attention_grid(r, level_of: dict[str, int], blocks: bool = False) -> Image.Image:
     """The grid of `minidiffseg maps` for a SegmentationResult `r`: a row per class, with its map of every
     cross-attention layer (finest level first), each level's mean, the fused map A, the refined map M
-    and the scores. `level_of`: layer name -> level (1 = the finest grid)."""
+    and the scores. `level_of`: layer name -> level (1 = the finest grid); `blocks`: it names a diffusion
+    transformer's blocks instead (its one grid's maps are fused per block)."""
     names = sorted(r.layers, key=lambda n: (level_of[n], n))
+    group = (lambda g: f"block {g}") if blocks else (lambda g: f"level 1/{g}")
     rows = []
     for i, c in enumerate(r.classes):
-        cols = [(f"{short_layer_name(n)} 1/{level_of[n]}", r.layers[n][i]) for n in names]
-        cols += [(f"level 1/{lvl} mean", r.levels[lvl][i]) for lvl in sorted(r.levels)]
+        cols = [(short_layer_name(n) if blocks else f"{short_layer_name(n)} 1/{level_of[n]}", r.layers[n][i])
+                for n in names]
+        cols += [(f"{group(g)} mean", r.levels[g][i]) for g in sorted(r.levels)]
         cols += [("fused A", r.fused[i]), ("refined M=S·A", r.refined[i]), ("scores", r.scores[i])]
         rows.append((c, cols))
     return grid(rows)

@@ -24,6 +24,17 @@ def tiny_sd_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A tiny random SD3 in the diffusers folder layout, T5 included (fp32 files and the .fp16 variant), written once
+    per session by the reference libraries (tests/tiny_sd3.py)."""
+    from tiny_sd3 import write_tiny_sd3_diffusers
+
+    folder = tmp_path_factory.mktemp("tiny_sd3")
+    write_tiny_sd3_diffusers(folder)
+    return write_tiny_sd3_diffusers(folder, variant="fp16")
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory):
     """A tiny random SDXL in the diffusers folder layout (fp32 files and the .fp16 variant), written once per
     session by the reference libraries (tests/tiny_sdxl.py)."""

@@ -74,8 +74,9 @@ def reference_vae(cfg: VAEConfig):
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
         latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
-        scaling_factor=cfg.scaling_factor, force_upcast=cfg.force_upcast)  # diffusers' default is True; SD1.5's hub
-    # config has no such field (our False): written explicitly, the folder says what the hub's means
+        scaling_factor=cfg.scaling_factor, force_upcast=cfg.force_upcast,  # diffusers' default is True; SD1.5's
+        # hub config has no such field (our False): written explicitly, the folder says what the hub's means
+        use_quant_conv=cfg.use_quant_conv, use_post_quant_conv=cfg.use_quant_conv, shift_factor=cfg.shift_factor)
 
 
 def reference_text_config(cfg: CLIPTextConfig):

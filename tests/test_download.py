@@ -9,6 +9,7 @@ The hub is not reachable from the test machines, so:
 """
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import save
 
@@ -31,6 +33,8 @@ import huggingface_hub.utils  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SD15 = download.REPOS["sd15"].repo_id
+SD3 = download.REPOS["sd3-medium"].repo_id
+SHARD = re.compile(r"-(\d{5})-of-\d{5}\.safetensors$")
 COMMIT = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"  # any 40-hex revision; this is SD1.5's at the time of writing
 
 
@@ -70,9 +74,21 @@ class FakeHub:
                 (target / f).parent.mkdir(parents=True, exist_ok=True)
                 if repo_id == SD15:
                     shutil.copy(self.source(repo_id, f), target / f)
-                else:  # placeholders; a valid (empty) safetensors file passes download's header check
-                    (target / f).write_bytes(save({}) if f.endswith(".safetensors") else b"{}")
+                else:
+                    (target / f).write_bytes(self.placeholder(repo_id, f))
         return str(target)
+
+    def placeholder(self, repo_id: str, name: str) -> bytes:
+        """Contents that pass download's header check: an empty safetensors file; a shard holding one tensor
+        ("shard<N>") that its index maps to it; other files "{}"."""
+        if (shard := SHARD.search(name)) is not None:
+            return save({f"shard{int(shard.group(1))}": torch.zeros(2)})
+        if name.endswith(".index.json"):
+            folder = name.rsplit("/", 1)[0] + "/"
+            shards = [f for f in self.files(repo_id) if f.startswith(folder) and SHARD.search(f) and ".fp16" not in f]
+            return json.dumps({"metadata": {}, "weight_map": {f"shard{int(SHARD.search(f).group(1))}": f.rsplit("/", 1)[1]
+                                                              for f in shards}}).encode()
+        return save({}) if name.endswith(".safetensors") else b"{}"
 
 
 @pytest.fixture
@@ -215,6 +231,113 @@ def test_revision_with_all_is_refused(hub, tmp_path, capsys):
     line = one_error_line(*cli(capsys, "download", "--what", "all", "--revision", COMMIT, "--dir", tmp_path)[::2])
     assert "--revision names a commit of one repo" in line and "--what sd15" in line
     assert hub.calls == []
+
+
+# ---- Stable Diffusion 3: gated repos, a sharded T5, --no-t5 -------------------------------------------------
+
+SD3_TREES = {  # the weight and tokenizer files of the repos' trees (weights/README.md; hub commits in sd/hub.py)
+    "sd3-medium": ["transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                   "text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
+                   "text_encoder_3/model-00001-of-00002.safetensors", "text_encoder_3/model-00002-of-00002.safetensors",
+                   "text_encoder_3/model.safetensors.index.json"],
+}
+SD3_TREES["sd35-medium"] = SD3_TREES["sd3-medium"]
+T5 = ["text_encoder_3/config.json", "text_encoder_3/model.safetensors.index.json",
+      "text_encoder_3/model-00001-of-00002.safetensors", "text_encoder_3/model-00002-of-00002.safetensors",
+      "tokenizer_3/tokenizer.json", "tokenizer_3/spiece.model", "tokenizer_3/special_tokens_map.json",
+      "tokenizer_3/tokenizer_config.json"]
+
+
+@pytest.mark.parametrize("what", ["sd3-medium", "sd35-medium"])
+@pytest.mark.parametrize("t5", [True, False])
+def test_sd3_fetches_its_files_with_or_without_t5(hub, tmp_path, capsys, what, t5):
+    """The transformer, VAE, three text towers (T5 in two shards + index) with their tokenizers and the scheduler,
+    in the repos' plain (fp16) names whatever --variant says; --no-t5 leaves out text_encoder_3/ and tokenizer_3/.
+    What was fetched passes download's checks (the shards against their index)."""
+    repo = download.REPOS[what]
+    assert repo.gated and download.what_for(repo.repo_id) == what
+    for variant in ("fp16", "fp32"):
+        hub.calls.clear()
+        rc, out, err = cli(capsys, "download", "--what", what, "--variant", variant, "--dir", tmp_path / what,
+                           *([] if t5 else ["--no-t5"]))
+        assert rc == 0, err
+        (_, repo_id), (_, repo_id2, patterns, _) = hub.calls
+        assert repo_id == repo_id2 == repo.repo_id
+        assert not any(".fp16." in p or "-fp16" in p or p.endswith((".bin", ".ckpt")) for p in patterns), patterns
+        assert set(SD3_TREES[what]) - set(T5 if not t5 else []) <= set(patterns)
+        assert {"transformer/config.json", "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json",
+                "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer_2/vocab.json", "tokenizer_2/merges.txt",
+                "scheduler/scheduler_config.json"} <= set(patterns)
+        assert set(T5) <= set(patterns) if t5 else not any(p.startswith(("text_encoder_3/", "tokenizer_3/"))
+                                                          for p in patterns)
+        assert len(patterns) == (23 if t5 else 15), patterns
+        assert f"{repo.name} is in {tmp_path / what}: pass it as --weights" in out
+
+
+def test_sd3_broken_shard_after_download_is_named(hub, tmp_path, capsys, monkeypatch):
+    """A shard that arrived cut short: one line naming the shard (download checks the set through its index)."""
+    placeholder = hub.placeholder
+    monkeypatch.setattr(hub, "placeholder", lambda repo_id, name: placeholder(repo_id, name)[:-3]
+                        if name.endswith("00002-of-00002.safetensors") else placeholder(repo_id, name))
+    line = one_error_line(*cli(capsys, "download", "--what", "sd3-medium", "--dir", tmp_path / "sd3")[::2])
+    assert re.search(r"text_encoder_3/model-00002-of-00002\.safetensors: truncated: .*download it again", line), line
+
+
+def test_no_t5_needs_a_model_with_t5(hub, tmp_path, capsys):
+    for what in ("sd15", "all", "sdxl"):
+        line = one_error_line(*cli(capsys, "download", "--what", what, "--no-t5", "--dir", tmp_path)[::2])
+        assert f"--no-t5 leaves out SD3's T5 text encoder, and --what {what} has none" in line
+        assert "--what sd3-medium or sd35-medium" in line
+    assert hub.calls == []
+
+
+GATED = {  # how the hub answers a gated repo without (or with an unaccepted) token, by huggingface_hub version
+    "GatedRepoError 401": (huggingface_hub.utils.GatedRepoError, 401),
+    "GatedRepoError 403": (huggingface_hub.utils.GatedRepoError, 403),
+    "RepositoryNotFoundError 401": (huggingface_hub.utils.RepositoryNotFoundError, 401),
+    "HfHubHTTPError 403": (huggingface_hub.utils.HfHubHTTPError, 403),
+}
+
+
+@pytest.mark.parametrize("where", ["listing", "download"])
+@pytest.mark.parametrize("answer", list(GATED))
+def test_sd3_gated_is_one_line(hub, tmp_path, capsys, monkeypatch, answer, where):
+    """Both SD3 repos are gated: whichever way the hub refuses (401/403), one line naming the repo, saying it is
+    gated, where to accept the licence, and how to give the token; exit code 2. Nothing is downloaded."""
+    cls, status = GATED[answer]
+    error = hub_error(cls, status, "Access to model is restricted")
+    if where == "listing":
+        monkeypatch.setattr(hub, "model_info", raising(error))
+    else:
+        monkeypatch.setattr(hub, "model_info", raising(OSError("no answer")))
+        try:
+            raise huggingface_hub.utils.LocalEntryNotFoundError("cannot find the files") from error
+        except huggingface_hub.utils.LocalEntryNotFoundError as wrapped:
+            monkeypatch.setattr(huggingface_hub, "snapshot_download", raising(wrapped))
+    for what in ("sd3-medium", "sd35-medium"):
+        repo_id = download.REPOS[what].repo_id
+        line = one_error_line(*cli(capsys, "download", "--what", what, "--no-t5", "--dir", tmp_path / what)[::2])
+        assert re.search(rf"{re.escape(repo_id)} is gated: accept its licence at https://huggingface\.co/"
+                         rf"{re.escape(repo_id)} .*set HF_TOKEN, or run `hf auth login`.* rerun `minidiffseg download "
+                         rf"--what {what} --no-t5 --dir ", line), line
+        assert not (tmp_path / what).exists()
+
+
+def test_a_401_from_an_ungated_repo_is_not_called_gated(hub, tmp_path, capsys, monkeypatch):
+    """Only repos known to be gated read a bare 401 as gated: SD1.5's RepositoryNotFoundError stays 'not on the hub'."""
+    monkeypatch.setattr(hub, "model_info", raising(hub_error(huggingface_hub.utils.RepositoryNotFoundError, 401)))
+    line = one_error_line(*cli(capsys, "download", "--dir", tmp_path / "sd15")[::2])
+    assert f"{SD15} is not on https://huggingface.co" in line and "gated" not in line
+
+
+def test_sd3_cached_with_or_without_t5(hub_cache, tmp_path):
+    """`--weights <SD3 hub id>` finds a copy downloaded with or without --no-t5 in the cache."""
+    files = {f: b"{}" for f in download.files("sd3-medium", t5=False)}
+    snapshot = cache_snapshot(hub_cache, SD3, files)
+    assert download.cached("sd3-medium") == snapshot
+    assert download.what_for(SD3) == "sd3-medium" and download.what_for("stabilityai/stable-diffusion-3.5-medium") == \
+        "sd35-medium"
+    assert download.command("sd3-medium", t5=False, dir="w") == "minidiffseg download --what sd3-medium --no-t5 --dir w"
 
 
 def test_sd2_repos_are_the_community_mirrors():

@@ -23,7 +23,8 @@ def reference_and_ours(cfg: VAEConfig = VAEConfig.tiny(), logvar_bias: float = 0
             if isinstance(m, torch.nn.GroupNorm):  # default init is weight 1, bias 0: make them count
                 m.weight.add_(0.2 * torch.randn_like(m.weight))
                 m.bias.add_(0.2 * torch.randn_like(m.bias))
-        ref.quant_conv.bias[cfg.latent_channels:] += logvar_bias
+        if ref.quant_conv is not None:
+            ref.quant_conv.bias[cfg.latent_channels:] += logvar_bias
     ours = VAEEncoder(cfg).eval()
     ours.load_state_dict(encoder_state(ref), strict=True)
     return ref, ours
@@ -144,3 +145,30 @@ def test_full_size_inventory():
     assert got == expected, f"missing {sorted(expected.keys() - got.keys())}, extra {sorted(got.keys() - expected.keys())}"
     assert got["encoder.mid_block.attentions.0.to_q.weight"] == (512, 512)
     assert got["encoder.conv_out.weight"] == (8, 512, 3, 3) and got["quant_conv.weight"] == (8, 8, 1, 1)
+
+
+# SD3's VAE (vae/config.json of stabilityai/stable-diffusion-3-medium-diffusers): 16 latent channels, no quant convs,
+# latents (z − 0.0609)·1.5305; and diffusers' own SD3 test VAE, 4 channels without quant convs, scale 1.5035
+SD3_VAE = VAEConfig(latent_channels=16, block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+                    scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, force_upcast=True)
+SD3_TEST_VAE = VAEConfig(latent_channels=4, block_out_channels=(4,), layers_per_block=1, norm_num_groups=1,
+                         scaling_factor=1.5035, shift_factor=0.0609, use_quant_conv=False)
+
+
+@pytest.mark.parametrize("cfg", [SD3_VAE, SD3_TEST_VAE], ids=["16-channel", "4-channel"])
+@pytest.mark.parametrize("sample", [True, False], ids=["sample", "mean"])
+def test_sd3_latents_match_diffusers(cfg, sample):
+    """The encoder without quant_conv, and the shifted scaling SD3's pipelines apply, (z − shift)·scale, for a
+    posterior sample (same seeded generator) and for its mean; strict loading of the saved folder's encoder half."""
+    ref, _ = reference_and_ours(cfg)
+    assert ref.quant_conv is None and "quant_conv.weight" not in encoder_state(ref)
+    ours = VAEEncoder(cfg).eval()
+    ours.load_state_dict(encoder_state(ref), strict=True)
+    x = image(1)
+    with torch.no_grad():
+        dist = ref.encode(x).latent_dist
+        z = dist.sample(generator=torch.Generator().manual_seed(5)) if sample else dist.mean
+        want = (z - ref.config.shift_factor) * ref.config.scaling_factor
+        got = ours.encode(x, generator=torch.Generator().manual_seed(5), sample=sample)
+    assert got.shape[1] == cfg.latent_channels
+    assert_close(got, want, f"SD3 latent ({'sample' if sample else 'mean'})")

@@ -6,7 +6,8 @@ Printed: the detected layout, then per network its file, dtype, parameter count 
 are missing, unexpected, of the wrong shape or of a non-float dtype — the checks `load_strict` makes,
 here all listed instead of stopping at the first. Models are built on `meta` and the files' headers
 read, so it takes a second whatever the size. `--sha256` hashes the files and names the official
-ones (sd/hub.py KNOWN_SHA256). Exit code 0 when everything would load, 2 when not.
+ones (sd/hub.py KNOWN_SHA256). A network stored as shards (sd/shards.py) is listed under its index, with the
+shards' total size; its shards are hashed one by one. Exit code 0 when everything would load, 2 when not.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..sd.checkpoint import (Part, Parts, diffusers_parts, model_kind, model_nam
                               single_file_parts, unet_config)
 from ..sd.hub import KNOWN_SHA256, gb
 from ..sd.loading import Report, build_on_meta, check_suffix, keys_text, read_header
+from ..sd.shards import shard_files
 
 if TYPE_CHECKING:  # the filter models are imported only for a CLIP / BLIP folder
     from ..filter.blip import BlipConfig, BlipForConditionalGeneration
@@ -50,7 +52,8 @@ def run_inspect(args) -> int:
         dtype = " + ".join(f"{d}" if n == sum(r.dtypes.values()) else f"{n}×{d}" for d, n in r.dtypes.most_common())
         problems = len(r.twice) + len(r.missing) + len(r.unexpected) + len(r.bad_shape) + len(r.bad_dtype)
         name = str(p.file.relative_to(path)) if path.is_dir() else p.file.name
-        print(f"  {p.what:<14} {name:<46} {gb(p.file.stat().st_size):>9}  {dtype:<10} {r.params:>13,}  "
+        size = sum(f.stat().st_size for f in shard_files(p.file))  # (a shard set: all its shards)
+        print(f"  {p.what:<14} {name:<46} {gb(size):>9}  {dtype:<10} {r.params:>13,}  "
               f"{problems or 'none'}")
     for p, r in reports:
         for label, keys in (("stored twice", r.twice), ("missing", r.missing), ("unexpected", r.unexpected),
@@ -61,7 +64,7 @@ def run_inspect(args) -> int:
         if p.ignored:
             print(f"  {p.what}: {len(p.ignored)} tensor(s) ignored by name (never built): {keys_text(p.ignored)}")
     if args.sha256:
-        for f in dict.fromkeys(p.file for p, _ in reports):
+        for f in dict.fromkeys(f for p, _ in reports for f in shard_files(p.file)):
             digest = sha256(f)
             name = str(f.relative_to(path)) if path.is_dir() else f.name
             print(f"  sha256 {digest}  {name}: {KNOWN_SHA256.get(digest, 'not an official file minidiffseg knows')}")

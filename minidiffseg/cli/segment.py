@@ -185,8 +185,7 @@ def run_maps(args) -> int:
         if not is_out_of_memory(e):
             raise
         raise UserError(out_of_memory(e, f"image {args.image}", seg.device, args)) from None
-    levels = {m.name: m.level for m in seg.sd.unet.attention_layers()}
-    write_atomic(out, lambda p: attention_grid(r, levels).save(p, format="PNG"))
-    print(f"{out}: {len(r.layers)} cross-attention layers, {len(r.levels)} levels, fused and refined maps for "
+    write_atomic(out, lambda p: attention_grid(r, seg.groups, seg.recipe.transformer).save(p, format="PNG"))
+    print(f"{out}: {len(r.layers)} cross-attention layers, {len(r.levels)} {'blocks' if seg.recipe.transformer else 'levels'}, fused and refined maps for "
           f"{len(r.classes)} class(es); {seg.sd.name} at {seg.resolution}²")
     return 0

@@ -124,7 +124,7 @@ class AttentionStore:
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # (h, w) of each recorded layer
     latent_hw: tuple[int, int] | None = None  # set by the UNet at each pass
 
-    def wants(self, layer: Attention) -> bool:
+    def wants(self, layer) -> bool:  # an Attention (sd/attention.py) or an MM-DiT attention (sd3/mmdit.py)
         return layer.name in self.cross or layer.name in self.qk or layer.name in self.probs
 
     def attend(self, layer, q, k, v, image_tokens: int | None = None) -> torch.Tensor:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -43,6 +43,9 @@ from .tokenizer import EOS, CLIPTokenizer
 from .unet import UNet
 from .vae import VAEEncoder
 from .xl import StableDiffusionXL
+
+if TYPE_CHECKING:
+    from ..sd3.backbone import StableDiffusion3
 
 DOWNLOAD = ("fetch Stable Diffusion with `minidiffseg download --what sd15 --dir FOLDER` (SD1.5; --what sd21-base, "
             "sd21 or sd-turbo for SD2.x, sdxl or sdxl-turbo for SDXL)")
@@ -78,7 +81,7 @@ Parts = dict[str, Part]  # the networks of one checkpoint by component name (nam
 def load_sd(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
             variant: str | None = None, tokenizer: str | Path | CLIPTokenizer | None = None,
             stream: bool = False, keep: torch.dtype | None = None, revision: str | None = None
-            ) -> StableDiffusion | StableDiffusionXL:
+            ) -> "StableDiffusion | StableDiffusionXL | StableDiffusion3":
     """SD1.5, SD2.x or SDXL from a diffusers folder or a single LDM .safetensors file, in `dtype` on `device`, in eval
     mode without gradients; `.kind` and `.name` say which (decided from the files, docs/sd2.md §2). `variant`: None
     prefers the fp32 files of a diffusers folder and falls back to the `.fp16` ones; "fp16" takes only those. `tokenizer`: a folder with vocab.json + merges.txt or
@@ -88,7 +91,8 @@ def load_sd(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: 
     `stream`: keep no weights resident; each block is read from the file when it runs (sd/stream.py:
     the same checks first, the same results, a fraction of the memory).
     `keep` (fp16 or bf16, without `stream`): keep the weights resident in that half precision (the file's
-    own fp16/bf16 tensors as stored) and up-cast each block to `dtype` as it runs (sd/precision.py)."""
+    own fp16/bf16 tensors as stored) and up-cast each block to `dtype` as it runs (sd/precision.py).
+    A diffusers folder with transformer/ instead of unet/ is SD3 / SD3.5's: minidiffseg.sd3.checkpoint loads it."""
     path, device = Path(path), torch.device(device)
     if not path.exists() and (what := hub.what_for(str(path))) is not None:
         path = hub.cached(what, revision)  # the hub id: its copy in the Hugging Face cache, found without network
@@ -96,6 +100,10 @@ def load_sd(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: 
         there = f": `{hub.command('sd15', dir=path)}` puts SD1.5 there" if path.suffix != ".safetensors" else ""
         raise UserError(f"{path}: not found; fetch Stable Diffusion with `minidiffseg download`{there}; or give a "
                         "diffusers folder or a single .safetensors file of Stable Diffusion (SD1.5 or SD2.x)")
+    if path.is_dir() and (path / "transformer").is_dir() and not (path / "unet").is_dir():  # a diffusion transformer
+        from ..sd3.checkpoint import load_sd3  # SD3's package builds on this one: imported where it is needed
+
+        return load_sd3(path, device, dtype, variant, stream, keep)
     single_file = not path.is_dir()
     if single_file:
         check_suffix(path)

@@ -15,6 +15,12 @@ folder, or the repo id itself (`--weights stable-diffusion-v1-5/stable-diffusion
 the network. A repo's `old_ids` (Stability AI's SD2.1 repos, removed from the hub in November 2025:
 weights/README.md) still find a copy cached under them before. `revision` (a commit hash, branch or tag) pins
 the files to one commit of the repo, e.g. the one whose SHA-256s weights/README.md lists.
+
+Stable Diffusion 3 (`sd3-medium`, `sd35-medium`): the MM-DiT transformer/, the VAE, three text towers (CLIP-L,
+OpenCLIP bigG, T5-XXL: text_encoder_3/, stored as two shards and their index, sd/shards.py) and their
+tokenizers. Both repos are gated (accept the licence on the model page, then give the hub a token) and keep
+their weights in fp16 under the plain names, so `--variant` changes nothing there; `t5=False` (`download
+--no-t5`) leaves out the 9.5 GB T5 encoder and its tokenizer (the model then runs with zeros in T5's place).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .loading import read_header
+from .shards import is_index
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,8 @@ class Repo:
     folder: str  # its folder under --dir with --what all (the filter's default folders under weights/)
     files: tuple[str, ...]  # the files minidiffseg reads; "{v}" is the variant infix ("" or ".fp16")
     old_ids: tuple[str, ...] = ()  # former ids of the same files: looked up in the cache after repo_id
+    gated: bool = False  # the hub serves the files only with a token of a user who accepted the licence
+    t5: tuple[str, ...] = ()  # folders of the optional T5 text encoder (SD3): left out by `download --no-t5`
 
 
 SD2_FILES = ("unet/config.json", "unet/diffusion_pytorch_model{v}.safetensors",
@@ -43,6 +52,22 @@ SD2_FILES = ("unet/config.json", "unet/diffusion_pytorch_model{v}.safetensors",
              "scheduler/scheduler_config.json")
 SDXL_FILES = ("text_encoder_2/config.json", "text_encoder_2/model{v}.safetensors",
               "tokenizer_2/vocab.json", "tokenizer_2/merges.txt")
+# SD3 / SD3.5 (diffusers StableDiffusion3Pipeline folders): the plain file names, which hold fp16 in both repos (SD3.5
+# also has `.fp16` copies of the text encoders, SD3 at the commit checked none); T5-XXL in two shards + index.
+# Trees as the repos show them at stable-diffusion-3-medium-diffusers ea42f8cef0f1 and stable-diffusion-3.5-medium
+# b940f670f0ed (weights/README.md).
+SD3_T5 = ("text_encoder_3/", "tokenizer_3/")
+SD3_FILES = ("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+             "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+             "text_encoder/config.json", "text_encoder/model.safetensors",
+             "text_encoder_2/config.json", "text_encoder_2/model.safetensors",
+             "text_encoder_3/config.json", "text_encoder_3/model.safetensors.index.json",
+             "text_encoder_3/model-00001-of-00002.safetensors", "text_encoder_3/model-00002-of-00002.safetensors",
+             "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
+             "tokenizer_2/vocab.json", "tokenizer_2/merges.txt", "tokenizer_2/special_tokens_map.json",
+             "tokenizer_3/tokenizer.json", "tokenizer_3/spiece.model", "tokenizer_3/special_tokens_map.json",
+             "tokenizer_3/tokenizer_config.json",
+             "scheduler/scheduler_config.json")
 REPOS = {
     "sd15": Repo("Stable Diffusion 1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5", "stable-diffusion-v1-5",
                  ("unet/config.json", "unet/diffusion_pytorch_model{v}.safetensors",
@@ -63,6 +88,13 @@ REPOS = {
                  "stable-diffusion-xl-base-1.0", (*SD2_FILES, *SDXL_FILES, "tokenizer_2/special_tokens_map.json")),
     "sdxl-turbo": Repo("SDXL-Turbo (distilled from SDXL, 512²; non-commercial licence)", "stabilityai/sdxl-turbo",
                        "sdxl-turbo", (*SD2_FILES, *SDXL_FILES)),
+    # SD3 (docs: weights/README.md): gated, fp16 only; the lead's loader reads transformer/ and the three text towers
+    "sd3-medium": Repo("Stable Diffusion 3 Medium (1024²; non-commercial research licence)",
+                       "stabilityai/stable-diffusion-3-medium-diffusers", "stable-diffusion-3-medium-diffusers",
+                       SD3_FILES, gated=True, t5=SD3_T5),
+    "sd35-medium": Repo("Stable Diffusion 3.5 Medium (1024²; Stability AI community licence)",
+                        "stabilityai/stable-diffusion-3.5-medium", "stable-diffusion-3.5-medium", SD3_FILES,
+                        gated=True, t5=SD3_T5),
     # the filter's models (minidiffseg.filter): the hub has them in float32 only
     "clip": Repo("CLIP ViT-L/14", "openai/clip-vit-large-patch14", "clip-vit-large-patch14",
                  ("config.json", "model.safetensors", "vocab.json", "merges.txt")),
@@ -70,7 +102,8 @@ REPOS = {
                  ("config.json", "model.safetensors", "vocab.txt")),
 }
 VARIANTS = {"fp16": ".fp16", "fp32": ""}
-STABLE_DIFFUSION = ("sd15", "sd21-base", "sd21", "sd-turbo", "sdxl", "sdxl-turbo")  # what `--weights <hub id>` may name
+# what `--weights <hub id>` may name (the SD3 ids resolve to their cached folder; loading SD3 is sd/checkpoint.py's)
+STABLE_DIFFUSION = ("sd15", "sd21-base", "sd21", "sd-turbo", "sdxl", "sdxl-turbo", "sd3-medium", "sd35-medium")
 
 # SHA-256 of official files, as published with them (hub LFS pointers at stable-diffusion-v1-5 revision
 # 451f4fe16113bff5a5d2269ed5ad43b0592e9a14; the single file's hash is also the one the AUTOMATIC1111 web UI
@@ -87,14 +120,17 @@ KNOWN_SHA256 = {
 }
 
 
-def files(what: str, variant: str = "fp16") -> list[str]:
-    return [f.format(v=VARIANTS[variant]) for f in REPOS[what].files]
+def files(what: str, variant: str = "fp16", t5: bool = True) -> list[str]:
+    """The files `download` fetches for `what` in `variant`; `t5=False`: without the T5 encoder's (SD3)."""
+    repo = REPOS[what]
+    return [f.format(v=VARIANTS[variant]) for f in repo.files if t5 or not any(f.startswith(d) for d in repo.t5)]
 
 
-def command(what: str, variant: str = "fp16", dir: str | Path | None = None, revision: str | None = None) -> str:
+def command(what: str, variant: str = "fp16", dir: str | Path | None = None, revision: str | None = None,
+            t5: bool = True) -> str:
     """The `minidiffseg download` command line that fetches `what` (for error messages)."""
     return " ".join(["minidiffseg download --what", what] + (["--variant fp32"] if variant == "fp32" else []) +
-                    ([f"--revision {revision}"] if revision is not None else []) +
+                    ([] if t5 else ["--no-t5"]) + ([f"--revision {revision}"] if revision is not None else []) +
                     ([f"--dir {dir}"] if dir is not None else []))
 
 
@@ -102,19 +138,21 @@ def gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-def download(what: str, variant: str = "fp16", dir: str | Path | None = None, revision: str | None = None) -> Path:
+def download(what: str, variant: str = "fp16", dir: str | Path | None = None, revision: str | None = None,
+             t5: bool = True) -> Path:
     """Fetch the files of `what` (REPOS) into `dir` (None: the hub cache); returns the folder holding them.
-    `revision`: a commit hash, branch or tag of the repo (None: its main branch)."""
+    `revision`: a commit hash, branch or tag of the repo (None: its main branch). `t5=False` (SD3): without the
+    T5 text encoder and its tokenizer."""
     from huggingface_hub import constants, snapshot_download
 
-    repo, wanted = REPOS[what], files(what, variant)
-    cmd = command(what, variant, dir, revision)
+    repo, wanted = REPOS[what], files(what, variant, t5)
+    cmd = command(what, variant, dir, revision, t5)
     offline = constants.HF_HUB_OFFLINE
     listed = offline or _print_sizes(repo, wanted, dir, revision, cmd)
     try:
         path = Path(snapshot_download(repo.repo_id, allow_patterns=wanted, local_dir=dir, revision=revision))
     except Exception as e:  # noqa: BLE001 — the hub library raises requests/httpx/OSError types by version
-        _raise_if_hub_said(e, repo.repo_id, revision, cmd)
+        _raise_if_hub_said(e, repo.repo_id, revision, cmd, repo.gated)
         cause = e.__cause__ or e  # the network error under the hub's "not in the cache either"
         first = (str(cause).strip().splitlines() or [""])[0]
         where = dir if dir is not None else constants.HF_HUB_CACHE
@@ -130,15 +168,17 @@ def download(what: str, variant: str = "fp16", dir: str | Path | None = None, re
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)} after the download: rerun `{cmd}` with network access")
     for f in wanted:
-        if f.endswith(".safetensors"):
-            read_header(path / f)  # complete and well-formed, or one line saying which file is not
+        if f.endswith(".safetensors") or is_index(f):
+            read_header(path / f)  # complete and well-formed (an index: its shards too), or one line saying which not
     return path
 
 
-def _raise_if_hub_said(error: BaseException | None, repo_id: str, revision: str | None, cmd: str) -> None:
+def _raise_if_hub_said(error: BaseException | None, repo_id: str, revision: str | None, cmd: str,
+                       gated: bool = False) -> None:
     """One line for the hub's answers that retrying cannot change (no such repo, a gated repo, no such
     revision), found in `error` or in what it was raised from (snapshot_download raises its own error from
-    the hub's when it falls back to the cache); nothing for other errors (the network, the disk, ...)."""
+    the hub's when it falls back to the cache); nothing for other errors (the network, the disk, ...). For a
+    repo known to be `gated`, any 401/403 answer (no token, or a token without access) reads as gated."""
     from huggingface_hub import constants
     from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError  # (>= 0.20)
 
@@ -146,7 +186,8 @@ def _raise_if_hub_said(error: BaseException | None, repo_id: str, revision: str 
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, GatedRepoError):  # (a subclass of RepositoryNotFoundError: first)
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if isinstance(error, GatedRepoError) or (gated and status in (401, 403)):  # (Gated: a RepositoryNotFound)
             raise UserError(f"{repo_id} is gated: accept its licence at {page} (logged in to the hub), then give "
                             f"minidiffseg your token (set HF_TOKEN, or run `hf auth login`) and rerun `{cmd}`") from None
         if isinstance(error, RepositoryNotFoundError):
@@ -169,7 +210,7 @@ def _print_sizes(repo: Repo, wanted: list[str], dir: str | Path | None, revision
     try:
         info = HfApi().model_info(repo.repo_id, revision=revision, files_metadata=True)
     except Exception as e:  # noqa: BLE001 — other failures: the hub library's error types differ between versions
-        _raise_if_hub_said(e, repo.repo_id, revision, cmd)
+        _raise_if_hub_said(e, repo.repo_id, revision, cmd, repo.gated)
         return False
     sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
     absent = [f for f in wanted if f not in sizes]
@@ -207,7 +248,8 @@ def cached(what: str, revision: str | None = None) -> Path:
     from huggingface_hub import constants, snapshot_download
 
     repo = REPOS[what]
-    variants = dict.fromkeys(tuple(files(what, v)) for v in VARIANTS)  # whichever was downloaded (CLIP, BLIP: one)
+    # whichever was downloaded (CLIP, BLIP, SD3: one variant; SD3 also without T5)
+    variants = dict.fromkeys(tuple(files(what, v, t5)) for t5 in (True, False) for v in VARIANTS)
     for repo_id in (repo.repo_id, *repo.old_ids):
         for wanted in variants:
             try:

@@ -9,6 +9,10 @@ clear error instead of a library panic; an integer tensor where a weight is expe
 When the file already holds the target dtype on CPU the mapped tensor itself becomes the parameter
 (no copy at all: pages are read on first use). Otherwise the mapping is reopened every
 `RELEASE_BYTES` so the pages already converted are let go: peak ≈ one copy of the weights.
+
+A sharded checkpoint (sd/shards.py: several .safetensors files and their index .json) is passed as its index's
+path wherever a file is: each shard is checked as above, the index against the shards, and the set reads as the
+one file it was split from (`ShardedLayout`); errors name the shard at fault.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import UserError
+from .shards import ShardSet, is_index, read_index
 
 M = TypeVar("M", bound=nn.Module)  # a network class, kept through building and loading
 
@@ -45,6 +50,9 @@ def keys_text(keys) -> str:
 
 
 def check_suffix(path: Path) -> None:
+    """Refuse a path that is not a .safetensors file (pickles with their own reason) or a shard set's index."""
+    if is_index(path):  # sd/shards.py: its shards are checked as .safetensors files when it is read
+        return
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UserError(f"{path}: {path.suffix} files are pickles, which minidiffseg never loads (they can run "
                         "code): use the .safetensors file of the same checkpoint (e.g. v1-5-pruned-emaonly"
@@ -63,6 +71,17 @@ class Layout:
     size: int  # the file's size in bytes when it was checked
 
 
+@dataclass
+class ShardedLayout(Layout):
+    """A checked shard set (sd/shards.py) as one Layout: `shapes` and `metadata` (the shards' own) of all its
+    shards, `spans` the byte spans in each tensor's own shard, `size` the shards' total; `file_of` says which
+    shard holds a tensor, `shards` each shard's own Layout."""
+
+    index: Path
+    file_of: dict[str, Path]  # key -> its shard
+    shards: dict[Path, Layout]  # shard -> its Layout
+
+
 def read_header(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """Check that `path` is a complete safetensors file; return ({key: shape}, metadata)."""
     layout = read_layout(path)
@@ -70,8 +89,14 @@ def read_header(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str,
 
 
 def read_layout(path: str | Path) -> Layout:
-    """Check that `path` is a complete safetensors file (see read_header); return its Layout."""
+    """Check that `path` is a complete safetensors file (see read_header); return its Layout. For a shard set's
+    index, check every shard and the index against them; return their ShardedLayout."""
     path = Path(path)
+    return _sharded_layout(read_index(path)) if is_index(path) else _file_layout(path)
+
+
+def _file_layout(path: Path) -> Layout:
+    """`read_layout` of one safetensors file."""
     check_suffix(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
@@ -112,6 +137,54 @@ def read_layout(path: str | Path) -> Layout:
     return Layout(shapes, header.get("__metadata__") or {},
                   {k: (v["dtype"], 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in tensors.items()},
                   size)
+
+
+def _sharded_layout(shards: ShardSet) -> ShardedLayout:
+    """The shards of `shards` checked one by one as safetensors files, then against the index: every key it maps to a
+    shard is in that shard, and no shard holds a key it does not map to that shard."""
+    index, layouts = shards.index, {}
+    mapped = {shard: [k for k, f in shards.file_of.items() if f == shard] for shard in shards.shards}
+    for shard, keys in mapped.items():  # every name, then every file, before any file is read
+        if shard.suffix.lower() in PICKLE_SUFFIXES:
+            check_suffix(shard)  # refused as a pickle
+        if shard.suffix.lower() != ".safetensors":
+            raise UserError(f"{index}: maps {len(keys)} tensor(s) to {shard.name}, which is not a .safetensors file; "
+                            "minidiffseg loads only safetensors checkpoints")
+    for shard, keys in mapped.items():
+        if not shard.is_file():
+            raise UserError(f"{shard}: shard not found: {index.name} maps {len(keys)} tensor(s) to it "
+                            f"({keys_text(keys)}); the download is incomplete: download the folder again")
+    for shard, keys in mapped.items():
+        layout = layouts[shard] = _file_layout(shard)
+        lacking = set(keys) - layout.shapes.keys()
+        if lacking:
+            raise UserError(f"{shard}: lacks {len(lacking)} tensor(s) that {index.name} maps to it: "
+                            f"{keys_text(lacking)}; the shards and the index are not from one download: download "
+                            "the folder again")
+        extra = layout.shapes.keys() - set(keys)
+        if extra:
+            raise UserError(f"{shard}: holds {len(extra)} tensor(s) that {index.name} does not map to it: "
+                            f"{keys_text(extra)}; the shards and the index are not from one download: download the "
+                            "folder again")
+    parts = list(layouts.values())
+    return ShardedLayout(shapes={k: s for p in parts for k, s in p.shapes.items()},
+                         metadata={k: v for p in parts for k, v in p.metadata.items()},
+                         spans={k: s for p in parts for k, s in p.spans.items()}, size=sum(p.size for p in parts),
+                         index=index, file_of={k: f for f, p in layouts.items() for k in p.shapes}, shards=layouts)
+
+
+def _file_of(path: Path, keys) -> dict[str, Path]:
+    """The safetensors file holding each of `keys`: `path` itself, or for a shard set's index the key's shard
+    (the set checked first: `read_layout`)."""
+    if not is_index(path):
+        return dict.fromkeys(keys, path)
+    layout = read_layout(path)
+    assert isinstance(layout, ShardedLayout)
+    absent = [k for k in keys if k not in layout.file_of]
+    if absent:  # names come from the header read_header returned: a bug, or the index changed since
+        raise UserError(f"{path}: {len(absent)} tensor(s) not in its weight_map: {keys_text(absent)}; the index "
+                        "changed since it was read: check the folder and run again")
+    return {k: layout.file_of[k] for k in keys}
 
 
 def build_on_meta(cls: type[M], cfg) -> M:
@@ -168,11 +241,16 @@ def check(module: nn.Module, path: Path, names: dict[str, str]) -> Report:
     every parameter filled once, every name known, every shape equal (a 1×1 conv [O, I, 1, 1] may fill a
     linear [O, I]), floating-point data where the module holds floats. Reads the header only."""
     expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in module.state_dict().items()}
-    try:
-        with safe_open(str(path), framework="pt") as f:  # slices read no tensor data
-            info = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in names}
-    except SafetensorError as e:
-        raise UserError(f"{path}: unreadable safetensors file ({e}); download it again") from None
+    files: dict[Path, list[str]] = {}  # `path` itself, or the shards of an index
+    for key, file in _file_of(path, names).items():
+        files.setdefault(file, []).append(key)
+    info = {}
+    for file, keys in files.items():
+        try:
+            with safe_open(str(file), framework="pt") as f:  # slices read no tensor data
+                info.update({k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in keys})
+        except SafetensorError as e:
+            raise UserError(f"{file}: unreadable safetensors file ({e}); download it again") from None
     keys_of: dict[str, list[str]] = {}
     for key, name in names.items():
         keys_of.setdefault(name, []).append(key)
@@ -210,13 +288,17 @@ def load_strict(module: M, path: Path, names: dict[str, str], dtype: torch.dtype
 
 def _read(path: Path, keys: list[str], dtype: torch.dtype, device: torch.device, as_stored: tuple = ()):
     """Yield (key, tensor) in `dtype` (floating-point tensors only; those stored in an `as_stored` dtype stay
-    in it) on `device`, one at a time."""
-    f, converted = None, 0
+    in it) on `device`, one at a time. `path` may be a shard set's index: each tensor from its shard."""
+    file_of, converted, at = _file_of(path, keys), 0, path
+    opened: dict[Path, Any] = {}  # file -> its safe_open handle (one file, or the shards of an index)
     try:
         for key in keys:
-            if f is None or converted > RELEASE_BYTES:
-                f, converted = safe_open(str(path), framework="pt"), 0  # the old mapping goes with its views
-            t = f.get_tensor(key)  # a view of the memory-mapped file: nothing is read yet
+            at = file_of[key]
+            if converted > RELEASE_BYTES:
+                opened, converted = {}, 0  # the old mappings go with their views
+            if at not in opened:
+                opened[at] = safe_open(str(at), framework="pt")
+            t = opened[at].get_tensor(key)  # a view of the memory-mapped file: nothing is read yet
             target = dtype if t.is_floating_point() and t.dtype not in as_stored else t.dtype
             if t.dtype == target and device.type == "cpu":
                 yield key, t
@@ -224,4 +306,4 @@ def _read(path: Path, keys: list[str], dtype: torch.dtype, device: torch.device,
                 converted += t.nbytes
                 yield key, t.to(device=device, dtype=target)
     except SafetensorError as e:
-        raise UserError(f"{path}: unreadable safetensors file ({e}); download it again") from None
+        raise UserError(f"{at}: unreadable safetensors file ({e}); download it again") from None

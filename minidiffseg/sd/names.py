@@ -11,14 +11,17 @@ from fnmatch import fnmatchcase
 # the networks of a checkpoint, in the order they are loaded; SDXL adds its second text tower (OpenCLIP bigG)
 COMPONENTS = ("text_encoder", "text_encoder_2", "vae", "unet")
 WHAT = {"text_encoder": "text encoder", "text_encoder_2": "second text encoder", "vae": "VAE",
-        "unet": "U-Net"}  # each one's name in messages
+        "unet": "U-Net", "text_encoder_3": "T5 encoder", "transformer": "transformer"}  # each one's name in messages
+# SD3's (minidiffseg.sd3.checkpoint): the three text encoders, the VAE and the MM-DiT
+SD3_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer")
 
 # keys of the official files that no network we build holds, as fnmatch patterns over our names; the
 # single-file layout ignores the same keys under its own prefixes (ldm.IGNORED)
 NOT_BUILT = {"text_encoder": ("text_model.embeddings.position_ids",),  # the arange(77) buffer
              "text_encoder_2": ("text_model.embeddings.position_ids",),
              "vae": ("decoder.*", "post_quant_conv.*"),  # the decoder half
-             "unet": ()}
+             "unet": (), "transformer": (),
+             "text_encoder_3": ()}
 
 
 def not_built(component: str, name: str) -> bool:

@@ -18,7 +18,8 @@ with its whole subtree. The blocks hold every parameter exactly once (tests/test
 The file checks of `load_strict` (header, names, shapes, dtypes) run in `stream_weights()` before any
 pass; while a run streams, the file's size and modification time are compared before and after every
 block's reads and a short read is refused (sd/weightfile.py), so a file changed or cut short under a run
-raises one UserError line.
+raises one UserError line. A sharded checkpoint (sd/shards.py) is passed as its index: every shard is checked
+the same way, each tensor read from its shard.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import torch
 from torch import nn
 
 from .arena import ARENA
-from .loading import _read, check, read_layout
-from .weightfile import WeightFile, via_float
+from .loading import _read, check
+from .weightfile import ShardedWeightFile, WeightFile, open_weights, via_float
 
 ALIGN = 64  # bytes: a cache line; each tensor of a block starts on one, plus its resident twin's residue
 
@@ -172,8 +173,8 @@ class StreamedWeights(BlockWeights):
 
     staged = False  # the device path on the CPU too (tests compare it with the CPU path there)
 
-    def __init__(self, network: nn.Module, names: dict[str, str], file: WeightFile, dtype: torch.dtype,
-                 device: torch.device):
+    def __init__(self, network: nn.Module, names: dict[str, str], file: WeightFile | ShardedWeightFile,
+                 dtype: torch.dtype, device: torch.device):
         self.file = file
         self.host: torch.Tensor | None = None  # the device path's pinned staging buffer, grown to the largest block
         self.copied: torch.cuda.Event | None = None  # a CUDA event: the last copy out of `host` is done
@@ -193,8 +194,8 @@ class StreamedWeights(BlockWeights):
             spans.append((stored, begin, stop - begin, at))
             end = at + stop - begin
         host = self.host_buffer(end)
-        for stored, begin, nbytes, at in spans:
-            self.file.read_into(host[at:at + nbytes], begin)
+        for (key, _), (stored, begin, nbytes, at) in zip(keys.values(), spans):
+            self.file.part(key).read_into(host[at:at + nbytes], begin)  # (a shard set: the key's shard)
         raw = host[:end].to(self.device, non_blocking=True)  # (bytes,) uint8; on the CPU the buffer itself
         if self.device.type == "cuda":  # `host` may be refilled once this copy is done
             self.copied = torch.cuda.Event()
@@ -285,5 +286,5 @@ def stream_weights(module: nn.Module, path: Path, names: dict[str, str], dtype: 
     """`load_strict`'s counterpart for streaming: the same checks, now; the tensors at every pass.
     Returns `module` (built on meta) holding placeholders, with StreamedWeights attached (reading the file)."""
     check(module, path, names).raise_first(path, what)
-    StreamedWeights(module, names, WeightFile(path, read_layout(path)), dtype, device)
+    StreamedWeights(module, names, open_weights(path), dtype, device)
     return module

@@ -1,6 +1,7 @@
 """One safetensors file read with `pread` while weights stream (docs/memory.md §1, §3): no memory mapping, so
 nothing of the file stays in the process once a block is done. Each tensor is read straight into place
-when the file stores the compute dtype, else through a small staging buffer and converted."""
+when the file stores the compute dtype, else through a small staging buffer and converted. A sharded checkpoint
+(sd/shards.py) is read as one file by `ShardedWeightFile`: each tensor from its shard's WeightFile."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .loading import TORCH_DTYPE, Layout
+from .loading import TORCH_DTYPE, Layout, ShardedLayout, read_layout
 
 STAGE_BYTES = 4 * 2**20  # file bytes read per pread when a tensor is converted: bounds the staging space
 
@@ -41,6 +42,10 @@ class WeightFile:
     def check(self) -> None:
         if self._stamp() != self.stamp:
             raise self.changed()
+
+    def part(self, key: str) -> "WeightFile":
+        """The file holding the tensor `key`: this one (a ShardedWeightFile answers with the key's shard)."""
+        return self
 
     def stored(self, key: str) -> tuple[torch.dtype, int, int]:
         """(dtype, first byte, end byte) of the tensor `key` in the file."""
@@ -82,6 +87,39 @@ class WeightFile:
                 raw = min(STAGE_BYTES, end - begin)
                 need = max(need, raw + (raw // stored.itemsize * 4 if via_float(stored, dtype) else 0))
         return need
+
+
+class ShardedWeightFile:
+    """A checked shard set (`ShardedLayout`) read as one WeightFile: each shard held open for `pread` with its own
+    identity, each tensor read from its shard (`part`); a change to any shard under a run names that shard."""
+
+    def __init__(self, layout: ShardedLayout):
+        self.path, self.layout = layout.index, layout
+        self.files = {shard: WeightFile(shard, part) for shard, part in layout.shards.items()}
+
+    def part(self, key: str) -> WeightFile:
+        return self.files[self.layout.file_of[key]]
+
+    def check(self) -> None:
+        for f in self.files.values():
+            f.check()
+
+    def stored(self, key: str) -> tuple[torch.dtype, int, int]:
+        """(dtype, first byte, end byte) of the tensor `key` in its shard."""
+        return self.part(key).stored(key)
+
+    def fill(self, key: str, out: torch.Tensor, stage: torch.Tensor) -> None:
+        self.part(key).fill(key, out, stage)
+
+    def stage_bytes(self, keys: list[str], dtype: torch.dtype) -> int:
+        return max((self.part(key).stage_bytes([key], dtype) for key in keys), default=0)
+
+
+def open_weights(path: Path) -> WeightFile | ShardedWeightFile:
+    """The checked file at `path` (sd/loading.py `read_layout`) held open for streaming: a WeightFile, or for a
+    shard set's index a ShardedWeightFile."""
+    layout = read_layout(path)
+    return ShardedWeightFile(layout) if isinstance(layout, ShardedLayout) else WeightFile(path, layout)
 
 
 def via_float(stored: torch.dtype, dtype: torch.dtype) -> bool:
