@@ -70,6 +70,27 @@ MEASURE = textwrap.dedent("""
 """)
 
 
+def test_joint_refinement_is_the_image_block_of_the_joint_softmax():
+    """An MM-DiT's pair (image queries, image + text keys): M = S·A with S the image × image block of the head-mean
+    joint softmax, its rows divided by their image mass (renormalise) or not; built explicitly here in float64.
+    Renormalised, it is not the softmax over the image keys alone: the head mean weighs each head by its image mass."""
+    g = torch.Generator().manual_seed(4)
+    b, heads, n, text, d, k = 2, 4, 64, 20, 16, 3
+    q = torch.randn(b, heads, n, d, generator=g, dtype=torch.float64)
+    keys = torch.randn(b, heads, n + text, d, generator=g, dtype=torch.float64)
+    keys[..., n:, :] *= 2  # text keys that take a visible share of each row
+    maps = torch.rand(b, n, k, generator=g, dtype=torch.float64)
+    p = torch.softmax(q @ keys.transpose(-1, -2) / d ** 0.5, dim=-1).mean(1)[:, :, :n]  # (B, n, n): rows < 1
+    mass = p.sum(-1, keepdim=True)
+    assert 0.05 < 1 - mass.mean() < 0.95  # the text keys matter
+    for renormalise, s in ((True, p / mass), (False, p)):
+        got = refine([(q, keys)], maps, renormalise)
+        err = (got - s @ maps).abs().max().item()
+        assert err <= 1e-13, f"joint refinement (renormalise={renormalise}) vs explicit: max abs {err:.3e}"
+    image_only = refine([(q, keys[:, :, :n])], maps)  # per-head softmax over the image keys: another S
+    assert not torch.allclose(image_only, refine([(q, keys)], maps), atol=1e-6)
+
+
 def peak_extra_mb(kind: str) -> float:
     out = subprocess.run([sys.executable, "-c", MEASURE, kind], capture_output=True, text=True, check=True)
     return float(out.stdout.split()[-1])
