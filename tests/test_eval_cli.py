@@ -119,9 +119,9 @@ def test_official_label_file_on_coco_object(tmp_path):
     assert find(ds.samples[0], None) == [vocab.index("person"), vocab.index("couch"), vocab.index("tv")]
 
 
-@pytest.mark.parametrize("model", ["tiny_sd_dir", "tiny_sdxl_dir"], ids=["sd15", "sdxl"])
+@pytest.mark.parametrize("model", ["tiny_sd_dir", "tiny_sdxl_dir", "tiny_sd3_dir"], ids=["sd15", "sdxl", "sd3"])
 def test_end_to_end_with_the_tiny_model(capsys, tmp_path, request, model):
-    weights = request.getfixturevalue(model)  # SD1.5 and SDXL through the same commands, no flag between them
+    weights = request.getfixturevalue(model)  # SD1.5, SDXL, SD3 through the same commands, no flag between them
     names = write_dataset(tmp_path / "data", "voc", [(15, 7), (12, 15), (3, 20)])
     split = tmp_path / "data" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
     (split / "train.txt").write_text(names[0] + "\n")
@@ -130,7 +130,8 @@ def test_end_to_end_with_the_tiny_model(capsys, tmp_path, request, model):
               "--resolution", "128")  # 16x16 latents: every code path, in seconds
     rc, out, err = run_cli(capsys, "calibrate", *common, "--out", tmp_path / "cal", "--taus", "0.2:0.8:0.2")
     assert rc == 0, err
-    assert f"{'SDXL (128²)' if model == 'tiny_sdxl_dir' else 'SD1.5'} from {weights}, at 128²" in out, out
+    name = {"tiny_sdxl_dir": "SDXL (128²)", "tiny_sd3_dir": "SD3 (128², 4 blocks) with T5"}.get(model, "SD1.5")
+    assert f"{name} from {weights}, at 128²" in out, out
     cal = json.loads((tmp_path / "cal" / "tau.json").read_text())
     assert cal["images"] == names[:1] and cal["tau"] in (0.2, 0.4, 0.6, 0.8)
     rc, err = cli(capsys, "eval", *common, "--out", tmp_path / "ev", "--tau-file",

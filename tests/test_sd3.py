@@ -274,3 +274,10 @@ def test_segment_and_maps_on_sd3(no_t5_dir, tmp_path, capsys):
     assert main(["maps", str(image), "--weights", str(no_t5_dir), "--classes", "cat", "--out",
                  str(tmp_path / "maps.png")]) == 0
     assert "1 blocks" in capsys.readouterr().out and Image.open(tmp_path / "maps.png").width > 0
+
+
+def test_the_explorer_refuses_sd3_in_one_line(no_t5_dir):
+    from minidiffseg.explorer.state import Exploration
+
+    with pytest.raises(UserError, match=r"explorer reads U-Nets.*diffusion transformer"):
+        Exploration.run(Segmenter.from_pretrained(no_t5_dir), sample_image_paths()[1], ["cat"])

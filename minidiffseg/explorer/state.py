@@ -84,6 +84,9 @@ class Exploration:
         """Segment `image` like `seg(image, classes, prompts=..., seed=..., tau=..., joint=...)`, recording
         every token's cross-attention too. `timesteps` replaces the segmenter's noise levels for this run."""
         report = progress or (lambda fraction, what: None)
+        if seg.recipe.transformer:  # its views are U-Net levels' and 77 CLIP tokens'; an MM-DiT has blocks, 333 tokens
+            raise UserError(f"the explorer reads U-Nets (SD1.5, SD2.x, SDXL); {seg.sd.name} is a diffusion transformer: "
+                            "use `minidiffseg segment` / `minidiffseg maps` on it")
         classes = check_classes(classes)
         if len(classes) > MAX_CLASSES:
             raise UserError(f"{len(classes)} classes: the explorer runs at most {MAX_CLASSES} at once "
