@@ -86,8 +86,8 @@ class FakeHub:
         if name.endswith(".index.json"):
             folder = name.rsplit("/", 1)[0] + "/"
             shards = [f for f in self.files(repo_id) if f.startswith(folder) and SHARD.search(f) and ".fp16" not in f]
-            return json.dumps({"metadata": {}, "weight_map": {f"shard{int(SHARD.search(f).group(1))}": f.rsplit("/", 1)[1]
-                                                              for f in shards}}).encode()
+            weight_map = {f"shard{int(m.group(1))}": f.rsplit("/", 1)[1] for f in shards if (m := SHARD.search(f))}
+            return json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
         return save({}) if name.endswith(".safetensors") else b"{}"
 
 

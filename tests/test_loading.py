@@ -108,7 +108,8 @@ def test_fp16_variant(tiny_sd_dir, tmp_path):
             f.unlink()
     fallback = load_sd(only_fp16)  # variant=None falls back to the .fp16 files
     assert torch.equal(fallback.unet.conv_in.weight, fp16.unet.conv_in.weight)
-    with pytest.raises(UserError, match=r"text_encoder: no model\.ema\.safetensors found; .*minidiffseg download"):
+    with pytest.raises(UserError, match=r"text_encoder: no model\.ema\.safetensors or model\.safetensors\.index\.ema\.json found; "
+                       r".*minidiffseg download"):
         load_sd(tiny_sd_dir, variant="ema")
 
 

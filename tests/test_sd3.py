@@ -281,3 +281,10 @@ def test_the_explorer_refuses_sd3_in_one_line(no_t5_dir):
 
     with pytest.raises(UserError, match=r"explorer reads U-Nets.*diffusion transformer"):
         Exploration.run(Segmenter.from_pretrained(no_t5_dir), sample_image_paths()[1], ["cat"])
+
+
+def test_inspect_weights_knows_the_sd3_folder(sd3_dir, capsys):
+    assert main(["inspect-weights", str(sd3_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "diffusers SD3 (128², 4 blocks) with T5 folder" in out and "T5 encoder" in out and "transformer" in out
+    assert "OK:" in out

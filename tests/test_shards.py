@@ -25,7 +25,8 @@ from minidiffseg.sd.clip import CLIPTextModel
 from minidiffseg.sd.config import CLIPTextConfig
 from minidiffseg.sd.loading import ShardedLayout, build_on_meta, check, load_strict, read_header, read_layout
 from minidiffseg.sd.names import not_built
-from minidiffseg.sd.shards import index_names, is_index, read_index, shard_files, weights_file
+from minidiffseg.sd.checkpoint import weights_file
+from minidiffseg.sd.shards import index_names, is_index, read_index, shard_files
 from minidiffseg.sd.stream import ARENA, StreamedWeights, blocks, stream_weights, upcast_weights, weights_of
 from minidiffseg.sd.weightfile import ShardedWeightFile, WeightFile, open_weights
 
@@ -74,7 +75,8 @@ def text(tmp_path_factory):
     clip_text().half().save_pretrained(root / "hf", max_shard_size="2MB", variant="fp16")
     whole, whole16 = root / "whole" / "model.safetensors", root / "whole" / "model.fp16.safetensors"
     return {"whole": whole, "whole fp16": whole16,
-            "hf": root / "hf" / "model.safetensors.index.json", "hf fp16": root / "hf" / "model.safetensors.index.fp16.json",
+            "hf": root / "hf" / "model.safetensors.index.json",
+            "hf fp16": root / "hf" / "model.safetensors.index.fp16.json",
             "split": split(whole, root / "split"), "split fp16": split(whole16, root / "split16", variant="fp16")}
 
 

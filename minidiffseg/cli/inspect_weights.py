@@ -80,8 +80,9 @@ def detect(path: Path) -> tuple[str, Parts]:
     """(layout description, networks by component name) of a checkpoint path; UserError when it is none of the
     known layouts."""
     if not path.exists():
-        raise UserError(f"{path}: not found; fetch Stable Diffusion (SD1.5, SD2.x, SDXL) or the filter's CLIP/BLIP with "
-                        f"`minidiffseg download --what sd15|sd21-base|sd21|sd-turbo|sdxl|sdxl-turbo|clip|blip --dir {path}` "
+        raise UserError(f"{path}: not found; fetch Stable Diffusion (SD1.5, SD2.x, SDXL, SD3) or the filter's CLIP/BLIP "
+                        "with `minidiffseg download --what sd15|sd21-base|sd21|sd-turbo|sdxl|sdxl-turbo|sd3-medium|"
+                        f"sd35-medium|clip|blip --dir {path}` "
                         "(weights/README.md)")
     if path.is_file():
         check_suffix(path)
@@ -94,11 +95,20 @@ def detect(path: Path) -> tuple[str, Parts]:
         parts = diffusers_parts(path)
         unet, scheduler = unet_config(parts), scheduler_config(path)
         return f"diffusers {model_name(model_kind(unet, scheduler=scheduler), unet, scheduler)} folder", parts
+    if (path / "transformer").is_dir() and not (path / "unet").is_dir():  # SD3 / SD3.5 (minidiffseg.sd3)
+        from ..sd3 import checkpoint as sd3
+
+        parts = sd3.diffusers_parts(path)
+        transformer = parts["transformer"].module
+        assert isinstance(transformer, sd3.MMDiT)
+        t5 = "text_encoder_3" in parts
+        return f"diffusers {sd3.model_name(sd3.model_kind(transformer.cfg), transformer.cfg, t5)} folder", parts
     config = path / "config.json"
     kind = json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
     if kind in ("clip", "blip"):
         return f"{kind.upper()} hub folder (the class filter's)", {kind: _hub_folder(path, kind)}
-    raise UserError(f"{path}: unknown layout: neither a diffusers SD1.5/SD2.x/SDXL folder (unet/, vae/, text_encoder/) nor "
+    raise UserError(f"{path}: unknown layout: neither a diffusers SD1.5/SD2.x/SDXL folder (unet/, vae/, text_encoder/) nor an "
+                    "SD3 folder (transformer/, vae/, text_encoders) nor "
                     "a CLIP or BLIP folder (config.json + model.safetensors) nor a .safetensors file")
 
 

@@ -37,6 +37,7 @@ from .config import CLIPTextConfig, UNetConfig, VAEConfig
 from ..errors import UserError
 from .loading import PICKLE_SUFFIXES, build_on_meta, check_suffix, keys_text, load_strict, read_header
 from .names import WHAT, not_built
+from .shards import index_names
 from .schedule import NoiseSchedule
 from .stream import stream_weights, upcast_weights
 from .tokenizer import EOS, CLIPTokenizer
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from ..sd3.backbone import StableDiffusion3
 
 DOWNLOAD = ("fetch Stable Diffusion with `minidiffseg download --what sd15 --dir FOLDER` (SD1.5; --what sd21-base, "
-            "sd21 or sd-turbo for SD2.x, sdxl or sdxl-turbo for SDXL)")
+            "sd21 or sd-turbo for SD2.x, sdxl or sdxl-turbo for SDXL, sd3-medium or sd35-medium for SD3)")
 WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
            "text_encoder_2": "model"}
 # which Stable Diffusion a checkpoint is (`model_kind`), and the family each kind belongs to (for messages)
@@ -317,16 +318,27 @@ def _config(component: Path) -> dict:
 
 
 def _weights(component: Path, variant: str | None) -> Path:
-    stem = WEIGHTS[component.name]
-    tried = ([f"{stem}.safetensors", f"{stem}.fp16.safetensors"] if variant is None
-             else [f"{stem}.{variant}.safetensors"])
+    return weights_file(component, WEIGHTS[component.name], variant)
+
+
+def weights_file(folder: Path, stem: str, variant: str | None, fix: str = DOWNLOAD) -> Path:
+    """A component folder's weights as minidiffseg loads them (sharded sets included: sd/shards.py):
+    the file `{stem}[.variant].safetensors`, else the index of a shard set. `variant` None: the fp32 files first
+    (`{stem}.safetensors`, then `{stem}.safetensors.index.json`), falling back to the fp16 ones; "fp16" (any other
+    variant alike): only those. None found: one line naming the folder and what was looked for (a pickled
+    `{stem}*.bin` there is refused as a pickle), ending with `fix`."""
+    variants = [None, "fp16"] if variant is None else [variant]
+    tried = [name for v in variants
+             for name in (f"{stem}{'' if v is None else '.' + v}.safetensors", *index_names(stem, v))]
     for name in tried:
-        if (component / name).is_file():
-            return component / name
-    pickles = sorted(p for p in component.glob(f"{stem}*") if p.suffix in PICKLE_SUFFIXES)
+        if (folder / name).is_file():
+            return folder / name
+    pickles = sorted(p for p in folder.glob(f"{stem}*") if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         check_suffix(pickles[0])  # refuses it, pointing at safetensors
-    raise UserError(f"{component}: no {' or '.join(tried)} found; {DOWNLOAD}")
+    shown = [name for v in variants for name in (f"{stem}{'' if v is None else '.' + v}.safetensors",
+                                                 index_names(stem, v)[0])]
+    raise UserError(f"{folder}: no {' or '.join(shown)} found; {fix}")
 
 
 def single_file_parts(path: Path) -> tuple[Parts, list[str]]:

@@ -52,10 +52,12 @@ SD2_FILES = ("unet/config.json", "unet/diffusion_pytorch_model{v}.safetensors",
              "scheduler/scheduler_config.json")
 SDXL_FILES = ("text_encoder_2/config.json", "text_encoder_2/model{v}.safetensors",
               "tokenizer_2/vocab.json", "tokenizer_2/merges.txt")
-# SD3 / SD3.5 (diffusers StableDiffusion3Pipeline folders): the plain file names, which hold fp16 in both repos (SD3.5
-# also has `.fp16` copies of the text encoders, SD3 at the commit checked none); T5-XXL in two shards + index.
-# Trees as the repos show them at stable-diffusion-3-medium-diffusers ea42f8cef0f1 and stable-diffusion-3.5-medium
-# b940f670f0ed (weights/README.md).
+# SD3 / SD3.5 (diffusers StableDiffusion3Pipeline folders): the plain file names, which hold fp16 in both repos
+# (transformer 4.17 / 4.94 GB, text_encoder_3 4.99 + 4.53 GB; SD3.5 also has `.fp16` copies of the text encoders,
+# transformer and VAE have none); T5-XXL in two shards + index. Trees as mirrors that keep the repos' history show
+# them: stable-diffusion-3.5-medium at b940f670f0eda2d07fbb75229e779da1ad11eb80 ("fix missing text encoders #11",
+# its main), stable-diffusion-3-medium-diffusers after "Upload folder using huggingface_hub (#7)" (0143c72ae6af: T5
+# re-sharded 4 -> 2) in June 2024 copies; users' caches hold it at commit ea42f8cef0f178587cf766dc8129abd379c90671.
 SD3_T5 = ("text_encoder_3/", "tokenizer_3/")
 SD3_FILES = ("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
              "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
@@ -88,13 +90,11 @@ REPOS = {
                  "stable-diffusion-xl-base-1.0", (*SD2_FILES, *SDXL_FILES, "tokenizer_2/special_tokens_map.json")),
     "sdxl-turbo": Repo("SDXL-Turbo (distilled from SDXL, 512²; non-commercial licence)", "stabilityai/sdxl-turbo",
                        "sdxl-turbo", (*SD2_FILES, *SDXL_FILES)),
-    # SD3 (docs: weights/README.md): gated, fp16 only; the lead's loader reads transformer/ and the three text towers
-    "sd3-medium": Repo("Stable Diffusion 3 Medium (1024²; non-commercial research licence)",
-                       "stabilityai/stable-diffusion-3-medium-diffusers", "stable-diffusion-3-medium-diffusers",
-                       SD3_FILES, gated=True, t5=SD3_T5),
-    "sd35-medium": Repo("Stable Diffusion 3.5 Medium (1024²; Stability AI community licence)",
-                        "stabilityai/stable-diffusion-3.5-medium", "stable-diffusion-3.5-medium", SD3_FILES,
-                        gated=True, t5=SD3_T5),
+    # SD3 / SD3.5 Medium: gated (accept the licence on the model page), fp16 only, T5 optional (--no-t5)
+    "sd3-medium": Repo("Stable Diffusion 3 Medium", "stabilityai/stable-diffusion-3-medium-diffusers",
+                       "stable-diffusion-3-medium-diffusers", SD3_FILES, gated=True, t5=SD3_T5),
+    "sd35-medium": Repo("Stable Diffusion 3.5 Medium", "stabilityai/stable-diffusion-3.5-medium",
+                        "stable-diffusion-3.5-medium", SD3_FILES, gated=True, t5=SD3_T5),
     # the filter's models (minidiffseg.filter): the hub has them in float32 only
     "clip": Repo("CLIP ViT-L/14", "openai/clip-vit-large-patch14", "clip-vit-large-patch14",
                  ("config.json", "model.safetensors", "vocab.json", "merges.txt")),

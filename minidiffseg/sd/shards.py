@@ -89,25 +89,3 @@ def read_index(path: str | Path) -> ShardSet:
 def shard_files(path: str | Path) -> list[Path]:
     """The files holding a checkpoint's tensors: the shards of an index, else `path` itself."""
     return read_index(path).shards if is_index(path) else [Path(path)]
-
-
-def weights_file(folder: Path, stem: str, variant: str | None, fix: str = FIX) -> Path:
-    """A component folder's weights as minidiffseg loads them (sd/checkpoint.py `_weights`, sharded sets included):
-    the file `{stem}[.variant].safetensors`, else the index of a shard set. `variant` None: the fp32 files first
-    (`{stem}.safetensors`, then `{stem}.safetensors.index.json`), falling back to the fp16 ones; "fp16" (any other
-    variant alike): only those. None found: one line naming the folder and what was looked for (a pickled
-    `{stem}*.bin` there is refused as a pickle), ending with `fix`."""
-    from .loading import PICKLE_SUFFIXES, check_suffix  # (sd/loading.py imports this module)
-
-    variants = [None, "fp16"] if variant is None else [variant]
-    tried = [name for v in variants
-             for name in (f"{stem}{'' if v is None else '.' + v}.safetensors", *index_names(stem, v))]
-    for name in tried:
-        if (folder / name).is_file():
-            return folder / name
-    pickles = sorted(p for p in folder.glob(f"{stem}*") if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        check_suffix(pickles[0])  # refuses it, pointing at safetensors
-    shown = [name for v in variants for name in (f"{stem}{'' if v is None else '.' + v}.safetensors",
-                                                 index_names(stem, v)[0])]
-    raise UserError(f"{folder}: no {' or '.join(shown)} found; {fix}")

@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..sd.checkpoint import Part, Parts, _config, _text_name, _tokenizer, _vae_name, scheduler_config
+from ..sd.checkpoint import Part, Parts, _config, _text_name, _tokenizer, _vae_name, scheduler_config, weights_file
 from ..sd.clip import CLIPTextModelWithProjection
 from ..sd.config import CLIPTextConfig, VAEConfig
 from ..sd.loading import build_on_meta, load_strict, read_header
 from ..sd.names import WHAT, not_built
 from ..sd.schedule import FlowMatchSchedule
-from ..sd.shards import weights_file
+
 from ..sd.stream import stream_weights, upcast_weights
 from ..sd.tokenizer import EOS
 from ..sd.vae import VAEEncoder
