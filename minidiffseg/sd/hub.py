@@ -102,7 +102,7 @@ REPOS = {
                  ("config.json", "model.safetensors", "vocab.txt")),
 }
 VARIANTS = {"fp16": ".fp16", "fp32": ""}
-# what `--weights <hub id>` may name (the SD3 ids resolve to their cached folder; loading SD3 is sd/checkpoint.py's)
+# what `--weights <hub id>` may name (each resolves to its copy in the Hugging Face cache; SD3: minidiffseg.sd3)
 STABLE_DIFFUSION = ("sd15", "sd21-base", "sd21", "sd-turbo", "sdxl", "sdxl-turbo", "sd3-medium", "sd35-medium")
 
 # SHA-256 of official files, as published with them (hub LFS pointers at stable-diffusion-v1-5 revision
