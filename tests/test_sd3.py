@@ -20,6 +20,7 @@ from minidiffseg.errors import UserError
 from minidiffseg.method.segmenter import Segmenter
 from minidiffseg.sd import load_sd
 from parity import rel_err
+from reference_sd3 import JointProbs
 from tiny_sd import diffusers, transformers
 from tiny_sd3 import RES, TRANSFORMER_35, write_tiny_sd3_diffusers
 
@@ -56,30 +57,6 @@ def _text(cls, folder, config):
     return net.double().eval()
 
 
-class JointProbs:
-    """A diffusers attention processor for SD3's joint attention: the head-averaged softmax over [image | text]
-    keys kept in `maps[name]` (B, N + T, N + T), computed explicitly from the processor's own q/k; the output is
-    diffusers' JointAttnProcessor2_0's."""
-
-    def __init__(self, name: str, maps: dict):
-        self.name, self.maps, self.inner = name, maps, diffusers.models.attention_processor.JointAttnProcessor2_0()
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        def heads(t):  # (B, N, D) -> (B, h, N, d)
-            return t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
-
-        q, k = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        if encoder_hidden_states is not None:
-            tq, tk = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
-            if attn.norm_added_q is not None:
-                tq, tk = attn.norm_added_q(tq), attn.norm_added_k(tk)
-            q, k = torch.cat([q, tq], dim=2), torch.cat([k, tk], dim=2)
-        self.maps[self.name] = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(1)
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-
-
 class SD3Recipe:
     """The method's SD3 recipe computed with diffusers + transformers in float64: the pipeline's own prompt
     encoding (T5 when the folder has it, else its zeros), one transformer call per class with the anchor block's
@@ -110,8 +87,13 @@ class SD3Recipe:
                                                        max_sequence_length=T5_TOKENS)
         return states, pooled  # (B, 77 + 256, 48), (B, 64)
 
+    def t5_position(self, prompt: str, word: str) -> int:
+        """The position of `word`'s last T5 piece in the prompt's row, found on transformers' own tokens."""
+        pieces = self.pipe.tokenizer_3.convert_ids_to_tokens(self.pipe.tokenizer_3(prompt).input_ids)
+        return max(i for i, p in enumerate(pieces) if p == "\u2581" + word)
+
     @torch.no_grad()
-    def __call__(self, image_path, classes, noise, res=RES) -> torch.Tensor:
+    def __call__(self, image_path, classes, noise, res=RES, text_tokens="clip") -> torch.Tensor:
         image = Image.open(image_path).convert("RGB")
         x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(image.height, image.width, 3)
         x = F.interpolate(x.double().permute(2, 0, 1)[None] / 255, size=(res, res), mode="bilinear",
@@ -129,14 +111,20 @@ class SD3Recipe:
             n_last = len(tok(name.split()[-1]).input_ids) - 2  # the tokens of the class's last word: "++"
             states, pooled = self.encode([prompt])
             w = torch.ones(states.shape[1], dtype=torch.float64)
-            w[at + 1 - n_last:at + 1] = PLUS_PLUS
+            if text_tokens != "t5":
+                w[at + 1 - n_last:at + 1] = PLUS_PLUS
+            if text_tokens != "clip":  # every class word here is one piece of the tiny T5 vocabulary
+                at_t5 = 77 + self.t5_position(prompt, name.split()[-1])
+                w[at_t5] = PLUS_PLUS
             context = z_empty + w[None, :, None] * (states - z_empty)
             self.maps.clear()
             z_t = (1 - SIGMA) * z0 + SIGMA * noise[None].double()
             self.transformer(z_t, encoder_hidden_states=context, pooled_projections=pooled,
                              timestep=torch.tensor([1000 * SIGMA], dtype=torch.float64))
             p = self.maps[f"transformer_blocks.{ANCHOR}.attn"][0]  # (N + T, N + T)
-            cross = p[:n, n + at].reshape(1, 1, grid, grid)
+            cross = {"clip": p[:n, n + at], "t5": p[:n, n + at_t5] if text_tokens != "clip" else None,
+                     "both": (p[:n, n + at] + p[:n, n + at_t5]) / 2 if text_tokens != "clip" else None}[text_tokens]
+            cross = cross.reshape(1, 1, grid, grid)
             a = (cross - cross.min()) / (cross.max() - cross.min())
             s = p[:n, :n] / p[:n, :n].sum(-1, keepdim=True)  # rows renormalised over the image keys
             refined = (s @ a.flatten()).reshape(1, 1, grid, grid)
@@ -202,6 +190,26 @@ def test_scores_equal_the_sd3_recipe_on_diffusers_in_float64(sd3_dir, sd35_dir, 
     err = (run.scores - want).abs().max().item()
     assert run.maps.fused.shape[-2:] == (RES // 16, RES // 16)  # A on the token grid: 8² for a 16² latent
     assert run.scores.shape == want.shape and err <= BOUND, f"{which} scores vs the recipe on diffusers: max abs {err:.3e}"
+
+
+@pytest.mark.parametrize("text_tokens", ["t5", "both"])
+def test_t5_class_tokens_equal_the_recipe_on_diffusers(sd3_dir, text_tokens):
+    """The recipe variant that reads T5's pieces of the class word (alone, or averaged with CLIP's), "++" on them."""
+    image = sample_image_paths()[1]
+    classes = ["cat", "fire hydrant"]
+    noise = torch.randn(1, 16, RES // 8, RES // 8, generator=torch.Generator().manual_seed(3))
+    seg = Segmenter.from_pretrained(sd3_dir, dtype=torch.float64, text_tokens=text_tokens)
+    run = seg.run(image, classes, posterior="mean", noise=noise)
+    want = SD3Recipe(sd3_dir)(image, classes, noise[0], text_tokens=text_tokens)
+    err = (run.scores - want).abs().max().item()
+    assert run.scores.shape == want.shape and err <= BOUND, f"{text_tokens}: scores max abs {err:.3e}"
+    clip = Segmenter.from_pretrained(sd3_dir, dtype=torch.float64).run(image, classes, posterior="mean", noise=noise)
+    assert not torch.allclose(clip.scores, run.scores, atol=1e-3)  # the T5 columns are read
+
+
+def test_t5_tokens_without_t5_are_one_line(no_t5_dir):
+    with pytest.raises(UserError, match=r"text_tokens 't5' reads T5's tokens, but SD3 .* has no T5 encoder"):
+        Segmenter.from_pretrained(no_t5_dir, text_tokens="t5")
 
 
 def test_streamed_sd3_equals_resident(sd3_dir):

@@ -47,6 +47,7 @@ class ClassPrompt:
     text: str
     weights: torch.Tensor  # (77,) re-weighting of the text-encoder output, 1 = unchanged
     select: torch.Tensor  # (77, K) token columns averaged into each of the K class maps
+    names: tuple[str, ...] = ()  # the K class names as `text` spells them (T5's columns are found from them)
 
 
 def build_prompt(tok: CLIPTokenizer, text: str, spans: list[tuple[int, int]], *, class_weight: float = CLASS_WEIGHT,
@@ -82,7 +83,23 @@ def build_prompt(tok: CLIPTokenizer, text: str, spans: list[tuple[int, int]], *,
         if ing_token and end < len(chunks) and _word(parsed[end][0]).endswith("ing"):
             cols.append(starts[end])
         select[cols, k] = 1.0 / len(cols)
-    return ClassPrompt(clean, weights, select)
+    names = tuple(" ".join(re.sub(r"[^\w]+$", "", parsed[i][0]) for i in range(first, end)) for first, end in spans)
+    return ClassPrompt(clean, weights, select, names)
+
+
+def t5_columns(tok, row: ClassPrompt, *, tokens: str = "last", class_weight: float = CLASS_WEIGHT
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3's T5 tokens of a row's classes (minidiffseg.sd3.t5_tokenizer `word_positions`: whole T5 words): the
+    weights (L,) with "++" on each class's last word, and the columns (L, K) of each class map, its name's last
+    piece ("last") or every piece of it ("all"), as `build_prompt` chooses CLIP's."""
+    n = tok.max_length
+    weights, select = torch.ones(n), torch.zeros(n, len(row.names))
+    for k, name in enumerate(row.names):
+        weights[tok.word_positions(row.text, name.split()[-1])] = class_weight
+        pieces = tok.word_positions(row.text, name)
+        cols = pieces[-1:] if tokens == "last" else pieces
+        select[cols, k] = 1.0 / len(cols)
+    return weights, select
 
 
 def template_prompt(tok: CLIPTokenizer, name: str, template: str = TEMPLATES["photograph"],

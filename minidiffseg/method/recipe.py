@@ -24,6 +24,7 @@ CLASS_WEIGHT = 1.21  # "++": the official recipe's class-word weight (1.1²)
 DEFAULT_TAU = 0.4
 MAX_TIMESTEPS = 8  # one U-Net pass each, and each adds its Q/K to the stored recording
 TOKENS = ("last", "all")
+TEXT_TOKENS = ("clip", "t5", "both")  # SD3: whose tokens of the class word are read (docs/sd3.md §3)
 
 
 def check_tau(tau, what: str = "background τ") -> float:
@@ -70,6 +71,8 @@ class Recipe:
     self_blocks:   the blocks whose joint attention's image × image part forms S (with `block_weights`)
     renormalise:   divide each row of such an S by its mass on the image keys (the text keys take the rest), so
                    that it sums to 1 as a U-Net's self-attention rows do (docs/sd3.md §3)
+    text_tokens:   SD3 (CLIP's 77 text tokens, then T5's): the class word's tokens a map reads and "++" weighs,
+                   "clip" (default: the anchors' choice), "t5", or "both" (the two maps averaged)
     """
 
     timesteps: tuple[int, ...] = (TIMESTEP,)
@@ -83,6 +86,7 @@ class Recipe:
     block_weights: dict[int, float] = field(default_factory=dict)
     self_blocks: tuple[int, ...] = ()
     renormalise: bool = True
+    text_tokens: str = "clip"
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalise the given values once, here
@@ -96,6 +100,8 @@ class Recipe:
             raise UserError(f"template {self.template!r} has no '{{}}' where the class name goes")
         if self.tokens not in TOKENS:
             raise UserError(f"tokens {self.tokens!r}: use 'last' (official) or 'all'")
+        if self.text_tokens not in TEXT_TOKENS:
+            raise UserError(f"text_tokens {self.text_tokens!r}: use 'clip' (default), 't5' or 'both'")
         if self.transformer:
             if not self.self_blocks:
                 raise UserError("self_blocks is empty: with block_weights (a diffusion transformer) name the blocks "

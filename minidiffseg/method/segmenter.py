@@ -45,7 +45,7 @@ from ..sd.stream import Resident, UpcastWeights, weights_of
 from . import refine as refinement
 from .decision import decide, upsample_scores
 from .fusion import fused_map
-from .prompts import ClassPrompt, check_classes, joint_prompt, reweight, template_prompt, user_prompt
+from .prompts import ClassPrompt, check_classes, joint_prompt, reweight, t5_columns, template_prompt, user_prompt
 from .recipe import Recipe, check_tau, recipe_for
 
 
@@ -154,6 +154,10 @@ class Segmenter:
         self.class_batch = class_batch
         layers = sd.attention_layers()
         check_levels(self.recipe, layers, getattr(sd, "name", "this model"))
+        if self.recipe.text_tokens != "clip" and getattr(sd, "tokenizer_3", None) is None:
+            model = getattr(sd, "name", "this model")
+            raise UserError(f"text_tokens {self.recipe.text_tokens!r} reads T5's tokens, but {model} has no T5 "
+                            "encoder: use text_tokens 'clip', or a checkpoint with text_encoder_3/ and tokenizer_3/")
         r = self.recipe
         if r.transformer:  # a diffusion transformer's joint attention, read by block (one token grid)
             self.cross_layers = {m.name for m in layers if m.kind == "joint" and m.block in r.block_weights}
@@ -247,17 +251,34 @@ class Segmenter:
     def encode_text(self, rows: list[ClassPrompt]) -> TextEncoding:
         """The rows' text conditioning, its states (B, 77, D) re-weighted z' = z∅ + w·(z − z∅) ("++"; the pooled
         embedding of backbones that take one, SDXL's, is the prompt's own), cached per list of rows."""
-        key = tuple((r.text, tuple(r.weights.tolist())) for r in rows)
+        key = (self.recipe.text_tokens, *((r.text, tuple(r.weights.tolist())) for r in rows))
         if key not in self.text_cache:
             if len(self.text_cache) > 64:  # bounded: prompts with per-image captions never repeat
                 self.text_cache.clear()
             z_empty = self.sd.encode_text([""]).states  # z∅ (1, 77, D)
             z = self.sd.encode_text([r.text for r in rows])
-            w = torch.stack([r.weights for r in rows]).to(self.device)  # (B, 77): the CLIP tokens' weights
-            w = F.pad(w, (0, z.states.shape[1] - w.shape[1]), value=1.0)  # SD3: T5's tokens after them, as they are
+            w = self.columns(rows, z.states.shape[1])[0].to(self.device)  # (B, T)
             states = check_finite(reweight(z.states, z_empty, w), "the text embeddings (text encoder)")
             self.text_cache[key] = TextEncoding(states, z.pooled)
         return self.text_cache[key]
+
+    def columns(self, rows: list[ClassPrompt], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' "++" weights (B, T) and class-map columns (B, T, K) over the T = `width` text tokens the denoiser
+        reads: CLIP's 77 (SD1.5, SDXL: all of them); SD3's 77 CLIP tokens and then T5's, whose class tokens count
+        as the recipe's `text_tokens` says (docs/sd3.md §3): not at all ("clip": weight 1, no column), alone ("t5"),
+        or averaged with CLIP's ("both")."""
+        w = torch.stack([r.weights for r in rows])  # (B, 77)
+        select = torch.stack([r.select for r in rows])  # (B, 77, K)
+        extra, choice = width - w.shape[1], self.recipe.text_tokens
+        if extra == 0 or choice == "clip":
+            return F.pad(w, (0, extra), value=1.0), F.pad(select, (0, 0, 0, extra))
+        opts = self.prompt_options
+        t5 = [t5_columns(self.sd.tokenizer_3, r, tokens=opts["tokens"], class_weight=opts["class_weight"])
+              for r in rows]
+        w5, select5 = torch.stack([t[0] for t in t5]), torch.stack([t[1] for t in t5])  # (B, L), (B, L, K)
+        if choice == "t5":
+            return torch.cat([torch.ones_like(w), w5], 1), torch.cat([torch.zeros_like(select), select5], 1)
+        return torch.cat([w, w5], 1), torch.cat([select, select5], 1) / 2
 
     def encode_image(self, x: torch.Tensor, generator: torch.Generator, posterior: str = "sample") -> torch.Tensor:
         """x (1, 3, H, W) in [0, 1] -> z0 (1, 4, h, w): stretch to resolution², 2x−1, the backbone's encoder.
@@ -291,7 +312,7 @@ class Segmenter:
         that keeps the cross maps projected on `select` (B, 77, K) and the Q/K of the refinement layers;
         also the head-averaged probabilities of the layers named in `probs` (the explorer's every-token maps).
         `progress(i, n, t)` is called before pass i of n."""
-        select = F.pad(select, (0, 0, 0, context.states.shape[1] - select.shape[1]))  # SD3: no map from T5's tokens
+        select = F.pad(select, (0, 0, 0, context.states.shape[1] - select.shape[1]))  # (B, 77, K) given: CLIP's only
         store = AttentionStore(cross=self.cross_layers, token_weights=select.to(self.device, self.dtype),
                                qk=self.self_layers, probs=set(probs))
         for i, (t, noise) in enumerate(zip(self.timesteps, noises)):
@@ -354,7 +375,7 @@ class Segmenter:
             with clock("encode_text"):
                 context = self.encode_text(g)  # states (B, 77, D)
             with clock("record"):
-                store = self.record(z0, noises, context, torch.stack([r.select for r in g]),  # select (B, 77, K)
+                store = self.record(z0, noises, context, self.columns(g, context.states.shape[1])[1],  # (B, T, K)
                                     probs=self.cross_layers if probs else frozenset(), progress=progress)
             with clock("fuse"):
                 fused, levels, layers = self.fuse(store, self.map_size(z0))
