@@ -18,23 +18,27 @@ error's first line, and the table rewritten after every step:
              the median of --repeats; the whole `Segmenter.__call__` per image; peak memory
              (`max_memory_allocated`, reset per setting); every map finite; resident vs `stream=True` and
              the largest score difference between them;
-4. refine    the fused refinement (minidiffseg/method/refine.py `refine`) against the naive S·A that builds
+4. sd3       the same for full-size random SD3-medium WITHOUT T5 (written once into --cache by `write_random_sd3`:
+             transformer, 16-channel VAE, CLIP-L and bigG; T5-XXL's 9.5 GB are too slow to write within the budget,
+             so the transformer reads zeros in T5's 256 places, as `download --no-t5`) at 1024², fp16 and bf16,
+             resident and `stream=True`, and which dtype the VAE computed in (force_upcast: float32 under fp16);
+5. refine    the fused refinement (minidiffseg/method/refine.py `refine`) against the naive S·A that builds
              S (`refine_naive`) at 512²: time, extra memory, max abs difference (also to a float32 naive);
-5. torchrun  `minidiffseg eval` under `python -m torch.distributed.run` (one process per GPU, at most 2) on
+6. torchrun  `minidiffseg eval` under `python -m torch.distributed.run` (one process per GPU, at most 2) on
              a tiny fake VOC split, and an NCCL all_reduce through the same launcher: exit codes, results;
-6. report    bench/results/gpu-<device>.md (the commit, torch/CUDA versions, the device, a table per step,
+7. report    bench/results/gpu-<device>.md (the commit, torch/CUDA versions, the device, a table per step,
              the goal "C = 4 per image ≤ 100 ms in fp16" beside the measured time), also printed.
 
 Nothing here needs diffusers, transformers or a download (the GPU machines have no network and no
 diffusers): the random checkpoints are written in the official diffusers folder layout from
-minidiffseg's own networks built on the meta device (`write_random_sd`), with a synthetic CLIP-sized
-tokenizer (`synthetic_tokenizer`); they cost exactly the compute of real weights.
+minidiffseg's own networks built on the meta device (`write_random_sd`, `write_random_sd3`), with a synthetic
+CLIP-sized tokenizer (`synthetic_tokenizer`); they cost exactly the compute of real weights.
 
---dry-run (any machine): the same steps on the CPU with the tiny model at 128², so the whole script and
+--dry-run (any machine): the same steps on the CPU with the tiny models at 128², so the whole script and
 the report are exercised; what needs CUDA (the CUDA tests, NCCL) is recorded as "skipped: no CUDA".
 A total time budget (--budget, default 450 s) bounds the run: a step that would start with less than
 MIN_START_S left is skipped as such, each step's process is stopped at its own budget or at the total's
-end, and the pipeline step measures no further setting once the time is short.
+end, and the pipeline and sd3 steps measure no further setting once the time is short.
 """
 
 from __future__ import annotations
@@ -64,18 +68,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/gpu_check.py` as well as `python -m bench.gpu_check`
     sys.path.insert(0, str(ROOT))
 
-STEPS = ["tests", "segment", "pipeline", "refine", "torchrun"]  # --steps names (or their numbers 1..5)
+STEPS = ["tests", "segment", "pipeline", "sd3", "refine", "torchrun"]  # --steps names (or their numbers 1..6)
 TITLES = {"tests": "CUDA tests (pytest)", "segment": "`minidiffseg segment`, no --device, tiny model",
           "pipeline": "Full-size SD1.5 (random weights), C = 4, stage by stage",
+          "sd3": "Full-size SD3-medium without T5 (random weights), C = 4, 1024², stage by stage",
           "refine": "Fused refinement vs the naive S·A", "torchrun": "`minidiffseg eval` under torchrun"}
 NEEDS_CUDA = {"tests"}  # skipped as a whole without CUDA (the others run on the CPU in a dry run)
-STEP_BUDGET_S = {"tests": 120, "segment": 90, "pipeline": 240, "refine": 60, "torchrun": 120}  # on the GPU
+STEP_BUDGET_S = {"tests": 120, "segment": 90, "pipeline": 240, "sd3": 180, "refine": 60,
+                 "torchrun": 120}  # on the GPU
 TOTAL_BUDGET_S = 450  # the whole run stays under 8 minutes
 MIN_START_S = 15  # a step is not started with less time left than this
 SETTING_S = 20  # the pipeline measures no further setting with less time left than this
+SD3_SETTING_S = 30  # nor the sd3 step (6 GB of weights to load, or to stream through each of 10 images)
 GOAL_MS = 100  # C = 4 per image ≤ 100 ms in fp16 on an H100/H200 (issue 21)
 CLASSES = ["cat", "dog", "sofa", "person"]  # VOC names, one BPE token each in CLIP's vocabulary
 DRY_RES, GPU_RES = 128, 512  # the dry run's tiny model runs at 128² (16² latents)
+DRY_SD3_RES, SD3_RES = 128, 1024  # SD3 at its training size (64² tokens); the tiny one at 128² (8² tokens)
 DRY_REFINE_RES = 64  # and the refinement alone at 64² (fp16 matmuls on a CPU are ~400× slower)
 CACHE = ROOT / "bench" / ".cache" / "gpu-check"
 MARKER = "complete"
@@ -170,7 +178,7 @@ def random_state(module, generator, dtype):
 
     state = {}
     for prefix, m in module.named_modules():
-        norm = type(m).__name__ in ("GroupNorm", "LayerNorm")
+        norm = type(m).__name__ in ("GroupNorm", "LayerNorm", "RMSNorm")
         for name, p in m.named_parameters(recurse=False):
             noise = torch.randn(tuple(p.shape), generator=generator, device=generator.device)
             if norm:
@@ -224,6 +232,112 @@ def write_random_sd(folder: Path, tiny: bool, seed: int = 0) -> Path:
 
 def tiny_weights(ctx: Context) -> Path:
     return write_random_sd(Path(ctx.cache) / "sd15-tiny", tiny=True)
+
+
+def sd3_networks(tiny: bool) -> dict:
+    """SD3-medium's networks without T5, as (module class, config, config.json dict) by component name: the
+    transformer (MMDiTConfig.sd3_medium(), SD3Transformer2DModel's fields), the 16-channel VAE (AutoencoderKL's
+    fields), CLIP-L and OpenCLIP bigG with their projections (transformers' CLIPTextConfig fields). `tiny`:
+    tests/tiny_sd3.py's sizes (a 4-block MM-DiT on a 16² latent with a 12² table, two 16-wide towers projecting
+    to 32 + 32 = the 64-wide pooled input, their 32 columns inside the 48-wide text)."""
+    from dataclasses import replace
+
+    from minidiffseg.sd.clip import CLIPTextModelWithProjection
+    from minidiffseg.sd.config import CLIPTextConfig, VAEConfig
+    from minidiffseg.sd.vae import VAEEncoder
+    from minidiffseg.sd3.config import MMDiTConfig
+    from minidiffseg.sd3.mmdit import MMDiT
+
+    if tiny:
+        mmdit = replace(MMDiTConfig.tiny(), sample_size=16, num_layers=4, joint_attention_dim=48, pos_embed_max_size=12)
+        vae = VAEConfig(latent_channels=16, block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+                        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, force_upcast=True)
+        text = dict(hidden_size=16, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, projection_dim=32)
+        text_l, text_g = CLIPTextConfig(**text, hidden_act="quick_gelu"), CLIPTextConfig(**text, hidden_act="gelu")
+    else:
+        mmdit = MMDiTConfig.sd3_medium()
+        vae = VAEConfig(latent_channels=16, block_out_channels=(128, 256, 512, 512), scaling_factor=1.5305,
+                        shift_factor=0.0609, use_quant_conv=False, force_upcast=True)
+        text_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                projection_dim=768, hidden_act="quick_gelu")  # CLIP ViT-L/14
+        text_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                                projection_dim=1280, hidden_act="gelu")  # OpenCLIP ViT-bigG/14
+
+    def fields(cfg) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+
+    def clip(cfg) -> dict:  # the hub's SD3 text_encoder*/config.json ids (eos_token_id 2: pooled at argmax)
+        return {"architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model", "bos_token_id": 0,
+                "pad_token_id": 1, **fields(cfg)}
+
+    return {"transformer": (MMDiT, mmdit, {"_class_name": "SD3Transformer2DModel", **fields(mmdit)}),
+            "vae": (VAEEncoder, vae, {"_class_name": "AutoencoderKL", "use_post_quant_conv": False, **fields(vae)}),
+            "text_encoder": (CLIPTextModelWithProjection, text_l, clip(text_l)),
+            "text_encoder_2": (CLIPTextModelWithProjection, text_g, clip(text_g))}
+
+
+def sincos_table(cfg):
+    """The MM-DiT's stored position table (1, M², D), M = pos_embed_max_size, as diffusers computes it
+    (get_2d_sincos_pos_embed with base size sample_size / patch_size): a random table of 1/fan_in variance would be
+    ~1e-5 where the real one is ±1, which would hide what fp16 does with it."""
+    import torch
+
+    m, d, base = cfg.pos_embed_max_size, cfg.inner_dim, cfg.sample_size // cfg.patch_size
+    grid = torch.arange(m, dtype=torch.float64) / (m / base)
+    omega = 1.0 / 10000 ** (torch.arange(d // 4, dtype=torch.float64) / (d // 4))
+
+    def one_d(pos):  # (M²,) -> (M², D/2)
+        out = pos[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    w, h = torch.meshgrid(grid, grid, indexing="xy")  # numpy's meshgrid(grid_w, grid_h)
+    return torch.cat([one_d(w.reshape(-1)), one_d(h.reshape(-1))], dim=1)[None]
+
+
+def safetensors_params(path: Path) -> int:
+    """Elements stored in a safetensors file (its header only)."""
+    from minidiffseg.sd.loading import read_header
+
+    return sum(math.prod(s) for s in read_header(path)[0].values())
+
+
+SD3_FILES = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+             "text_encoder_2": "model"}  # the hub's SD3 folders: the plain names, holding fp16
+
+
+def write_random_sd3(folder: Path, tiny: bool, seed: int = 0) -> Path:
+    """Random SD3-medium without T5 in the official diffusers folder layout, as `minidiffseg download --what
+    sd3-medium --no-t5` fetches it (the plain file names holding fp16, config.json per network, tokenizer/ and
+    tokenizer_2/, scheduler/), written once into `folder` (a `complete` marker last), from minidiffseg's own
+    networks on the meta device. The VAE file holds the encoder half only; the position table is the real sin-cos.
+    T5-XXL (4.76 B parameters, 9.5 GB in fp16) is left out: too slow to write within the check's budget."""
+    import torch
+    from safetensors.torch import save_file
+
+    from minidiffseg.sd.loading import build_on_meta
+
+    folder = Path(folder)
+    if (folder / MARKER).is_file():
+        return folder
+    g = torch.Generator("cuda" if torch.cuda.is_available() else "cpu").manual_seed(seed)
+    for name, (cls, cfg, config) in sd3_networks(tiny).items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "config.json").write_text(json.dumps(config, indent=2))
+        state = random_state(build_on_meta(cls, cfg), g, torch.float16)
+        if name == "transformer":
+            state["pos_embed.pos_embed"] = sincos_table(cfg).to(torch.float16)
+        save_file(state, folder / name / f"{SD3_FILES[name]}.safetensors", metadata={"format": "pt"})
+        del state
+    tok = synthetic_tokenizer()
+    for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):  # CLIP-L's pads with EOS, bigG's "!"
+        tok.save(folder / name)
+        if pad in tok.vocab:  # "!" is the first byte character of CLIP's (and the synthetic) vocabulary: id 0
+            (folder / name / "special_tokens_map.json").write_text(json.dumps({"pad_token": pad}, indent=2))
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "num_train_timesteps": 1000}, indent=2))
+    (folder / MARKER).write_text("written by bench/gpu_check.py: random weights, for timing only\n")
+    return folder
 
 
 def photo(path: Path, size: tuple[int, int], seed: int = 0) -> Path:
@@ -495,10 +609,10 @@ def stages(seg, image, classes: list[str], timer: StageTimer) -> dict:
             z0 = seg.encode_image(to_tensor(image, torch.promote_types(seg.dtype, torch.float32)), generator)
         with timer("noises"):
             noises = seg.noises(z0, generator)
-        with timer("record"):
-            store = seg.record(z0, noises, context, torch.stack([r.select for r in rows]))
-        with timer("fuse"):
-            fused, _, _ = seg.fuse(store, tuple(z0.shape[-2:]))  # A (C, 1, 64, 64)
+        with timer("record"):  # the class-map columns over every text token the denoiser reads (SD3: 77 + 256)
+            store = seg.record(z0, noises, context, seg.columns(rows, context.states.shape[1])[1])
+        with timer("fuse"):  # A (C, 1, 64, 64): the latent's grid (SD1.5), the token grid (SD3: latent / 2)
+            fused, _, _ = seg.fuse(store, seg.map_size(z0))
         with timer("refine"):
             refined = seg.refine(store, fused)  # M (C, 1, 64, 64)
         with timer("post-process"):
@@ -525,9 +639,11 @@ def ms(x: float | None) -> str:
     return NOT_MEASURED if x is None else f"{x:.2f}" if x < 10 else f"{x:.1f}"
 
 
-def measure_setting(ctx: Context, weights: Path, dtype_name: str, stream: bool, image) -> dict:
+def measure_setting(ctx: Context, weights: Path, dtype_name: str, stream: bool, image,
+                    resolution: int | None = None) -> dict:
     """Load, one warm-up image stage by stage, then --repeats timed images stage by stage, --repeats whole calls
-    with the text encoded and --repeats with it cached; peak memory from the reset after loading."""
+    with the text encoded and --repeats with it cached; peak memory from the reset after loading; the dtype the
+    VAE encoder computed in (a forward pre-hook on it: float32 for a `force_upcast` VAE under fp16)."""
     import gc
 
     import torch
@@ -544,7 +660,11 @@ def measure_setting(ctx: Context, weights: Path, dtype_name: str, stream: bool, 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         seg = Segmenter.from_pretrained(weights, device=ctx.device, dtype=DTYPES[dtype_name], stream=stream,
-                                        resolution=ctx.resolution)
+                                        resolution=resolution or ctx.resolution)
+        vae_dtypes: set[str] = set()
+        encoder = getattr(getattr(seg.sd, "vae", None), "encoder", None)
+        if encoder is not None:
+            encoder.register_forward_pre_hook(lambda _, args: vae_dtypes.add(str(args[0].dtype).replace("torch.", "")))
         if cuda:
             torch.cuda.synchronize()
         load_s = time.perf_counter() - t0
@@ -571,7 +691,57 @@ def measure_setting(ctx: Context, weights: Path, dtype_name: str, stream: bool, 
     return dict(load_s=load_s, stages={s: statistics.median(t[s] for t in per_stage) for s in STAGES},
                 call_ms=statistics.median(calls), cached_ms=statistics.median(cached), after_load=after_load,
                 peak=peak, not_finite=sorted(bad), scores=r.scores,
+                vae_dtype=", ".join(sorted(vae_dtypes)) or NOT_MEASURED,
                 warnings=sorted({str(w.message).splitlines()[0] for w in caught}))
+
+
+def measure_settings(ctx: Context, res: StepResult, weights: Path, image, resolution: int, setting_s: float,
+                     vae_column: bool = False) -> None:
+    """fp16 and bf16, each resident and `stream=True`, into the step's two tables ("milliseconds per stage
+    (median)", "per setting"); a setting that fails is a row with its error's first line, one that would start
+    with less than `setting_s` left is a "skipped: time budget" row; the step's status from the rows."""
+    times = res.table("milliseconds per stage (median)", ["dtype", "weights", *STAGES, "sum", "status"])
+    summary = res.table("per setting", ["dtype", "weights", "load s", "call ms", "call ms, text cached",
+                                        "after load GiB", "peak GiB", *(["VAE dtype"] if vae_column else []),
+                                        "every map finite", "max |Δ scores| vs resident", "status"])
+    resident = {}
+    for dtype in ("fp16", "bf16"):
+        for stream in (False, True):
+            label = dict(dtype=dtype, weights="stream=True" if stream else "resident")
+            if ctx.left() < setting_s:
+                for rows in (times, summary):
+                    rows.append(dict(label, status=f"skipped: time budget ({ctx.left():.0f} s left)"))
+                res.save()
+                continue
+            try:
+                m = measure_setting(ctx, weights, dtype, stream, image, resolution)
+            except Exception as e:  # noqa: BLE001 - recorded, the next setting still runs
+                for rows in (times, summary):
+                    rows.append(dict(label, status="failed: " + first_line(e)))
+                res.save()
+                continue
+            if not stream:
+                resident[dtype] = m["scores"]
+            diff = (f"{(m['scores'] - resident[dtype]).abs().max().item():.2e}" if stream and dtype in resident
+                    else NOT_MEASURED)
+            gib = lambda b: NOT_MEASURED if b is None else f"{b / 2**30:.2f}"  # noqa: E731
+            ok = "ok" if not m["not_finite"] else "failed: not finite: " + ", ".join(m["not_finite"])
+            times.append(dict(label, **{s: ms(m["stages"][s]) for s in STAGES}, sum=ms(sum(m["stages"].values())),
+                              status=ok))
+            summary.append(dict(label, **{"load s": f"{m['load_s']:.1f}", "call ms": ms(m["call_ms"]),
+                                          "call ms, text cached": ms(m["cached_ms"]),
+                                          "after load GiB": gib(m["after_load"]),
+                                          "peak GiB": gib(m["peak"]), "VAE dtype": m["vae_dtype"],
+                                          "every map finite": "yes" if not m["not_finite"] else "no",
+                                          "max |Δ scores| vs resident": diff, "status": ok}))
+            res.facts[f"{dtype}-{'stream' if stream else 'resident'}"] = dict(call_ms=m["call_ms"],
+                                                                              cached_ms=m["cached_ms"])
+            res.notes += [f"{dtype}, {label['weights']}: warning: {w}" for w in m["warnings"]]
+            res.save()
+    statuses = [r["status"] for r in summary]
+    bad = [f"{r['dtype']} {r['weights']}: {r['status']}" for r in summary if r["status"] != "ok"]
+    res.status = "ok" if not bad else ("failed: " if any(s.startswith("failed") for s in statuses) else "partial: ") + \
+        "; ".join(bad)[:300]
 
 
 def step_pipeline(ctx: Context, res: StepResult) -> None:
@@ -593,51 +763,54 @@ def step_pipeline(ctx: Context, res: StepResult) -> None:
                      f"median of {ctx.repeats}; stage times from {clock}; "
                      "\"call\": the whole `Segmenter.__call__` per image (text encoded; \"cached\": the same classes' "
                      "text embeddings from its cache); memory: torch.cuda.max_memory_allocated, reset after loading")
-    times = res.table("milliseconds per stage (median)", ["dtype", "weights", *STAGES, "sum", "status"])
-    summary = res.table("per setting", ["dtype", "weights", "load s", "call ms", "call ms, text cached",
-                                        "after load GiB", "peak GiB", "every map finite",
-                                        "max |Δ scores| vs resident", "status"])
-    resident = {}
-    for dtype in ("fp16", "bf16"):
-        for stream in (False, True):
-            label = dict(dtype=dtype, weights="stream=True" if stream else "resident")
-            if ctx.left() < SETTING_S:
-                for rows in (times, summary):
-                    rows.append(dict(label, status=f"skipped: time budget ({ctx.left():.0f} s left)"))
-                res.save()
-                continue
-            try:
-                m = measure_setting(ctx, weights, dtype, stream, image)
-            except Exception as e:  # noqa: BLE001 - recorded, the next setting still runs
-                for rows in (times, summary):
-                    rows.append(dict(label, status="failed: " + first_line(e)))
-                res.save()
-                continue
-            if not stream:
-                resident[dtype] = m["scores"]
-            diff = (f"{(m['scores'] - resident[dtype]).abs().max().item():.2e}" if stream and dtype in resident
-                    else NOT_MEASURED)
-            gib = lambda b: NOT_MEASURED if b is None else f"{b / 2**30:.2f}"  # noqa: E731
-            ok = "ok" if not m["not_finite"] else "failed: not finite: " + ", ".join(m["not_finite"])
-            times.append(dict(label, **{s: ms(m["stages"][s]) for s in STAGES}, sum=ms(sum(m["stages"].values())),
-                              status=ok))
-            summary.append(dict(label, **{"load s": f"{m['load_s']:.1f}", "call ms": ms(m["call_ms"]),
-                                          "call ms, text cached": ms(m["cached_ms"]),
-                                          "after load GiB": gib(m["after_load"]),
-                                          "peak GiB": gib(m["peak"]),
-                                          "every map finite": "yes" if not m["not_finite"] else "no",
-                                          "max |Δ scores| vs resident": diff, "status": ok}))
-            res.facts[f"{dtype}-{'stream' if stream else 'resident'}"] = dict(call_ms=m["call_ms"],
-                                                                              cached_ms=m["cached_ms"])
-            res.notes += [f"{dtype}, {label['weights']}: warning: {w}" for w in m["warnings"]]
-            res.save()
-    statuses = [r["status"] for r in summary]
-    bad = [f"{r['dtype']} {r['weights']}: {r['status']}" for r in summary if r["status"] != "ok"]
-    res.status = "ok" if not bad else ("failed: " if any(s.startswith("failed") for s in statuses) else "partial: ") + \
-        "; ".join(bad)[:300]
+    measure_settings(ctx, res, weights, image, ctx.resolution, SETTING_S)
 
 
 # ---------------------------------------------------------------------------------------- step 4
+
+def step_sd3(ctx: Context, res: StepResult) -> None:
+    """Random SD3-medium without T5 (written once into --cache; dry run: tiny) in fp16 and bf16 at 1024², as the
+    pipeline step measures SD1.5; the VAE's compute dtype beside each setting (force_upcast: float32 under fp16)."""
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    folder = Path(ctx.cache) / ("sd3-tiny-no-t5" if ctx.dry_run else "sd3-medium-random-fp16-no-t5")
+    fresh = not (folder / MARKER).is_file()
+    weights = write_random_sd3(folder, tiny=ctx.dry_run)
+    written = time.perf_counter() - t0
+    side = DRY_SD3_RES if ctx.dry_run else SD3_RES
+    counts = {name: safetensors_params(weights / name / f"{stem}.safetensors") for name, stem in SD3_FILES.items()}
+    size = sum((weights / name / f"{stem}.safetensors").stat().st_size for name, stem in SD3_FILES.items())
+    what = (f"tiny random SD3 at {side}² (tests/tiny_sd3.py's sizes; dry run: the figures mean nothing)" if ctx.dry_run
+            else "full-size random SD3-medium in the hub's layout (fp16 under the plain file names): same shapes, "
+            "kernels and FLOPs as the real ones")
+    res.notes.append(f"weights: {what} (bench/gpu_check.py write_random_sd3; "
+                     + (f"{size / 1e9:.2f} GB " if size >= 1e8 else f"{size / 1e6:.1f} MB ") +
+                     f"{'written' if fresh else 'found'} in {written:.1f} s); parameters: "
+                     + ", ".join(f"{name} {n:,}" for name, n in counts.items()) + " (transformer: with its "
+                     "position table; vae: the encoder half)")
+    res.notes.append("without T5 (text_encoder_3/, tokenizer_3/ not written): T5-XXL's encoder is 4.76 B parameters, "
+                     "9.5 GB in fp16, too slow to write within the check's budget. The transformer reads zeros in T5's "
+                     "256 places, as `download --no-t5` runs, so its 77 + 256 = 333 text tokens cost what they cost "
+                     "with T5; T5's own encoding of the C + 1 prompts is not in encode_text's time")
+    image = Image.open(photo(Path(ctx.work) / "sd3" / "photo.png", (side,) * 2)).convert("RGB")
+    clock = "CUDA events, synchronized before each stage" if ctx.device == "cuda" else "perf_counter"
+    grid = "the tiny model's 8² tokens" if ctx.dry_run else "SD3's training size: 64² tokens"
+    res.notes.append(f"image {side}×{side} ({grid}), classes {', '.join(CLASSES)}; "
+                     f"one warm-up, then the median of {ctx.repeats}; stage times from {clock}; \"call\" and memory "
+                     "as in the pipeline step; VAE dtype: what the VAE encoder computed in (its config says "
+                     "force_upcast, so float32 under fp16, as diffusers' SD3 pipeline)")
+    res.save()  # the weights' notes survive a setting that takes the process down
+    measure_settings(ctx, res, weights, image, side, SD3_SETTING_S, vae_column=True)
+    if ctx.device == "cuda":  # on a CPU half precision may compute in float32 anyway (minidiffseg.sd.precision)
+        expected = {"fp16": "float32", "bf16": "bfloat16"}
+        wrong = [f"{r['dtype']} {r['weights']}: the VAE computed in {r['VAE dtype']}, not {expected[r['dtype']]}"
+                 for r in res.tables[-1]["rows"] if "VAE dtype" in r and r["VAE dtype"] != expected[r["dtype"]]]
+        if wrong:
+            res.status = ("failed: " if res.status == "ok" else res.status + "; ") + "; ".join(wrong)[:300]
+
+
+# ---------------------------------------------------------------------------------------- step 5
 
 def step_refine(ctx: Context, res: StepResult) -> None:
     """Random Q, K of SD1.5's five 64² self-attention layers (8 heads of 40) for C = 4 rows, one map per row,
@@ -708,7 +881,7 @@ def step_refine(ctx: Context, res: StepResult) -> None:
     res.status = "ok" if not bad else "failed: " + "; ".join(bad)[:300]
 
 
-# ---------------------------------------------------------------------------------------- step 5
+# ---------------------------------------------------------------------------------------- step 6
 
 NCCL_SCRIPT = r"""
 import os, torch, torch.distributed as dist
@@ -799,8 +972,8 @@ def step_torchrun(ctx: Context, res: StepResult) -> None:
     res.status = "failed: " + "; ".join(problems)[:300] if problems else "ok"
 
 
-STEP_FUNCTIONS = {"tests": step_tests, "segment": step_segment, "pipeline": step_pipeline, "refine": step_refine,
-                  "torchrun": step_torchrun}
+STEP_FUNCTIONS = {"tests": step_tests, "segment": step_segment, "pipeline": step_pipeline, "sd3": step_sd3,
+                  "refine": step_refine, "torchrun": step_torchrun}
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -989,8 +1162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "script and the report; steps needing CUDA are recorded as skipped)")
     p.add_argument("--budget", type=float, default=TOTAL_BUDGET_S,
                    help=f"seconds for the whole run (default {TOTAL_BUDGET_S}): steps that would start later are "
-                   "skipped, each step is stopped at its own budget (tests 120, segment 90, pipeline 240, refine 60, "
-                   "torchrun 120) or the total's end")
+                   "skipped, each step is stopped at its own budget (tests 120, segment 90, pipeline 240, sd3 180, "
+                   "refine 60, torchrun 120) or the total's end")
     p.add_argument("--repeats", type=int, help="timed runs after one warm-up; the median is reported (default 3; "
                    "dry run 1)")
     p.add_argument("--cache", type=Path, default=CACHE, help="where the random weights are written once")

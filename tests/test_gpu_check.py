@@ -1,7 +1,7 @@
 """bench/gpu_check.py, the GPU check, on the CPU: its argument handling, the finder of CUDA tests, the pytest
-counts, the process time limits, the report (a failing step is a failure row and the report is still
-written; a spent budget skips steps as such), and the whole dry run in a temporary folder with diffusers
-and transformers made unimportable (the GPU machines have no diffusers)."""
+counts, the process time limits, the random SD3 folder, the report (a failing step is a failure row and the
+report is still written; a spent budget skips steps as such), and the whole dry run in a temporary folder with
+diffusers and transformers made unimportable (the GPU machines have no diffusers)."""
 
 from __future__ import annotations
 
@@ -46,13 +46,14 @@ def test_steps_by_name_or_number_in_run_order():
     parse = gpu_check.build_parser().parse_args
     assert parse([]).steps == gpu_check.STEPS
     assert parse(["--steps", "refine,1,segment"]).steps == ["tests", "segment", "refine"]
-    assert parse(["--steps", "5"]).steps == ["torchrun"]
+    assert parse(["--steps", "6"]).steps == ["torchrun"] and parse(["--steps", "sd3,3"]).steps == ["pipeline", "sd3"]
+    assert parse(["--steps", "4"]).steps == ["sd3"]
     args = parse(["--dry-run", "--out", "x.md", "--budget", "60", "--repeats", "2", "--commit", "deadbee"])
     assert args.dry_run and str(args.out) == "x.md" and args.budget == 60 and args.repeats == 2
     assert args.commit == "deadbee"
 
 
-@pytest.mark.parametrize("bad", ["gpu", "0", "6", ","])
+@pytest.mark.parametrize("bad", ["gpu", "0", "7", ","])
 def test_unknown_step_is_an_argument_error(bad, capsys):
     with pytest.raises(SystemExit) as e:
         gpu_check.build_parser().parse_args(["--steps", bad])
@@ -124,6 +125,41 @@ def test_pytest_counts_from_its_junit_report(tmp_path):
     assert "needs a library" in r["reasons"]  # a module skipped at import: the reason from pytest's -rs lines
 
 
+# ------------------------------------------------------------------------------------- step 4's weights
+
+def test_the_random_sd3_folder_loads_as_sd3_without_t5(tmp_path):
+    """The tiny folder `write_random_sd3` writes (no diffusers) is what `load_sd` reads as an SD3 diffusers folder:
+    T5 left out, bigG's tokenizer padding with "!", the VAE up-cast under fp16, the plain file names in fp16."""
+    from safetensors import safe_open
+
+    from minidiffseg.sd import load_sd
+
+    folder = gpu_check.write_random_sd3(tmp_path / "sd3", tiny=True)
+    assert not (folder / "text_encoder_3").exists() and not (folder / "tokenizer_3").exists()
+    with safe_open(folder / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert f.get_tensor("context_embedder.weight").dtype == torch.float16
+        assert f.get_tensor("pos_embed.pos_embed").abs().max() == 1  # the sin-cos table, not 1/fan_in noise
+    sd = load_sd(folder, dtype=torch.float16)
+    assert type(sd).__name__ == "StableDiffusion3" and sd.kind == "sd3" and not sd.t5 and sd.resolution == 128
+    assert sd.tokenizer.pad_token == "<|endoftext|>" and sd.tokenizer_2.pad_token == "!" and sd.tokenizer_2.pad_id == 0
+    assert next(sd.vae.parameters()).dtype == torch.float32 and sd.dtype == torch.float16  # force_upcast
+    assert gpu_check.write_random_sd3(folder, tiny=True) == folder  # written once: the marker is there
+
+
+def test_the_full_size_sd3_networks_have_sd3_mediums_sizes():
+    """On the meta device: the transformer 2,028,328,000 parameters + the 192² position table (56.6 M), CLIP-L with
+    its projection 123.65 M, bigG with its projection 694.66 M (the hub's SD3-medium files)."""
+    from minidiffseg.sd.loading import build_on_meta
+
+    nets = gpu_check.sd3_networks(tiny=False)
+    counts = {name: sum(p.numel() for p in build_on_meta(cls, cfg).parameters())
+              for name, (cls, cfg, _) in nets.items()}
+    assert counts["transformer"] == 2_028_328_000 + 192 ** 2 * 1536
+    assert (counts["text_encoder"], counts["text_encoder_2"]) == (123_650_304, 694_659_840)
+    assert nets["transformer"][2]["_class_name"] == "SD3Transformer2DModel" and nets["vae"][2]["latent_channels"] == 16
+    assert nets["text_encoder_2"][2]["hidden_act"] == "gelu" and nets["text_encoder"][2]["hidden_act"] == "quick_gelu"
+
+
 # ------------------------------------------------------------------------------------- processes
 
 def test_a_process_past_its_time_is_stopped():
@@ -160,10 +196,10 @@ def test_a_failing_step_is_a_failure_row_and_the_report_is_still_written(tmp_pat
                                            "ok"]
     md = out.read_text()
     steps = {r["step"]: r["status"] for r in table_rows(md.split("## Steps")[1])}
-    assert steps == {"2. segment": results[0].status, "4. refine": "ok"}
+    assert steps == {"2. segment": results[0].status, "5. refine": "ok"}
     s = sections(md)
     assert table_rows(s["2. " + gpu_check.TITLES["segment"]]) == [{"setting": "first", "ms": "1.0", "status": "ok"}]
-    rows = table_rows(s["4. " + gpu_check.TITLES["refine"]])
+    rows = table_rows(s["5. " + gpu_check.TITLES["refine"]])
     assert rows[1] == {"setting": "b", "ms": "—", "status": "failed: ValueError: bad value"}
     assert "second line" not in md and "commit | abc1234" in md and "not measured" in md  # the goal line
 
@@ -222,8 +258,8 @@ def test_dry_run_writes_every_step(dry_run):
     code, md, seconds = dry_run
     steps = {r["step"]: r["status"] for r in table_rows(md.split("## Steps")[1])}
     assert code == 0, steps
-    assert steps == {"1. tests": "skipped: no CUDA", "2. segment": "ok", "3. pipeline": "ok", "4. refine": "ok",
-                     "5. torchrun": "ok"}, steps
+    assert steps == {"1. tests": "skipped: no CUDA", "2. segment": "ok", "3. pipeline": "ok", "4. sd3": "ok",
+                     "5. refine": "ok", "6. torchrun": "ok"}, steps
     assert "**Dry run**" in md and "not comparable" in md and seconds < gpu_check.TOTAL_BUDGET_S
 
 
@@ -240,10 +276,20 @@ def test_dry_run_tables(dry_run):
     summary = table_rows(pipeline.split("per setting:")[1])
     assert all(r["every map finite"] == "yes" and r["status"] == "ok" for r in summary)
     assert all(float(r["max |Δ scores| vs resident"]) < 1e-3 for r in summary if r["weights"] == "stream=True")
-    refine = table_rows(s["4. " + gpu_check.TITLES["refine"]])
+    refine = table_rows(s["5. " + gpu_check.TITLES["refine"]])
     assert {(r["method"], r["dtype"]) for r in refine} == {(m, d) for m in ("naive", "fused")
                                                            for d in ("fp32", "fp16", "bf16")}
     assert all(float(r["max |Δ| vs naive, same dtype"]) < 1e-2 for r in refine if r["method"] == "fused")
-    torchrun = table_rows(s["5. " + gpu_check.TITLES["torchrun"]])
+    sd3 = s["4. " + gpu_check.TITLES["sd3"]]
+    stages = table_rows(sd3)
+    assert [(r["dtype"], r["weights"]) for r in stages] == [("fp16", "resident"), ("fp16", "stream=True"),
+                                                            ("bf16", "resident"), ("bf16", "stream=True")]
+    assert all(float(r[s]) >= 0 for r in stages for s in gpu_check.STAGES)
+    summary = table_rows(sd3.split("per setting:")[1])
+    assert all(r["every map finite"] == "yes" and r["status"] == "ok" for r in summary), summary
+    assert all(float(r["max |Δ scores| vs resident"]) < 1e-3 for r in summary if r["weights"] == "stream=True")
+    assert {r["VAE dtype"] for r in summary} <= {"float32", "bfloat16"}  # a CPU computes fp16 in one of these
+    assert "without T5" in sd3 and "transformer 162,560" in sd3  # the tiny MM-DiT's parameters, table included
+    torchrun = table_rows(s["6. " + gpu_check.TITLES["torchrun"]])
     assert torchrun[0]["exit code"] == "0" and torchrun[0]["written"] == "3 results, summary.json yes"
     assert torchrun[1]["status"] == "skipped: no CUDA"
