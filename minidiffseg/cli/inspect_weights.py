@@ -86,6 +86,13 @@ def detect(path: Path) -> tuple[str, Parts]:
                         "(weights/README.md)")
     if path.is_file():
         check_suffix(path)
+        from ..sd3 import single_file as sd3_file  # an SD3 single file (its MM-DiT's joint blocks)
+
+        if sd3_file.is_sd3_file(path):
+            parts, unknown = sd3_file.sd3_file_parts(path)
+            for key in unknown:  # neither translated nor ignored: reported as unexpected
+                parts[sd3_file.component_of(key)].names[key] = key
+            return f"SD3 single file (original layout): {sd3_file.parts_name(parts)}", parts
         parts, unknown = single_file_parts(path)
         for key in unknown:  # neither translated nor ignored: reported as unexpected
             part_of(parts, key).names[key] = key

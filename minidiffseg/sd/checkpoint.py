@@ -93,7 +93,8 @@ def load_sd(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: 
     the same checks first, the same results, a fraction of the memory).
     `keep` (fp16 or bf16, without `stream`): keep the weights resident in that half precision (the file's
     own fp16/bf16 tensors as stored) and up-cast each block to `dtype` as it runs (sd/precision.py).
-    A diffusers folder with transformer/ instead of unet/ is SD3 / SD3.5's: minidiffseg.sd3.checkpoint loads it."""
+    A diffusers folder with transformer/ instead of unet/ is SD3 / SD3.5's: minidiffseg.sd3.checkpoint loads it;
+    an SD3 single file, minidiffseg.sd3.single_file."""
     path, device = Path(path), torch.device(device)
     if not path.exists() and (what := hub.what_for(str(path))) is not None:
         path = hub.cached(what, revision)  # the hub id: its copy in the Hugging Face cache, found without network
@@ -108,6 +109,10 @@ def load_sd(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: 
     single_file = not path.is_dir()
     if single_file:
         check_suffix(path)
+        from ..sd3.single_file import is_sd3_file, load_sd3_file  # an MM-DiT's single file (its joint blocks)
+
+        if is_sd3_file(path):
+            return load_sd3_file(path, device, dtype, tokenizer, stream, keep)
         parts, unknown = single_file_parts(path)
     else:
         parts, unknown = diffusers_parts(path, variant), []  # configs and headers: the weights are read below
