@@ -1,4 +1,4 @@
-"""The folders tell the architecture: sd/ (the networks and their checkpoints) knows nothing of
+"""The folders tell the architecture: sd/ and sd3/ (the networks and their checkpoints) know nothing of
 segmentation; method/ is the paper's method only (no post-processing, filter, evaluation, pictures or
 files); crf/ (the dense CRF) stands alone; explorer/ (the web page's state, views and page) is used by
 the command line only; and no library module depends on the command line. Checked on the import
@@ -44,11 +44,11 @@ def under(*modules: str) -> tuple[str, ...]:
     return tuple(f"minidiffseg.{m}" for m in modules)
 
 
-@pytest.mark.parametrize("path", modules("sd"), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", modules("sd") + modules("sd3"), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_sd_knows_nothing_of_segmentation(path):
     bad = forbidden(path, under("method", "cli", "filter", "evaluation", "crf", "explorer", "outputs",
                                 "class_source", "viz"))
-    assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {bad}: minidiffseg/sd must stand alone"
+    assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {bad}: minidiffseg/sd and sd3 must stand alone"
 
 
 @pytest.mark.parametrize("path", modules("method"), ids=lambda p: p.name)
