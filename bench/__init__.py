@@ -7,6 +7,7 @@ The headline run, `python -m bench.run` (or `minidiffseg bench`), and what it ne
     ours.py       our pipeline, stage by stage, over minidiffseg's own code path (Segmenter)
     baseline.py   the official recipe on diffusers + transformers (the `bench` extra)
     baseline_xl.py  the method's SDXL recipe on diffusers + transformers (experiments/sdxl.py)
+    baseline_sd3.py the method's SD3 recipe on diffusers + transformers (experiments/sd3.py)
     measure.py    clocks (CPU: perf_counter + peak RSS; CUDA: events + max_memory_allocated), FLOPs, GEMM rate
     report.py     the Markdown tables and the targets
     weights.py    random checkpoints in the diffusers layout, written once into a cache folder

@@ -5,6 +5,7 @@
     stream_stages.py      a streamed run step by step against a resident one
     crf.py                the dense CRF against the C++ reference, pydensecrf
     sdxl.py               SDXL resident and streamed, fp32 and bf16, 512² and 1024², beside the diffusers recipe
+    sd3.py                SD3-medium the same way, with and without T5
 
 Each runs from the repository root as `python -m bench.experiments.NAME`.
 """
