@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ..errors import UserError
 from ..sd.attention import AttentionStore
 from ..sd.unet import TimestepEmbedding, timestep_embedding
 from .config import MMDiTConfig
@@ -322,9 +323,9 @@ class MMDiT(nn.Module):
         cfg, p = self.cfg, self.cfg.patch_size
         h, w = z.shape[-2:]
         if h % p or w % p or h > p * cfg.pos_embed_max_size or w > p * cfg.pos_embed_max_size:
-            raise ValueError(f"latent {h}×{w}: the MM-DiT takes sides that are multiples of its patch size {p} and at "
-                             f"most {p * cfg.pos_embed_max_size} (its position table is {cfg.pos_embed_max_size}² "
-                             "tokens)")
+            raise UserError(f"latent {h}×{w}: the MM-DiT takes sides that are multiples of its patch size {p} and at "
+                            f"most {p * cfg.pos_embed_max_size} (its position table is {cfg.pos_embed_max_size}² tokens):"
+                            f" give --resolution at most {8 * p * cfg.pos_embed_max_size}")
         if store is not None:
             store.latent_hw = (h, w)
         b = max(z.shape[0], states.shape[0], pooled.shape[0])
