@@ -1,5 +1,5 @@
 """A random-weight SD3 / SD3.5 checkpoint in the official diffusers layout, written by the reference libraries
-themselves (docs/sd3.md §4).
+themselves (docs/sd3.md §5).
 
 `TRANSFORMER` / `TRANSFORMER_35`: the MM-DiT at tiny sizes (tests/tiny_mmdit.py's, 4 blocks on a 16² latent with
 a 12² position table, so the table is cropped): SD3's, and SD3.5's with qk RMSNorm and a dual-attention block.
