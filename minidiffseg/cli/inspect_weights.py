@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from ..sd import loading
-from ..sd.checkpoint import (Part, Parts, diffusers_parts, model_kind, model_name, part_of, scheduler_config,
-                              single_file_parts, unet_config)
+from ..sd.checkpoint import (Part, Parts, diffusers_parts, is_sd3_folder, model_kind, model_name, part_of,
+                              scheduler_config, single_file_parts, unet_config)
 from ..sd.hub import KNOWN_SHA256, gb
 from ..sd.loading import Report, build_on_meta, check_suffix, keys_text, read_header
 from ..sd.shards import shard_files
@@ -102,7 +102,7 @@ def detect(path: Path) -> tuple[str, Parts]:
         parts = diffusers_parts(path)
         unet, scheduler = unet_config(parts), scheduler_config(path)
         return f"diffusers {model_name(model_kind(unet, scheduler=scheduler), unet, scheduler)} folder", parts
-    if (path / "transformer").is_dir() and not (path / "unet").is_dir():  # SD3 / SD3.5 (minidiffseg.sd3)
+    if is_sd3_folder(path):  # SD3 / SD3.5 (minidiffseg.sd3)
         from ..sd3 import checkpoint as sd3
 
         parts = sd3.diffusers_parts(path)

@@ -102,7 +102,7 @@ def load_sd(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: 
         there = f": `{hub.command('sd15', dir=path)}` puts SD1.5 there" if path.suffix != ".safetensors" else ""
         raise UserError(f"{path}: not found; fetch Stable Diffusion with `minidiffseg download`{there}; or give a "
                         "diffusers folder or a single .safetensors file of Stable Diffusion (SD1.5 or SD2.x)")
-    if path.is_dir() and (path / "transformer").is_dir() and not (path / "unet").is_dir():  # a diffusion transformer
+    if is_sd3_folder(path):  # a diffusion transformer
         from ..sd3.checkpoint import load_sd3  # SD3's package builds on this one: imported where it is needed
 
         return load_sd3(path, device, dtype, variant, stream, keep)
@@ -125,7 +125,7 @@ def load_sd(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: 
     if unknown:
         raise UserError(f"{path}: {len(unknown)} unexpected tensor(s): {keys_text(unknown)}; neither a tensor of an "
                         f"{KINDS[kind]} single file nor one ignored by name (minidiffseg.sd.ldm.IGNORED)")
-    load = stream_weights if stream else partial(upcast_weights, keep=keep) if keep is not None else load_strict
+    load = loader(stream, keep)
     # an SD2.x single file's text tower is filled under OpenCLIP's names and then split (`finish`): it is
     # loaded resident even when the rest streams (docs/sd2.md §3)
     nets = {c: (load_strict if p.finish else load)(p.module, p.file, p.names,
@@ -146,12 +146,24 @@ def load_sd(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: 
     return StableDiffusion(tok, text_encoder, vae, unet, schedule, name, kind)
 
 
-def _dtype_of(component: str, part: Part, dtype: torch.dtype, sdxl: bool) -> torch.dtype:
-    """The dtype a network is loaded in: `dtype`, but float32 for SDXL's VAE when its config says `force_upcast`
-    and `dtype` is float16 (it overflows float16), as diffusers' SDXL pipelines compute it. Only SDXL's: diffusers
-    writes force_upcast true into every VAE config it saves (its default) and its SD1.5/SD2.x pipelines ignore it."""
+def is_sd3_folder(path: Path) -> bool:
+    """Whether `path` is a diffusers folder of a diffusion transformer (transformer/, no unet/): SD3's."""
+    return path.is_dir() and (path / "transformer").is_dir() and not (path / "unet").is_dir()
+
+
+def loader(stream: bool, keep: torch.dtype | None):
+    """The function that fills a network built on meta (`load_strict`'s arguments): streamed, kept in half precision
+    and up-cast per block, or resident (load_sd's `stream` and `keep`)."""
+    return stream_weights if stream else partial(upcast_weights, keep=keep) if keep is not None else load_strict
+
+
+def _dtype_of(component: str, part: Part, dtype: torch.dtype, reads_upcast: bool) -> torch.dtype:
+    """The dtype a network is loaded in: `dtype`, but float32 for the VAE when its config says `force_upcast`
+    and `dtype` is float16 (it overflows float16), as diffusers' SDXL and SD3 pipelines compute it; `reads_upcast`
+    for those models only: diffusers writes force_upcast true into every VAE config it saves (its default) and its
+    SD1.5/SD2.x pipelines ignore it."""
     cfg = getattr(part.module, "cfg", None)
-    upcast = sdxl and component == "vae" and dtype == torch.float16 and getattr(cfg, "force_upcast", False)
+    upcast = reads_upcast and component == "vae" and dtype == torch.float16 and getattr(cfg, "force_upcast", False)
     return torch.float32 if upcast else dtype
 
 

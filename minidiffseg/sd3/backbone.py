@@ -55,7 +55,11 @@ class StableDiffusion3:
     name: str = "SD3 (1024²)"
     kind: str = "sd3"  # "sd3", or "sd35" (qk RMSNorm: SD3.5's; sd3/checkpoint.py `model_kind`)
     resolution: int = 1024  # the image side it was trained at
-    max_sequence_length: int = MAX_SEQUENCE_LENGTH
+
+    @property
+    def max_sequence_length(self) -> int:
+        """T5's tokens per prompt (its tokenizer's row length), also without T5: the zeros in their place."""
+        return self.tokenizer_3.max_length if self.tokenizer_3 is not None else MAX_SEQUENCE_LENGTH
 
     @property
     def device(self) -> torch.device:

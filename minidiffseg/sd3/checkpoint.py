@@ -18,7 +18,6 @@ without the other is refused in one line, as are networks of different models si
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,15 +25,15 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..sd.checkpoint import Part, Parts, _config, _text_name, _tokenizer, _vae_name, scheduler_config, weights_file
+from ..sd.checkpoint import (Part, Parts, _config, _dtype_of, _text_name, _tokenizer, _vae_name, loader, scheduler_config,
+                              weights_file)
 from ..sd.clip import CLIPTextModelWithProjection
 from ..sd.config import CLIPTextConfig, VAEConfig
-from ..sd.loading import build_on_meta, load_strict, read_header
+from ..sd.loading import build_on_meta, read_header
 from ..sd.names import WHAT, not_built
 from ..sd.schedule import FlowMatchSchedule
 
-from ..sd.stream import stream_weights, upcast_weights
-from ..sd.tokenizer import EOS
+from ..sd.tokenizer import EOS, CLIPTokenizer
 from ..sd.vae import VAEEncoder
 from .backbone import StableDiffusion3
 from .config import MMDiTConfig
@@ -47,11 +46,6 @@ DOWNLOAD = ("fetch SD3 with `minidiffseg download --what sd3-medium --dir FOLDER
 STEMS = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
          "text_encoder_2": "model", "text_encoder_3": "model"}
 KINDS = {"sd3": "SD3", "sd35": "SD3.5"}  # SD3.5: per-head RMSNorm on the queries and keys (`qk_norm`)
-
-
-def is_sd3_folder(folder: Path) -> bool:
-    """Whether `folder` is a diffusers folder of a diffusion transformer (transformer/, no unet/)."""
-    return folder.is_dir() and (folder / "transformer").is_dir() and not (folder / "unet").is_dir()
 
 
 def model_kind(cfg: MMDiTConfig) -> str:
@@ -74,30 +68,27 @@ def load_sd3(folder: str | Path, device: str | torch.device = "cpu", dtype: torc
     load_sd's, sd/checkpoint.py). `t5=False` leaves T5 out even when the folder has it (zeros in its place)."""
     folder, device = Path(folder), torch.device(device)
     parts = diffusers_parts(folder, variant, t5)
-    load = stream_weights if stream else partial(upcast_weights, keep=keep) if keep is not None else load_strict
-    nets = {c: load(p.module, p.file, p.names, _dtype_of(c, p, dtype), device, p.what) for c, p in parts.items()}
+    nets = {c: loader(stream, keep)(p.module, p.file, p.names, _dtype_of(c, p, dtype, True), device, p.what)
+            for c, p in parts.items()}
+    tok = _tokenizer(None, folder / "tokenizer", folder, EOS)
+    tok_2 = _tokenizer(None, folder / "tokenizer_2", folder, "!")
+    tok_3 = T5Tokenizer.from_dir(folder / "tokenizer_3") if "text_encoder_3" in nets else None
+    _check_scheduler(folder)
+    return assemble(nets, tok, tok_2, tok_3)
+
+
+def assemble(nets: dict[str, nn.Module], tok: CLIPTokenizer, tok_2: CLIPTokenizer, tok_3: T5Tokenizer | None
+             ) -> StableDiffusion3:
+    """The loaded networks of a folder or a single file (by component name) and the tokenizers as one
+    StableDiffusion3, its kind and name read from the transformer's config."""
     transformer, vae = nets["transformer"], nets["vae"]
     text_l, text_g, text_t5 = nets["text_encoder"], nets["text_encoder_2"], nets.get("text_encoder_3")
     assert isinstance(transformer, MMDiT) and isinstance(vae, VAEEncoder)
     assert isinstance(text_l, CLIPTextModelWithProjection) and isinstance(text_g, CLIPTextModelWithProjection)
     assert text_t5 is None or isinstance(text_t5, T5Encoder)
-    tok = _tokenizer(None, folder / "tokenizer", folder, EOS)
-    tok_2 = _tokenizer(None, folder / "tokenizer_2", folder, "!")
-    tok_3 = T5Tokenizer.from_dir(folder / "tokenizer_3") if text_t5 is not None else None
-    _check_scheduler(folder)
     kind = model_kind(transformer.cfg)
-    sd = StableDiffusion3(tok, tok_2, tok_3, text_l, text_g, text_t5, vae, transformer, FlowMatchSchedule(),
-                          model_name(kind, transformer.cfg, text_t5 is not None), kind, transformer.cfg.sample_size * 8)
-    if tok_3 is not None:
-        sd.max_sequence_length = tok_3.max_length
-    return sd
-
-
-def _dtype_of(component: str, part: Part, dtype: torch.dtype) -> torch.dtype:
-    """`dtype`, but float32 for the VAE when its config says `force_upcast` (SD3's does) and `dtype` is float16."""
-    cfg = getattr(part.module, "cfg", None)
-    upcast = component == "vae" and dtype == torch.float16 and getattr(cfg, "force_upcast", False)
-    return torch.float32 if upcast else dtype
+    return StableDiffusion3(tok, tok_2, tok_3, text_l, text_g, text_t5, vae, transformer, FlowMatchSchedule(),
+                            model_name(kind, transformer.cfg, text_t5 is not None), kind, transformer.cfg.sample_size * 8)
 
 
 def _check_scheduler(folder: Path) -> None:

@@ -226,7 +226,7 @@ def infer_config(shapes: dict[str, tuple], metadata: dict[str, str] | None = Non
     caption, joint = shapes[f"{p}context_embedder.weight"]
     if f"{last}attn.proj.weight" in shapes or f"{last}mlp.fc1.weight" in shapes \
             or shapes[f"{last}adaLN_modulation.1.weight"][0] != 2 * caption:
-        raise UserError(f"SD3 single file: its last joint block's context_block is complete, not `pre_only` (as "
+        raise UserError("SD3 single file: its last joint block's context_block is complete, not `pre_only` (as "
                         "every SD3 / SD3.5 has it): not a transformer minidiffseg builds")
     cfg = MMDiTConfig(
         patch_size=patch, in_channels=channels, num_layers=len(layers), attention_head_dim=head,

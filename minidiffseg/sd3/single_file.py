@@ -47,7 +47,6 @@ import json
 import re
 import warnings
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,20 +55,17 @@ from torch import nn
 
 from ..errors import UserError
 from ..sd import ldm
-from ..sd.checkpoint import Part, Parts, _tokenizer
+from ..sd.checkpoint import Part, Parts, _dtype_of, _tokenizer, loader
 from ..sd.clip import CLIPTextModelWithProjection
 from ..sd.config import CLIPTextConfig, VAEConfig
 from ..sd.loading import build_on_meta, keys_text, load_strict, read_header
 from ..sd.names import WHAT, rename
-from ..sd.schedule import FlowMatchSchedule
-from ..sd.stream import stream_weights, upcast_weights
 from ..sd.tokenizer import EOS, CLIPTokenizer
 from ..sd.vae import VAEEncoder
 from . import ldm as mmdit_ldm
 from .backbone import StableDiffusion3
-from .checkpoint import _dtype_of, model_kind, model_name
+from .checkpoint import assemble, model_kind, model_name
 from .config import MMDiTConfig
-from .mmdit import MMDiT
 from .t5 import T5Config, T5Encoder, checkpoint_names
 from .t5_tokenizer import T5Tokenizer
 
@@ -296,18 +292,8 @@ def load_sd3_file(path: str | Path, device: str | torch.device = "cpu", dtype: t
                       f"projections are split when loaded); {'streaming' if stream else 'half-precision keeping'} "
                       "applies to its VAE and text encoders; the diffusers folder streams the transformer too",
                       stacklevel=3)
-    load = stream_weights if stream else partial(upcast_weights, keep=keep) if keep is not None else load_strict
-    nets = {c: (load_strict if p.finish else load)(p.module, p.file, p.names, _dtype_of(c, p, dtype), device, p.what)
-            for c, p in parts.items()}
-    nets = {c: finish(net) if (finish := parts[c].finish) is not None else net for c, net in nets.items()}
-    transformer, vae = nets["transformer"], nets["vae"]
-    text_l, text_g, text_t5 = nets["text_encoder"], nets["text_encoder_2"], nets.get("text_encoder_3")
-    assert isinstance(transformer, MMDiT) and isinstance(vae, VAEEncoder)
-    assert isinstance(text_l, CLIPTextModelWithProjection) and isinstance(text_g, CLIPTextModelWithProjection)
-    assert text_t5 is None or isinstance(text_t5, T5Encoder)
-    kind = model_kind(transformer.cfg)
-    sd = StableDiffusion3(tok, tok_2, tok_3, text_l, text_g, text_t5, vae, transformer, FlowMatchSchedule(),
-                          model_name(kind, transformer.cfg, text_t5 is not None), kind, transformer.cfg.sample_size * 8)
-    if tok_3 is not None:
-        sd.max_sequence_length = tok_3.max_length
-    return sd
+    load = loader(stream, keep)
+    nets = {c: (load_strict if p.finish else load)(p.module, p.file, p.names, _dtype_of(c, p, dtype, True), device,
+                                                   p.what) for c, p in parts.items()}
+    return assemble({c: finish(net) if (finish := parts[c].finish) is not None else net for c, net in nets.items()},
+                    tok, tok_2, tok_3)
